@@ -1,0 +1,359 @@
+"""Typed configuration: dataclasses, YAML files, dotted command-line overrides.
+
+Every value a run uses lives here. A YAML file may name a `base:` file (relative path) that it
+extends. Overrides look like `model.depth=8` and are parsed as YAML scalars. Unknown keys and
+values of the wrong type fail at start-up with a message naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the offending key in the message."""
+
+
+# --------------------------------------------------------------------------------------------
+# The tree
+
+
+@dataclass
+class VideoInput:
+    frames: int = 16  # frames sampled per clip
+    stride: int = 4  # source frames between sampled frames
+    size: int = 160  # square side after resize + centre crop
+    tubelet: int = 2  # frames per video token
+    patch: int = 16  # pixels per token side
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+
+@dataclass
+class AudioInput:
+    sample_rate: int = 16000
+    n_mels: int = 128
+    frames: int = 256  # spectrogram frames (time)
+    hop_ms: float = 10.0
+    win_ms: float = 25.0
+    patch: int = 16
+    # Log-mel normalisation (dataset statistics; AudioSet-like defaults).
+    mean: float = -4.27
+    std: float = 4.57
+
+
+@dataclass
+class InputConfig:
+    video: VideoInput = field(default_factory=VideoInput)
+    audio: AudioInput = field(default_factory=AudioInput)
+
+    @property
+    def video_grid(self) -> tuple[int, int, int]:
+        v = self.video
+        return (v.frames // v.tubelet, v.size // v.patch, v.size // v.patch)
+
+    @property
+    def audio_grid(self) -> tuple[int, int]:
+        a = self.audio
+        return (a.frames // a.patch, a.n_mels // a.patch)
+
+
+@dataclass
+class SynthConfig:
+    """The synthetic corpus built on first use when `data.shards: synthetic`."""
+
+    dir: str = "data_cache/synthetic"
+    clips: int = 256
+    clips_per_shard: int = 16
+    classes: int = 4
+    size: int = 128  # stored frame side (the decoder resizes to inputs.video.size)
+    duration: float = 3.2  # seconds
+    codec: Literal["h264", "vp9"] = "h264"
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    # "synthetic", a brace pattern ("s3://b/train-{000000..000127}.tar"), a comma list, or a folder.
+    shards: str = "synthetic"
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    decoder: Literal["pyav"] = "pyav"
+    batch_size: int = 8  # micro-batch per rank
+    num_workers: int = 1  # DataLoader workers per rank
+    shuffle_seed: int = 0
+    max_skip_fraction: float = 0.1  # fail if more than this fraction of samples is undecodable
+
+
+@dataclass
+class ModelConfig:
+    preset: Literal["custom", "tiny", "small", "base", "large"] = "tiny"
+    dim: int = 192
+    depth: int = 4
+    heads: int = 3
+    mlp_ratio: float = 4.0
+    decoder_dim: int = 128
+    decoder_depth: int = 2
+    decoder_heads: int = 4
+    embed_dim: int = 128  # contrastive projection size
+    mask_ratio_video: float = 0.9
+    mask_ratio_audio: float = 0.8
+    # "separate": the shared encoder sees each modality's tokens on their own (no cross-modal
+    # leak into the contrastive embeddings); "joint": one sequence of both modalities.
+    fusion: Literal["separate", "joint"] = "separate"
+    norm_pix_loss: bool = True
+
+
+# Preset values are applied under whatever the YAML or the command line sets explicitly.
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(dim=192, depth=4, heads=3, decoder_dim=128, decoder_depth=2, decoder_heads=4,
+                 embed_dim=128),
+    "small": dict(dim=384, depth=12, heads=6, decoder_dim=256, decoder_depth=4, decoder_heads=8,
+                  embed_dim=256),
+    "base": dict(dim=768, depth=12, heads=12, decoder_dim=384, decoder_depth=4, decoder_heads=12,
+                 embed_dim=512),
+    "large": dict(dim=1024, depth=24, heads=16, decoder_dim=512, decoder_depth=8, decoder_heads=16,
+                  embed_dim=768),
+}
+
+
+@dataclass
+class LossConfig:
+    video_weight: float = 1.0
+    audio_weight: float = 1.0
+    contrastive_weight: float = 0.01  # lambda
+    init_temperature: float = 0.07
+    max_logit_scale: float = 100.0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1.5e-4
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    warmup_steps: int = 10
+    clip_grad: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100  # optimizer steps
+    grad_accum: int = 1
+    seed: int = 0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    zero_stage: int = 1
+    log_every: int = 1
+    ckpt_every: int = 50
+    keep_last: int = 2
+    out_dir: str = "runs"
+    run_name: str = "stage1-tiny"
+    resume: str = ""  # "", "latest", or a checkpoint folder
+    dist_timeout_s: int = 600
+
+
+@dataclass
+class WandbConfig:
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: online iff a key is set
+    project: str = "vaemo"
+    entity: str = ""
+
+
+@dataclass
+class Config:
+    inputs: InputConfig = field(default_factory=InputConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Build a Config from an optional YAML file and `a.b=value` overrides, then validate it."""
+    raw: dict[str, Any] = _read_yaml(Path(path)) if path else {}
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. model.depth=8)")
+        _set_dotted(raw, key.strip(), yaml.safe_load(value))
+    return config_from_dict(raw)
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    raw = _apply_model_preset(raw)
+    cfg = _build(Config, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def _read_yaml(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in _seen:
+        raise ConfigError(f"config 'base:' cycle through {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    merged = _read_yaml((path.parent / base), _seen + (path.resolve(),))
+    _deep_merge(merged, data)
+    return merged
+
+
+def _deep_merge(into: dict[str, Any], new: dict[str, Any]) -> None:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _deep_merge(into[k], v)
+        else:
+            into[k] = v
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    node = raw
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {dotted!r}: {p!r} is a value, not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _apply_model_preset(raw: dict[str, Any]) -> dict[str, Any]:
+    model = raw.get("model")
+    if not isinstance(model, dict):
+        return raw
+    preset = model.get("preset", ModelConfig.preset)
+    if preset in MODEL_PRESETS:
+        raw = dict(raw)
+        raw["model"] = {**MODEL_PRESETS[preset], **model}
+    return raw
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            full = f"{where}.{key}" if where else key
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"unknown config key '{full}'.{hint} Valid keys in '{where or '<root>'}': "
+                f"{', '.join(sorted(fields))}"
+            )
+    kwargs = {}
+    for name, value in raw.items():
+        full = f"{where}.{name}" if where else name
+        kwargs[name] = _coerce(hints[name], value, full)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{where}: {value!r} is not allowed; choose one of {list(allowed)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(tp):
+            if arg is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _coerce(arg, value, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(item_tp, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {tp}")
+
+
+# --------------------------------------------------------------------------------------------
+# Validation: impossible combinations fail here, before any process group starts.
+
+
+def validate(cfg: Config) -> None:
+    v, a, m = cfg.inputs.video, cfg.inputs.audio, cfg.model
+    _check(v.frames % v.tubelet == 0, "inputs.video.frames",
+           f"{v.frames} must be a multiple of inputs.video.tubelet ({v.tubelet})")
+    _check(v.size % v.patch == 0, "inputs.video.size",
+           f"{v.size} must be a multiple of inputs.video.patch ({v.patch})")
+    _check(len(v.mean) == 3 and len(v.std) == 3, "inputs.video.mean/std", "need 3 values each")
+    _check(a.frames % a.patch == 0, "inputs.audio.frames",
+           f"{a.frames} must be a multiple of inputs.audio.patch ({a.patch})")
+    _check(a.n_mels % a.patch == 0, "inputs.audio.n_mels",
+           f"{a.n_mels} must be a multiple of inputs.audio.patch ({a.patch})")
+    for key in ("mask_ratio_video", "mask_ratio_audio"):
+        r = getattr(m, key)
+        _check(0.0 <= r < 1.0, f"model.{key}", f"{r} must be in [0, 1)")
+    _check(m.dim % m.heads == 0, "model.heads", f"model.dim ({m.dim}) must be divisible by {m.heads}")
+    _check(m.decoder_dim % m.decoder_heads == 0, "model.decoder_heads",
+           f"model.decoder_dim ({m.decoder_dim}) must be divisible by {m.decoder_heads}")
+    for key in ("dim", "depth", "heads", "decoder_dim", "decoder_depth", "decoder_heads", "embed_dim"):
+        _check(getattr(m, key) > 0, f"model.{key}", "must be positive")
+    t = cfg.train
+    _check(t.zero_stage in (0, 1, 2, 3), "train.zero_stage", f"{t.zero_stage} not in [0, 1, 2, 3]")
+    _check(t.steps > 0, "train.steps", "must be positive")
+    _check(t.grad_accum >= 1, "train.grad_accum", "must be >= 1")
+    _check(t.ckpt_every >= 1, "train.ckpt_every", "must be >= 1")
+    _check(cfg.data.batch_size >= 1, "data.batch_size", "must be >= 1")
+    _check(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _check(len(cfg.optim.betas) == 2, "optim.betas", "needs two values")
+    s = cfg.data.synth
+    _check(s.clips >= 1 and s.clips_per_shard >= 1 and s.classes >= 2, "data.synth",
+           "clips, clips_per_shard >= 1 and classes >= 2")
+    need = (v.frames - 1) * v.stride + 1
+    _check(s.duration * 25.0 >= need, "data.synth.duration",
+           f"{s.duration}s at 25 fps is shorter than the {need} frames that inputs.video needs")
+
+
+def _check(ok: bool, key: str, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {why}")
