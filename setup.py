@@ -1,0 +1,45 @@
+"""vaemo_dist: distributed pretraining of audio-visual emotion representations (VAEmo).
+
+Install torch first so pip never reaches for a CUDA build on a CPU machine:
+    pip install torch==2.13.0 && pip install -e ".[dev]"
+"""
+
+from setuptools import find_packages, setup
+
+REQUIRES = [
+    "torch==2.13.0",
+    "deepspeed==0.19.8",
+    "megatron-core==0.16.1",
+    "webdataset==1.0.2",
+    "nvidia-dali-cuda130==2.4.0",
+    "triton==3.9.0",
+    "wandb==0.31.0",
+    "fsspec==2026.9.0",
+    "s3fs==2026.9.0",
+    "boto3==1.43.117",
+    "av==18.1.0",
+    "numpy==2.4.6",
+    "pyyaml==6.0.4",
+    "tqdm==4.70.1",
+    "safetensors==0.8.0",
+]
+
+setup(
+    name="vaemo_dist",
+    version="0.1.0",
+    description="Distributed pretraining of audio-visual emotion representations (VAEmo)",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["vaemo_dist", "vaemo_dist.*", "kernels", "kernels.*"]),
+    install_requires=REQUIRES,
+    extras_require={
+        "gpu": ["flash-attn"],  # build on a CUDA machine: pip install flash-attn --no-build-isolation
+        "dev": ["pytest==9.2.0", "ruff==0.17.6"],
+    },
+    entry_points={
+        "console_scripts": [
+            "vaemo-synth=vaemo_dist.data.synth:main",
+        ]
+    },
+)

@@ -1,0 +1,64 @@
+import pytest
+
+from vaemo_dist.config import MODEL_PRESETS, ConfigError, config_from_dict, load_config
+
+
+def test_defaults_validate_and_tiny_preset_applies():
+    cfg = load_config(None, [])
+    assert cfg.model.preset == "tiny" and cfg.model.dim == MODEL_PRESETS["tiny"]["dim"]
+    assert cfg.inputs.video_grid == (8, 10, 10) and cfg.inputs.audio_grid == (16, 8)
+
+
+def test_preset_fills_in_and_explicit_values_win():
+    cfg = load_config(None, ["model.preset=base", "model.depth=3"])
+    assert cfg.model.dim == 768 and cfg.model.depth == 3
+
+
+def test_yaml_base_and_dotted_overrides(tmp_path):
+    (tmp_path / "base.yaml").write_text("model: {depth: 6}\ntrain: {steps: 7}\n")
+    (tmp_path / "run.yaml").write_text("base: base.yaml\ntrain: {steps: 9}\n")
+    cfg = load_config(tmp_path / "run.yaml", ["optim.lr=0.001", "optim.betas=[0.8, 0.9]"])
+    assert (cfg.model.depth, cfg.train.steps, cfg.optim.lr, cfg.optim.betas) == (6, 9, 0.001, [0.8, 0.9])
+
+
+def test_unknown_key_is_named_with_suggestion_and_valid_keys():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["model.dpth=8"])
+    msg = str(e.value)
+    assert "model.dpth" in msg and "Did you mean 'depth'" in msg and "decoder_dim" in msg
+
+
+def test_unknown_section_is_named():
+    with pytest.raises(ConfigError, match="unknown config key 'modle'"):
+        config_from_dict({"modle": {}})
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("model.depth=eight", "model.depth: expected an integer"),
+        ("model.fusion=sideways", "choose one of ['separate', 'joint']"),
+        ("model.mask_ratio_video=1.2", "model.mask_ratio_video"),
+        ("model.heads=5", "model.heads"),
+        ("inputs.video.size=100", "inputs.video.size"),
+        ("train.zero_stage=4", "train.zero_stage"),
+        ("train.precision=fp16", "train.precision"),
+        ("model.norm_pix_loss=1", "expected true or false"),
+    ],
+)
+def test_bad_values_fail_naming_the_key(override, fragment):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert fragment in str(e.value)
+
+
+def test_malformed_override_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["model.depth"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_shipped_configs_load():
+    for path in ("configs/stage1/tiny.yaml", "configs/stage1/base.yaml"):
+        load_config(path)

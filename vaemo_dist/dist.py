@@ -1,0 +1,108 @@
+"""Process groups: rank, world and device from whatever launcher started us.
+
+`deepspeed` and `torchrun` both set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT.
+A plain `python launchers/stage1.py` runs as a world of one.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(timeout_s: int = 600) -> DistInfo:
+    """Start torch.distributed (NCCL on GPUs, gloo on CPU) and hand it to DeepSpeed."""
+    if "RANK" not in os.environ:  # a world of one, started by hand
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+        _skip_deepspeed_shm_build()
+
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, timeout=timeout)
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=backend, timeout=timeout)  # wraps the group made above
+    return DistInfo(rank, world, local_rank, device)
+
+
+def _skip_deepspeed_shm_build() -> None:
+    """DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op (~35 s on 2 cores) on first
+    use. Our CPU runs are for development and CI, where gloo is fast enough; set VAEMO_DS_SHM=1 to
+    let DeepSpeed build and use it."""
+    if os.environ.get("VAEMO_DS_SHM") == "1":
+        return
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Average a dict of floats over ranks (one collective)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1) or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    t /= dist.get_world_size()
+    return dict(zip(keys, t.tolist()))
+
+
+def shutdown(exit_code: int = 0) -> None:
+    """End the process without the interpreter's teardown.
+
+    DeepSpeed processes on CPU sometimes abort during interpreter exit after finishing correctly
+    (SIGABRT, 'terminate called without an active exception'). A final barrier, a flush and
+    os._exit make the exit code mean what happened in the run.
+    """
+    try:
+        if exit_code == 0:
+            barrier()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception as e:  # noqa: BLE001 - the run's result is already decided
+        log.warning("shutdown: %s", e)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)

@@ -1,0 +1,84 @@
+"""What every launcher does: parse, configure, start the process group, find the data, train, exit."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from vaemo_dist.config import Config, ConfigError, DataConfig, load_config
+
+log = logging.getLogger("vaemo")
+
+
+def parse_args(argv: list[str] | None, default_config: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--config", default=default_config, help="YAML config (may name a `base:` file)")
+    p.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", help="config overrides such as model.depth=8 train.steps=50")
+    return p.parse_args(argv)
+
+
+def setup_logging(rank: int) -> None:
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", force=True)
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def shard_urls(data: DataConfig) -> list[str]:
+    from vaemo_dist.data.shards import expand_shards
+
+    return expand_shards(data.synth.dir if data.shards == "synthetic" else data.shards)
+
+
+def prepare_synthetic(data: DataConfig) -> None:
+    """Build the synthetic corpus if the config asks for it and it is not complete yet."""
+    if data.shards == "synthetic":
+        from vaemo_dist.data.synth import ensure_corpus
+
+        ensure_corpus(data.synth)
+
+
+def run_stage(name: str, build: Callable[[Config], tuple[torch.nn.Module, Any]], default_config: str,
+              argv: list[str] | None = None) -> None:
+    from vaemo_dist import dist
+
+    args = parse_args(argv, default_config)
+    rank = int(os.environ.get("RANK", "0"))
+    setup_logging(rank)
+    try:  # a bad config fails here, before any process group exists
+        cfg = load_config(args.config, args.overrides)
+        if args.resume is not None:
+            cfg.train.resume = args.resume
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+    exit_code = 0
+    try:
+        info = dist.init_distributed(cfg.train.dist_timeout_s)
+        if info.local_rank == 0:  # once per node
+            prepare_synthetic(cfg.data)
+        dist.barrier()  # the corpus is complete on this node before anyone reads it
+        urls = shard_urls(cfg.data)
+
+        from vaemo_dist.train.trainer import Trainer
+
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        model, compute_loss = build(cfg)
+        final = Trainer(cfg, model, compute_loss, urls, info).fit()
+        if info.is_main:
+            log.info("%s finished: %s", name, {k: round(v, 5) for k, v in final.items()})
+    except Exception:  # noqa: BLE001 - report and leave with a non-zero code instead of hanging peers
+        log.error("%s failed on rank %d:\n%s", name, rank, traceback.format_exc())
+        exit_code = 1
+    dist.shutdown(exit_code)

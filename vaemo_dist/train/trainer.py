@@ -1,0 +1,144 @@
+"""The one trainer for every stage: a DeepSpeed engine, the loop, logging, checkpoints, resume.
+
+It knows nothing of modalities: the launcher hands it a model and a `compute_loss(engine, batch)`
+that returns the loss and named float metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+
+from vaemo_dist.config import Config
+from vaemo_dist.data.loader import DataState, build_loader
+from vaemo_dist.data.types import Batch
+from vaemo_dist.dist import DistInfo, all_reduce_mean
+from vaemo_dist.train.checkpoint import load_checkpoint, resolve, save_checkpoint
+from vaemo_dist.train.metrics import MetricsLogger
+from vaemo_dist.train.schedule import build_optimizer, warmup_cosine
+
+log = logging.getLogger(__name__)
+
+LossFn = Callable[[Any, Batch], tuple[torch.Tensor, dict[str, float]]]
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+def use_bf16(cfg: Config, device: torch.device) -> bool:
+    if cfg.train.precision == "auto":
+        return device.type == "cuda"
+    return cfg.train.precision == "bf16"
+
+
+def deepspeed_config(cfg: Config, world_size: int, bf16: bool) -> dict[str, Any]:
+    t = cfg.train
+    return {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": cfg.data.batch_size * t.grad_accum * world_size,
+        "gradient_clipping": cfg.optim.clip_grad,
+        "zero_optimization": {"stage": t.zero_stage},
+        "bf16": {"enabled": bf16},
+        "zero_allow_untested_optimizer": True,  # torch AdamW under ZeRO is fine and avoids a JIT build
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+class Trainer:
+    def __init__(self, cfg: Config, model: torch.nn.Module, compute_loss: LossFn, urls: list[str],
+                 dist_info: DistInfo) -> None:
+        self.cfg, self.model, self.compute_loss, self.urls, self.dist = cfg, model, compute_loss, urls, dist_info
+        self.run_dir = Path(cfg.train.out_dir) / cfg.train.run_name
+        self.ckpt_root = self.run_dir / "checkpoints"
+
+    def fit(self) -> dict[str, float]:
+        cfg, t, d = self.cfg, self.cfg.train, self.dist
+        bf16 = use_bf16(cfg, d.device)
+        optimizer = build_optimizer(self.model, cfg.optim)
+        scheduler = warmup_cosine(optimizer, t.steps, cfg.optim)
+        engine, _, _, _ = deepspeed.initialize(model=self.model, optimizer=optimizer, lr_scheduler=scheduler,
+                                               config=deepspeed_config(cfg, d.world_size, bf16))
+        torch.manual_seed(t.seed * 7919 + d.rank)  # masking differs per rank, same on every run
+
+        step, data_state = self._maybe_resume(engine)
+        loader = build_loader(self.urls, cfg.data, cfg.inputs, d.rank, d.world_size, resume=data_state)
+        data_state = data_state or DataState(cfg.data.num_workers, d.world_size)
+        batches: Iterator[Batch] = iter(loader)
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        samples_per_step = cfg.data.batch_size * t.grad_accum * d.world_size
+
+        metrics = MetricsLogger(self.run_dir, d.is_main, t.steps, step, cfg.to_dict(), cfg.wandb.mode,
+                                cfg.wandb.project, cfg.wandb.entity, t.run_name)
+        if d.is_main:
+            log.info("training %s: %d params, world %d on %s, %s, ZeRO-%d, from step %d to %d",
+                     t.run_name, sum(p.numel() for p in self.model.parameters()), d.world_size, d.device,
+                     "bf16" if bf16 else "fp32", t.zero_stage, step, t.steps)
+        last: dict[str, float] = {}
+        start_time = time.perf_counter()
+        while step < t.steps:
+            t0 = time.perf_counter()
+            sums: dict[str, float] = {}
+            for _ in range(t.grad_accum):
+                batch = next(batches)
+                data_state.update(batch)
+                loss, m = self.compute_loss(engine, batch.to(d.device, dtype))
+                if not math.isfinite(m["loss"]):
+                    raise TrainingError(f"non-finite loss at step {step + 1} (batch keys {batch.keys[:4]}...)")
+                engine.backward(loss)
+                engine.step()
+                for k, v in m.items():
+                    sums[k] = sums.get(k, 0.0) + v / t.grad_accum
+            step += 1
+            step_time = time.perf_counter() - t0
+            self._check_skips(data_state)
+
+            if step % t.log_every == 0 or step == t.steps:
+                skips = data_state.totals()
+                sums.update(skipped_decode=skips["decode"], skipped_shards=skips["shard"])
+                last = all_reduce_mean(sums, d.device)
+                last["skipped_decode"] *= d.world_size  # counts add up over ranks
+                last["skipped_shards"] *= d.world_size
+                last.update(lr=scheduler.get_last_lr()[0], step_time_s=step_time,
+                            samples_per_s=samples_per_step / step_time,
+                            grad_norm=float(engine.get_global_grad_norm() or 0.0),
+                            samples_seen=step * samples_per_step,
+                            elapsed_s=time.perf_counter() - start_time)
+                metrics.log(step, last)
+            metrics.advance(1, {"loss": f"{last.get('loss', float('nan')):.4f}",
+                                "samples/s": f"{samples_per_step / step_time:.1f}"})
+
+            if step % t.ckpt_every == 0 or step == t.steps:
+                save_checkpoint(engine, self.ckpt_root, step, d.rank, {"data": data_state.to_dict()},
+                                cfg.to_dict(), t.keep_last)
+        metrics.close()
+        return last
+
+    def _maybe_resume(self, engine: Any) -> tuple[int, DataState | None]:
+        if not self.cfg.train.resume:
+            return 0, None
+        folder = resolve(self.cfg.train.resume, self.ckpt_root)
+        if folder is None:
+            log.info("no checkpoint in %s yet: starting from step 0", self.ckpt_root)
+            return 0, None
+        state = load_checkpoint(engine, folder, self.dist.rank)
+        log.info("resumed from %s at step %d", folder, state["step"])
+        return int(state["step"]), DataState.from_dict(state["data"])
+
+    def _check_skips(self, state: DataState) -> None:
+        totals = state.totals()
+        seen = totals["samples"]
+        if seen >= 50 and totals["decode"] > self.cfg.data.max_skip_fraction * seen:
+            raise TrainingError(
+                f"{totals['decode']} of {seen} samples could not be decoded (more than "
+                f"data.max_skip_fraction={self.cfg.data.max_skip_fraction}); recent: {state.recent_bad}"
+            )
