@@ -4,6 +4,8 @@ Install torch first so pip never reaches for a CUDA build on a CPU machine:
     pip install torch==2.13.0 && pip install -e ".[dev]"
 """
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 REQUIRES = [
@@ -28,7 +30,7 @@ setup(
     name="vaemo_dist",
     version="0.1.0",
     description="Distributed pretraining of audio-visual emotion representations (VAEmo)",
-    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description=Path("README.md").read_text() if Path("README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["vaemo_dist", "vaemo_dist.*", "kernels", "kernels.*"]),

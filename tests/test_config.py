@@ -62,3 +62,7 @@ def test_malformed_override_and_missing_file(tmp_path):
 def test_shipped_configs_load():
     for path in ("configs/stage1/tiny.yaml", "configs/stage1/base.yaml"):
         load_config(path)
+
+
+def test_exponent_floats_without_a_dot_are_numbers():
+    assert load_config(None, ["optim.lr=1e-3"]).optim.lr == 1e-3

@@ -23,7 +23,7 @@ def parse_args(argv: list[str] | None, default_config: str) -> argparse.Namespac
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="config overrides such as model.depth=8 train.steps=50")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 def setup_logging(rank: int) -> None:

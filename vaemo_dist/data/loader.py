@@ -119,7 +119,8 @@ class ClipStream(IterableDataset):
             bad.append(f"{t.url}: {t.error} (after {t.after_samples} samples)")
 
         clips: list[Clip] = []
-        for sample, position in iter_slot(self.urls, self.data.shuffle_seed, slot, n_slots, start, on_trouble):
+        stream = iter_slot(self.urls, self.data.shuffle_seed, slot, n_slots, start, on_trouble)
+        for sample, position in stream:
             counts["samples"] += 1
             try:
                 clips.append(decode(sample, self.inputs))
@@ -129,7 +130,8 @@ class ClipStream(IterableDataset):
                 log.warning("skipped clip %s from %s: %s", e.key, sample.get("__url__"), e.reason)
                 continue
             if len(clips) == self.data.batch_size:
-                state = {"worker": logical, "position": position.to_dict(), "counts": dict(counts), "bad": bad}
+                state = {"worker": logical, "position": position.to_dict(), "counts": dict(counts),
+                         "bad": bad}
                 yield collate(clips, state)
                 clips, bad = [], []
 
@@ -156,4 +158,7 @@ def build_loader(
         pin_memory=torch.cuda.is_available(),
         persistent_workers=False,
         prefetch_factor=2 if data.num_workers > 0 else None,
+        # Its own generator: starting workers must not draw from the global RNG, which the trainer
+        # restores on resume (masking depends on it).
+        generator=torch.Generator().manual_seed(data.shuffle_seed),
     )

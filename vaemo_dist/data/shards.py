@@ -145,5 +145,6 @@ def iter_slot(
                     on_trouble(trouble)
             skip = 0
         if whole_epoch and yielded == 0:
-            raise ShardError(f"slot {slot}/{n_slots} read no samples in epoch {epoch} from {len(plan)} shards")
+            raise ShardError(f"slot {slot}/{n_slots} read no samples in epoch {epoch} "
+                             f"from {len(plan)} shards")
         epoch, first_shard = epoch + 1, 0

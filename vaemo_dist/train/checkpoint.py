@@ -127,8 +127,18 @@ def resolve(which: str, ckpt_root: Path) -> Path | None:
     return folder
 
 
+def _deepspeed_safe_globals() -> list[Any]:
+    """The few DeepSpeed classes its checkpoints hold besides tensors and containers."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
 def _safe_load(path: str, map_location: Any = None) -> Any:
-    return torch.load(path, map_location=map_location, weights_only=True)
+    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+        return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def load_checkpoint(engine: Any, folder: Path, rank: int) -> dict[str, Any]:

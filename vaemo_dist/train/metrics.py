@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +79,7 @@ def _start_wandb(run_dir: Path, mode: str, project: str, entity: str, name: str,
     import wandb
 
     id_file = run_dir / "wandb_id"  # a resumed run continues the same wandb run
-    run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+    run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
     id_file.write_text(run_id)
     os.environ.setdefault("WANDB_SILENT", "true")
     return wandb.init(project=project, entity=entity or None, name=name or None, id=run_id,

@@ -57,7 +57,8 @@ def deepspeed_config(cfg: Config, world_size: int, bf16: bool) -> dict[str, Any]
 class Trainer:
     def __init__(self, cfg: Config, model: torch.nn.Module, compute_loss: LossFn, urls: list[str],
                  dist_info: DistInfo) -> None:
-        self.cfg, self.model, self.compute_loss, self.urls, self.dist = cfg, model, compute_loss, urls, dist_info
+        self.cfg, self.model, self.compute_loss = cfg, model, compute_loss
+        self.urls, self.dist = urls, dist_info
         self.run_dir = Path(cfg.train.out_dir) / cfg.train.run_name
         self.ckpt_root = self.run_dir / "checkpoints"
 
@@ -85,7 +86,8 @@ class Trainer:
                      "bf16" if bf16 else "fp32", t.zero_stage, step, t.steps)
         last: dict[str, float] = {}
         start_time = time.perf_counter()
-        while step < t.steps:
+        stop = t.stop_at or t.steps
+        while step < stop:
             t0 = time.perf_counter()
             sums: dict[str, float] = {}
             for _ in range(t.grad_accum):
@@ -93,7 +95,7 @@ class Trainer:
                 data_state.update(batch)
                 loss, m = self.compute_loss(engine, batch.to(d.device, dtype))
                 if not math.isfinite(m["loss"]):
-                    raise TrainingError(f"non-finite loss at step {step + 1} (batch keys {batch.keys[:4]}...)")
+                    raise TrainingError(f"non-finite loss at step {step + 1} (keys {batch.keys[:4]}...)")
                 engine.backward(loss)
                 engine.step()
                 for k, v in m.items():
@@ -117,7 +119,7 @@ class Trainer:
             metrics.advance(1, {"loss": f"{last.get('loss', float('nan')):.4f}",
                                 "samples/s": f"{samples_per_step / step_time:.1f}"})
 
-            if step % t.ckpt_every == 0 or step == t.steps:
+            if step % t.ckpt_every == 0 or step == stop:
                 save_checkpoint(engine, self.ckpt_root, step, d.rank, {"data": data_state.to_dict()},
                                 cfg.to_dict(), t.keep_last)
         metrics.close()

@@ -1,0 +1,67 @@
+"""Plain torch reference implementations of the hot ops. These are the ground truth that any
+faster kernel (Triton, later) is tested against; keep them simple and obviously correct."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def masked_gather(tokens: torch.Tensor, pos: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Visible tokens plus their positional embedding.
+
+    tokens [B, N, D], pos [N, D], keep [B, K] long -> [B, K, D] with
+    out[b, k] = tokens[b, keep[b, k]] + pos[keep[b, k]].
+    """
+    idx = keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])
+    return torch.gather(tokens, 1, idx) + pos[keep].to(tokens.dtype)
+
+
+def masked_scatter(
+    visible: torch.Tensor, keep: torch.Tensor, mask_token: torch.Tensor, pos: torch.Tensor, n: int
+) -> torch.Tensor:
+    """Inverse of masked_gather on the decoder side.
+
+    visible [B, K, D], keep [B, K] long, mask_token [D], pos [N, D] -> [B, N, D]: visible tokens at
+    their positions, the mask token everywhere else, plus pos everywhere. `keep` must not repeat an
+    index within a row (MAE masking never does).
+    """
+    b, _, d = visible.shape
+    full = mask_token.to(visible.dtype).expand(b, n, d)
+    idx = keep.unsqueeze(-1).expand(-1, -1, d)
+    # Out-of-place scatter: the mask token's gradient flows only from the positions not overwritten.
+    full = full.scatter(1, idx, visible)
+    return full + pos.to(visible.dtype)
+
+
+def contrastive_loss(
+    a: torch.Tensor,
+    v: torch.Tensor,
+    logit_scale: torch.Tensor,
+    group: dist.ProcessGroup | None = None,
+) -> torch.Tensor:
+    """Symmetric InfoNCE between L2-normalised embeddings a, v [n_local, E].
+
+    Distributed (OpenCLIP local_loss=True, gather_with_grad=True): both embeddings are all-gathered
+    with gradient; this rank scores its own rows against every column of the global batch, labels
+    offset by rank * n_local. The mean of this loss over ranks equals the single-process loss over
+    the global batch. Assumes the same n_local on every rank.
+    """
+    n = a.shape[0]
+    rank, world = 0, 1
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+    if world > 1:
+        # Imported here: torch.distributed.nn pulls in RPC bits we don't want at import time.
+        import torch.distributed.nn.functional as dist_fn
+
+        g = group if group is not None else dist.group.WORLD
+        all_a = torch.cat(dist_fn.all_gather(a, group=g))
+        all_v = torch.cat(dist_fn.all_gather(v, group=g))
+    else:
+        all_a, all_v = a, v
+    labels = torch.arange(n, device=a.device) + rank * n
+    logits_a2v = logit_scale * a @ all_v.T
+    logits_v2a = logit_scale * v @ all_a.T
+    return (F.cross_entropy(logits_a2v, labels) + F.cross_entropy(logits_v2a, labels)) / 2

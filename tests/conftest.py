@@ -1,0 +1,30 @@
+"""Shared data fixtures: tiny synthetic corpora built once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vaemo_dist.config import SynthConfig
+from vaemo_dist.data.synth import build_corpus
+
+# 12 clips of 3 classes (4 each) in shards of 5, 5 and 2; small frames keep the build ~0.5 s.
+TINY_CORPUS = SynthConfig(clips=12, clips_per_shard=5, classes=3, size=64, duration=3.2, seed=7)
+TINY_CORPUS_VP9 = SynthConfig(clips=2, clips_per_shard=2, classes=2, size=64, duration=3.2, seed=3,
+                              codec="vp9")
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus_config() -> SynthConfig:
+    return TINY_CORPUS
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_corpus(TINY_CORPUS, tmp_path_factory.mktemp("tiny-corpus"), progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus_vp9(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_corpus(TINY_CORPUS_VP9, tmp_path_factory.mktemp("tiny-corpus-vp9"), progress=False)

@@ -1,0 +1,235 @@
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from vaemo_dist.config import InputConfig
+from vaemo_dist.data.audio import LOG_FLOOR
+from vaemo_dist.data.decode_pyav import decode_sample, sample_indices
+from vaemo_dist.data.synth import encode_audio, encode_video
+from vaemo_dist.data.types import Clip, DecodeError
+
+INPUTS = InputConfig()  # 16 frames, stride 4, 160 px, 256 x 128 log-mel
+SR = 16000
+FLOOR_NORM = (math.log(LOG_FLOOR) - INPUTS.audio.mean) / INPUTS.audio.std
+
+
+def corpus_samples(corpus) -> list[dict]:
+    return list(wds.WebDataset(sorted(str(p) for p in corpus.glob("shard-*.tar")), shardshuffle=False))
+
+
+def ramp_frames(n: int, height: int = 32, width: int = 32) -> np.ndarray:
+    """Grey frames whose level encodes the frame index: level = 10 + 3 * i."""
+    levels = 10 + 3 * np.arange(n)
+    return np.broadcast_to(levels[:, None, None, None], (n, height, width, 3)).astype(np.uint8)
+
+
+def frame_numbers(video: torch.Tensor, inputs: InputConfig = INPUTS) -> list[int]:
+    """Undo normalisation and read each sampled frame's index back from its grey level."""
+    mean = torch.tensor(inputs.video.mean).view(3, 1, 1, 1)
+    std = torch.tensor(inputs.video.std).view(3, 1, 1, 1)
+    levels = ((video * std + mean) * 255.0).mean(dim=(0, 2, 3))
+    return [round((float(v) - 10) / 3) for v in levels]
+
+
+def make_sample(key: str = "k-000", n_frames: int = 80, frames: np.ndarray | None = None,
+                wave: np.ndarray | None = None, codec: str = "h264", meta: dict | None = None,
+                audio_fmt: str = "flac", audio_rate: int = SR) -> dict:
+    frames = ramp_frames(n_frames) if frames is None else frames
+    n_frames = len(frames)
+    if wave is None:
+        t = np.arange(int(n_frames / 25 * audio_rate)) / audio_rate
+        wave = 0.3 * np.sin(2 * np.pi * 440 * t)
+    info = {"frames": n_frames, "fps": 25, "duration": n_frames / 25, "sample_rate": audio_rate,
+            "label": 2}
+    info.update(meta or {})
+    quality = 0 if codec == "h264" else 4  # lossless / near-lossless: grey levels survive
+    return {
+        "__key__": key,
+        "__url__": "memory://test.tar",
+        "mp4" if codec == "h264" else "webm": encode_video(frames, 25, codec, quality=quality),
+        audio_fmt: encode_audio(wave, audio_rate, audio_fmt),
+        "json": json.dumps(info).encode(),
+    }
+
+
+@pytest.fixture(scope="module")
+def good() -> dict:
+    return make_sample()
+
+
+# --------------------------------------------------------------------------------------------
+# Good samples
+
+
+@pytest.mark.parametrize("corpus_name", ["tiny_corpus", "tiny_corpus_vp9"])
+def test_corpus_clips_shapes_and_ranges(corpus_name, request):
+    samples = corpus_samples(request.getfixturevalue(corpus_name))
+    lo = [(0 - m) / s for m, s in zip(INPUTS.video.mean, INPUTS.video.std)]
+    hi = [(1 - m) / s for m, s in zip(INPUTS.video.mean, INPUTS.video.std)]
+    for s in samples:
+        clip = decode_sample(s, INPUTS)
+        assert isinstance(clip, Clip) and clip.key == s["__key__"]
+        assert clip.video.shape == (3, 16, 160, 160) and clip.video.dtype == torch.float32
+        assert clip.audio.shape == (1, 256, 128) and clip.audio.dtype == torch.float32
+        for c in range(3):
+            assert lo[c] - 1e-4 <= clip.video[c].min() and clip.video[c].max() <= hi[c] + 1e-4
+        assert clip.video.std() > 0.1  # a picture, not a flat field
+        assert torch.isfinite(clip.audio).all() and clip.audio.min() >= FLOOR_NORM - 1e-4
+        assert clip.audio.std() > 0.1
+        assert clip.label == json.loads(s["json"])["label"]
+        assert clip.meta["fps"] == 25 and clip.meta["frames"] == 80
+        assert clip.meta["duration"] == pytest.approx(3.2)
+        assert clip.meta["frame_indices"] == list(range(9, 70, 4))
+
+
+def test_frame_sampling_picks_the_centred_window(good):
+    clip = decode_sample(good, INPUTS)
+    # 80 frames, a 61-frame window (16 frames, stride 4) -> start (80 - 61) // 2 = 9.
+    assert frame_numbers(clip.video) == list(range(9, 70, 4))
+    assert clip.meta["frame_indices"] == list(range(9, 70, 4))
+    assert clip.label == 2
+
+    other = InputConfig()
+    other.video.frames, other.video.stride, other.video.size = 4, 2, 32
+    clip = decode_sample(good, other)
+    assert clip.video.shape == (3, 4, 32, 32)
+    assert frame_numbers(clip.video, other) == [36, 38, 40, 42]
+
+
+@pytest.mark.parametrize("with_frame_count", [True, False])
+def test_short_clip_repeats_the_last_frame(with_frame_count):
+    sample = make_sample(n_frames=30)
+    if not with_frame_count:  # no json count: the decoder must count the frames itself
+        meta = json.loads(sample["json"])
+        del meta["frames"]
+        sample["json"] = json.dumps(meta).encode()
+    clip = decode_sample(sample, INPUTS)
+    assert frame_numbers(clip.video) == [0, 4, 8, 12, 16, 20, 24, 28] + [29] * 8
+    assert clip.meta["frames"] == 30
+
+
+def test_sample_indices():
+    assert sample_indices(80, 16, 4) == list(range(9, 70, 4))
+    assert sample_indices(61, 16, 4) == list(range(0, 61, 4))
+    assert sample_indices(1, 3, 4) == [0, 0, 0]
+
+
+def test_non_square_frames_are_centre_cropped():
+    frames = np.zeros((80, 32, 64, 3), dtype=np.uint8)
+    frames[:, :, :16] = (255, 0, 0)  # red and blue bands lie outside the centre square
+    frames[:, :, 48:] = (0, 0, 255)
+    frames[:, :, 16:48] = (0, 200, 0)
+    inputs = InputConfig()
+    inputs.video.frames, inputs.video.size = 2, 16
+    clip = decode_sample(make_sample(frames=frames), inputs)
+    mean = torch.tensor(inputs.video.mean).view(3, 1, 1, 1)
+    std = torch.tensor(inputs.video.std).view(3, 1, 1, 1)
+    rgb = (clip.video * std + mean) * 255
+    assert clip.video.shape == (3, 2, 16, 16)
+    assert rgb[0].max() < 30 and rgb[2].max() < 30 and rgb[1].min() > 170
+
+
+def test_audio_window_is_centred_on_the_video_window():
+    # Video window: frames 9..69 -> centre 1.58 s; the 2.55 s audio window then starts at 0.305 s.
+    t = np.arange(int(3.2 * SR)) / SR
+    burst = ((t > 0.35) & (t < 0.6)) * 0.3 * np.sin(2 * np.pi * 440 * t)
+    before = (t < 0.25) * 0.3 * np.sin(2 * np.pi * 440 * t)  # entirely before the window
+    loud = decode_sample(make_sample(wave=burst), INPUTS).audio[0]
+    assert (loud[8:26].max(dim=1).values > FLOOR_NORM + 3).all()  # burst at ~0.045..0.295 s
+    assert torch.allclose(loud[35:], torch.tensor(FLOOR_NORM), atol=1e-4)
+    silent = decode_sample(make_sample(wave=before), INPUTS).audio
+    assert torch.allclose(silent, torch.tensor(FLOOR_NORM), atol=1e-4)
+
+
+def test_wav_audio_and_missing_json_are_accepted():
+    sample = make_sample(audio_fmt="wav")
+    del sample["json"]
+    clip = decode_sample(sample, INPUTS)
+    assert clip.label == -1 and clip.audio.shape == (1, 256, 128)
+    assert clip.meta["frames"] == 80 and clip.meta["fps"] == 25
+
+
+def test_vp9_sample_frame_sampling():
+    clip = decode_sample(make_sample(codec="vp9"), INPUTS)
+    assert frame_numbers(clip.video) == list(range(9, 70, 4))
+
+
+# --------------------------------------------------------------------------------------------
+# Bad samples: always DecodeError, naming the key and the problem
+
+
+def _without(sample: dict, name: str) -> dict:
+    return {k: v for k, v in sample.items() if k != name}
+
+
+BAD_CASES = {
+    "no video": (lambda s: _without(s, "mp4"), "no video"),
+    "no audio": (lambda s: _without(s, "flac"), "no audio"),
+    "empty video": (lambda s: {**s, "mp4": b""}, "empty"),
+    "empty audio": (lambda s: {**s, "flac": b""}, "empty"),
+    "garbage video": (lambda s: {**s, "mp4": b"\x00garbage" * 100}, "video"),
+    "garbage audio": (lambda s: {**s, "flac": b"fLaC-not-really" * 50}, "audio"),
+    "truncated video bytes": (lambda s: {**s, "mp4": s["mp4"][: len(s["mp4"]) // 2]}, "video"),
+    "truncated audio bytes": (lambda s: {**s, "flac": s["flac"][: len(s["flac"]) // 3]}, "audio"),
+    "video is text": (lambda s: {**s, "mp4": "not bytes"}, "not bytes"),
+    "audio holds video": (lambda s: {**s, "flac": s["mp4"]}, "no audio stream"),
+    "video holds audio": (lambda s: {**s, "mp4": s["flac"]}, "no video stream"),
+    "unparsable json": (lambda s: {**s, "json": b"{'frames': 80,"}, "unparsable json"),
+    "json not an object": (lambda s: {**s, "json": b"[1, 2]"}, "expected an object"),
+    "json bad label": (lambda s: {**s, "json": b'{"label": "happy"}'}, "label"),
+    "json bad frames": (lambda s: {**s, "json": b'{"frames": 2.5}'}, "frames"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CASES))
+def test_bad_input_raises_decode_error_naming_the_key(good, case):
+    corrupt, reason = BAD_CASES[case]
+    with pytest.raises(DecodeError) as info:
+        decode_sample(corrupt({**good, "__key__": "bad-clip-7"}), INPUTS)
+    assert info.value.key == "bad-clip-7" and "bad-clip-7" in str(info.value)
+    assert reason in info.value.reason, info.value.reason
+
+
+def test_fewer_frames_than_promised_is_truncation():
+    sample = make_sample(key="short-stream", n_frames=20, meta={"frames": 80, "duration": 0.8})
+    with pytest.raises(DecodeError, match="short-stream: video truncated: decoded 20 frames but 80"):
+        decode_sample(sample, INPUTS)
+    # A couple of frames short of the promise is tolerated (edge padding), not an error.
+    assert decode_sample(make_sample(n_frames=78, meta={"frames": 80}), INPUTS).video.shape[1] == 16
+
+
+def test_shorter_audio_than_promised_is_truncation():
+    sample = make_sample(key="short-audio", wave=np.zeros(SR))  # 1 s of audio for a 3.2 s clip
+    with pytest.raises(DecodeError, match="short-audio: audio truncated"):
+        decode_sample(sample, INPUTS)
+
+
+def test_other_sample_rate_is_refused_for_now():
+    sample = make_sample(key="8k", audio_rate=8000, meta={"sample_rate": 8000})
+    with pytest.raises(DecodeError, match="8000 Hz.*resampling"):
+        decode_sample(sample, INPUTS)
+
+
+@pytest.mark.parametrize("codec", ["h264", "vp9"])
+def test_random_corruption_never_escapes_as_another_exception(codec):
+    sample = make_sample(key="fuzz", n_frames=30, codec=codec)
+    field = "mp4" if codec == "h264" else "webm"
+    rng = np.random.default_rng(0)
+    outcomes = set()
+    for _ in range(12):
+        for name in (field, "flac"):
+            data = bytearray(sample[name])
+            start = int(rng.integers(0, len(data) - 64))
+            data[start : start + 64] = rng.integers(0, 256, 64, dtype=np.uint8).tobytes()
+            cut = bytes(data[: int(rng.integers(len(data) // 2, len(data) + 1))])
+            try:
+                decode_sample({**sample, name: cut}, INPUTS)
+                outcomes.add("ok")
+            except DecodeError as e:
+                assert e.key == "fuzz"
+                outcomes.add("error")
+    assert "error" in outcomes

@@ -1,0 +1,173 @@
+import colorsys
+import dataclasses
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import webdataset as wds
+
+from vaemo_dist.config import SynthConfig
+from vaemo_dist.data import synth
+from vaemo_dist.data.synth import build_corpus, corpus_is_complete, ensure_corpus
+
+
+def samples_of(corpus: Path) -> list[dict]:
+    manifest = json.loads((corpus / "manifest.json").read_text())
+    urls = [str(corpus / s) for s in manifest["shards"]]
+    return list(wds.WebDataset(urls, shardshuffle=False))
+
+
+def decode_video(data: bytes) -> tuple[np.ndarray, float, str]:
+    with av.open(io.BytesIO(data)) as c:
+        stream = c.streams.video[0]
+        frames = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(stream)])
+        return frames, float(stream.average_rate), stream.codec_context.name
+
+
+def decode_audio(data: bytes) -> tuple[np.ndarray, int, int]:
+    with av.open(io.BytesIO(data)) as c:
+        stream = c.streams.audio[0]
+        wave = np.concatenate([f.to_ndarray() for f in c.decode(stream)], axis=1)
+        return wave[0].astype(np.float32) / 32768.0, stream.rate, len(stream.layout.channels)
+
+
+def pitch_hz(wave: np.ndarray, sample_rate: int = 16000) -> float:
+    """The strongest spectral peak between 80 and 300 Hz (the fundamental of the synthetic voice)."""
+    spectrum = np.abs(np.fft.rfft(wave))
+    freqs = np.fft.rfftfreq(wave.size, 1.0 / sample_rate)
+    band = (freqs > 80) & (freqs < 300)
+    return float(freqs[band][np.argmax(spectrum[band])])
+
+
+def test_tar_members_and_manifest(tiny_corpus):
+    manifest = json.loads((tiny_corpus / "manifest.json").read_text())
+    assert manifest["shards"] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    assert manifest["samples_per_shard"] == [5, 5, 2] and manifest["total"] == 12
+    assert manifest["classes"] == 3 and manifest["codec"] == "h264"
+    assert manifest["class_counts"] == [4, 4, 4]
+    assert (tiny_corpus / "_SUCCESS").is_file()
+    assert not list(tiny_corpus.glob(".*tmp*"))  # no temporary files left behind
+    with tarfile.open(tiny_corpus / "shard-000000.tar") as tf:
+        names = tf.getnames()
+    expected = [f"clip-{i:06d}.{ext}" for i in range(5) for ext in ("flac", "json", "mp4")]
+    assert sorted(names) == expected
+
+
+def test_media_decodes_with_promised_format(tiny_corpus, tiny_corpus_config):
+    labels = []
+    for s in samples_of(tiny_corpus):
+        meta = json.loads(s["json"])
+        assert set(meta) == {"frames", "fps", "duration", "sample_rate", "label", "class_name", "seed"}
+        frames, fps, codec = decode_video(s["mp4"])
+        assert codec == "h264" and fps == 25 and meta["fps"] == 25
+        size = tiny_corpus_config.size
+        assert frames.shape == (meta["frames"], size, size, 3)
+        assert meta["frames"] == 80 and meta["duration"] == pytest.approx(3.2)
+        wave, rate, channels = decode_audio(s["flac"])
+        assert rate == 16000 == meta["sample_rate"] and channels == 1
+        assert wave.size == 51200 and 0.05 < np.abs(wave).max() <= 1.0
+        labels.append(meta["label"])
+    assert sorted(labels) == [0] * 4 + [1] * 4 + [2] * 4
+
+
+def test_class_sets_pitch(tiny_corpus):
+    by_class: dict[int, list[float]] = {}
+    for s in samples_of(tiny_corpus):
+        label = json.loads(s["json"])["label"]
+        by_class.setdefault(label, []).append(pitch_hz(decode_audio(s["flac"])[0]))
+    nominal = {0: 110.0, 1: 110.0 * 2**0.5, 2: 220.0}  # 110 Hz * 2^(label / (classes - 1))
+    for label, pitches in by_class.items():
+        # Within 6% of the class pitch (per-clip jitter is +-4%), so classes never overlap.
+        assert np.allclose(pitches, nominal[label], rtol=0.06), (label, pitches)
+
+
+def hue_of(rgb: np.ndarray) -> float:
+    return colorsys.rgb_to_hsv(*(rgb / 255.0))[0]
+
+
+def hue_distance(a: float, b: float) -> float:
+    d = abs(a - b) % 1.0
+    return min(d, 1.0 - d)
+
+
+def test_class_sets_face_and_background_tint(tiny_corpus):
+    for s in samples_of(tiny_corpus):
+        label = json.loads(s["json"])["label"]
+        frames = decode_video(s["mp4"])[0]
+        # The frame centre is always on the face; the corner always background. Medians over
+        # time step around the eyes and mouth passing by.
+        face = np.median(frames[:, 32, 32].astype(float), axis=0)
+        background = np.median(frames[:, 1, 1].astype(float), axis=0)
+        class_hue = label / 3  # hue = label / classes, jittered by at most 0.03 per clip
+        assert hue_distance(hue_of(face), class_hue) < 0.06, (s["__key__"], label, face)
+        assert hue_distance(hue_of(background), class_hue + 0.5) < 0.06, (s["__key__"], label, background)
+
+
+def test_mouth_follows_audio_envelope(tiny_corpus):
+    for s in samples_of(tiny_corpus)[:4]:
+        frames, _, _ = decode_video(s["mp4"])
+        wave, _, _ = decode_audio(s["flac"])
+        # Lips are dark red (120, 20, 30); nothing else in the picture is red with so little green.
+        r, g, b = (frames[..., i].astype(int) for i in range(3))
+        mouth_area = ((r > 80) & (g < 60) & (b < 70) & (r > 2 * g)).sum(axis=(1, 2))
+        frame_rms = np.sqrt((wave.reshape(len(frames), -1) ** 2).mean(axis=1))
+        corr = np.corrcoef(mouth_area, frame_rms)[0, 1]
+        assert corr > 0.8, (s["__key__"], corr)
+
+
+def test_same_seed_same_bytes_other_seed_differs(tiny_corpus, tiny_corpus_config, tmp_path):
+    # Two worker processes here, one for the fixture: the bytes must not depend on it.
+    again = build_corpus(tiny_corpus_config, tmp_path / "again", progress=False, workers=2)
+    for shard in ("shard-000000.tar", "shard-000002.tar"):
+        assert (again / shard).read_bytes() == (tiny_corpus / shard).read_bytes()
+    other_seed = dataclasses.replace(tiny_corpus_config, seed=tiny_corpus_config.seed + 1)
+    other = build_corpus(other_seed, tmp_path / "other", progress=False)
+    assert (other / "shard-000000.tar").read_bytes() != (tiny_corpus / "shard-000000.tar").read_bytes()
+
+
+def test_vp9_writes_webm(tiny_corpus_vp9):
+    manifest = json.loads((tiny_corpus_vp9 / "manifest.json").read_text())
+    assert manifest["codec"] == "vp9" and manifest["total"] == 2
+    for s in samples_of(tiny_corpus_vp9):
+        assert "webm" in s and "mp4" not in s
+        frames, fps, codec = decode_video(s["webm"])
+        assert codec in ("vp9", "libvpx-vp9") and fps == 25
+        assert frames.shape == (80, 64, 64, 3)
+
+
+def test_ensure_corpus_builds_once_and_rebuilds_when_incomplete(tmp_path, monkeypatch):
+    cfg = SynthConfig(clips=2, clips_per_shard=1, classes=2, size=32, duration=0.4, dir=str(tmp_path / "c"))
+    calls = []
+    real_build = synth.build_corpus
+    monkeypatch.setattr(synth, "build_corpus", lambda *a, **k: calls.append(1) or real_build(*a, **k))
+    out = ensure_corpus(cfg, progress=False)
+    assert out == tmp_path / "c" and corpus_is_complete(cfg, out) and len(calls) == 1
+    ensure_corpus(cfg, progress=False)
+    assert len(calls) == 1  # complete: not rebuilt
+    (out / "_SUCCESS").unlink()  # as if a build had died half-way
+    assert not corpus_is_complete(cfg, out)
+    ensure_corpus(cfg, progress=False)
+    assert len(calls) == 2
+    bigger = dataclasses.replace(cfg, clips=3)
+    assert not corpus_is_complete(bigger, out)  # another config is not "complete" either
+    ensure_corpus(bigger, progress=False)
+    assert len(calls) == 3 and json.loads((out / "manifest.json").read_text())["total"] == 3
+
+
+def test_cli_builds_corpus(tmp_path, capsys):
+    out = tmp_path / "cli"
+    rc = synth.main(["--out", str(out), "--clips", "3", "--clips-per-shard", "2", "--classes", "3",
+                     "--size", "32", "--duration", "0.4", "--seed", "1"])
+    assert rc == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["samples_per_shard"] == [2, 1] and manifest["frames"] == 10
+    assert "wrote 3 clips" in capsys.readouterr().err
+
+
+def test_odd_size_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="even"):
+        build_corpus(SynthConfig(clips=1, size=33, duration=0.2), tmp_path, progress=False)

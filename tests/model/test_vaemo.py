@@ -1,0 +1,125 @@
+import dataclasses
+
+import torch
+
+from vaemo_dist.config import AudioInput, InputConfig, LossConfig, ModelConfig, VideoInput
+from vaemo_dist.model.vaemo import VAEmoModel
+from vaemo_dist.objectives.stage1 import Stage1Objective
+
+# Video 4 frames 32x32 (tubelet 2, patch 8) -> 2x4x4 = 32 tokens; audio 32x64 (patch 8) -> 4x8 = 32.
+INPUTS = InputConfig(
+    video=VideoInput(frames=4, size=32, tubelet=2, patch=8),
+    audio=AudioInput(frames=32, n_mels=64, patch=8),
+)
+TINY = ModelConfig(preset="custom", dim=32, depth=2, heads=2, decoder_dim=16, decoder_depth=1,
+                   decoder_heads=2, embed_dim=16, mask_ratio_video=0.75, mask_ratio_audio=0.6)
+B = 4
+
+
+def _batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, 3, 4, 32, 32, generator=g), torch.randn(B, 1, 32, 64, generator=g)
+
+
+def _model(**overrides):
+    torch.manual_seed(0)
+    return VAEmoModel(dataclasses.replace(TINY, **overrides), INPUTS)
+
+
+def test_output_shapes_and_norms():
+    model = _model()
+    out = model(*_batch())
+    assert out.video_pred.shape == out.video_target.shape == (B, 32, 3 * 2 * 8 * 8)
+    assert out.audio_pred.shape == out.audio_target.shape == (B, 32, 64)
+    assert out.video_mask.shape == (B, 32) and out.video_mask.dtype == torch.bool
+    assert out.audio_mask.shape == (B, 32) and out.audio_mask.dtype == torch.bool
+    for emb in (out.video_emb, out.audio_emb, out.joint_emb):
+        assert emb.shape == (B, 16)
+        torch.testing.assert_close(emb.norm(dim=-1), torch.ones(B))
+    assert out.logit_scale.ndim == 0
+    torch.testing.assert_close(out.logit_scale, torch.tensor(1 / 0.07))
+    # norm_pix_loss: every target patch has zero mean and unit variance.
+    torch.testing.assert_close(out.video_target.mean(-1), torch.zeros(B, 32), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.audio_target.var(-1, unbiased=False), torch.ones(B, 32), atol=1e-3, rtol=0)
+
+
+def test_masking_counts_and_coverage():
+    model = _model()
+    out = model(*_batch())
+    for keep, mask, ratio in [(out.video_keep, out.video_mask, 0.75), (out.audio_keep, out.audio_mask, 0.6)]:
+        k = round((1 - ratio) * 32)
+        assert keep.shape == (B, k)
+        assert ((~mask).sum(dim=1) == k).all()
+        assert not mask.gather(1, keep).any()  # kept tokens are never marked as masked
+        covered = mask.clone().scatter_(1, keep, True)
+        assert covered.all()  # kept + masked = every token
+        assert not (keep == keep[:1]).all()  # a different mask per sample
+
+
+def test_masking_follows_the_torch_rng():
+    model = _model()
+    video, audio = _batch()
+    torch.manual_seed(7)
+    first = model(video, audio)
+    torch.manual_seed(7)
+    again = model(video, audio)
+    assert torch.equal(first.video_keep, again.video_keep) and torch.equal(first.audio_keep, again.audio_keep)
+    torch.testing.assert_close(first.video_pred, again.video_pred)
+    other = model(video, audio)
+    assert not torch.equal(first.video_keep, other.video_keep)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    keep1, keep2 = model(video, audio, generator=g1).audio_keep, model(video, audio, generator=g2).audio_keep
+    assert torch.equal(keep1, keep2)
+
+
+def test_separate_fusion_keeps_modalities_apart_and_joint_mixes_them():
+    video, audio = _batch()
+    audio2 = torch.randn_like(audio)
+    for fusion, leaks in [("separate", False), ("joint", True)]:
+        model = _model(fusion=fusion)
+        a = model(video, audio, generator=torch.Generator().manual_seed(1))
+        b = model(video, audio2, generator=torch.Generator().manual_seed(1))
+        assert torch.equal(a.video_keep, b.video_keep)
+        assert not torch.allclose(a.audio_emb, b.audio_emb)
+        assert torch.allclose(a.video_emb, b.video_emb, atol=1e-6) is not leaks, fusion
+        assert not torch.allclose(a.joint_emb, b.joint_emb)
+
+
+def test_gradients_reach_all_parameters():
+    model = _model()
+    loss, _ = Stage1Objective(LossConfig())(model(*_batch()))
+    loss.backward()
+    # joint_head only feeds joint_emb, which stage 1 does not train (stage 2 does).
+    no_grad = {n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0}
+    assert no_grad == {"joint_head.weight", "joint_head.bias"}
+    model.zero_grad()
+    model(*_batch()).joint_emb.sum().backward()
+    assert model.joint_head.weight.grad.abs().sum() > 0
+
+
+def test_logit_scale_is_clamped():
+    torch.manual_seed(0)
+    model = VAEmoModel(TINY, INPUTS, max_logit_scale=20.0, init_temperature=0.01)
+    assert model(*_batch()).logit_scale.item() == 20.0
+
+
+def test_adam_steps_reduce_the_loss_on_a_fixed_batch():
+    model = _model()
+    objective = Stage1Objective(LossConfig(contrastive_weight=0.1))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    video, audio = _batch()
+    losses = []
+    for _ in range(10):
+        out = model(video, audio, generator=torch.Generator().manual_seed(0))  # same masks each step
+        loss, _ = objective(out)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.85 * losses[0], losses
+
+
+def test_num_params_counts_every_parameter():
+    model = _model()
+    assert model.num_params() == sum(p.numel() for p in model.parameters()) > 0
+    assert not any(k.endswith("pos") for k in model.state_dict())

@@ -1,0 +1,418 @@
+"""A synthetic audio-visual corpus of real encoded media, written as WebDataset tar shards.
+
+Each clip shows a cartoon face (ellipse head, two eyes, a mouth) on a tinted background while a
+voiced tone "speaks" in syllables. A hidden class drives both modalities:
+
+* video: face and background colour tint, head motion speed and amplitude;
+* audio: pitch (fundamental frequency) and syllable rate;
+* both: the mouth opening follows the audio's amplitude envelope frame by frame, so the two
+  streams are synchronised.
+
+Per-clip nuisance randomness (head position, motion and rhythm phase, colour jitter, gradient
+direction, pitch and rate jitter, pixel and audio noise) keeps clips of one class different.
+Everything is drawn from `numpy.random.SeedSequence([cfg.seed, clip_index])`, so a clip depends
+only on the corpus seed and its index (not on sharding or worker count).
+
+Layout of `out_dir`: `shard-000000.tar ...`, `manifest.json`, and `_SUCCESS`, written last; a
+corpus without `_SUCCESS` (or built from a different config) is never used by `ensure_corpus`.
+Each sample: `<key>.mp4` (H.264, yuv420p) or `<key>.webm` (VP9), `<key>.flac` (16 kHz mono),
+`<key>.json` (frames, fps, duration, sample_rate, label, class_name, seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import colorsys
+import dataclasses
+import io
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+import webdataset as wds
+from tqdm import tqdm
+
+from vaemo_dist.config import SynthConfig
+
+FPS = 25
+SAMPLE_RATE = 16000
+MANIFEST = "manifest.json"
+SUCCESS = "_SUCCESS"
+FORMAT_VERSION = 1
+BITEXACT = {"fflags": "+bitexact"}
+CLASS_NAMES = ["neutral", "happy", "sad", "angry", "fearful", "surprised", "disgusted", "calm"]
+
+
+def class_name(label: int) -> str:
+    return CLASS_NAMES[label] if label < len(CLASS_NAMES) else f"class-{label}"
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.tar"
+
+
+def clip_key(index: int) -> str:
+    return f"clip-{index:06d}"
+
+
+def video_extension(codec: str) -> str:
+    if codec not in ("h264", "vp9"):
+        raise ValueError(f"codec {codec!r} not supported; choose 'h264' or 'vp9'")
+    return "mp4" if codec == "h264" else "webm"
+
+
+# --------------------------------------------------------------------------------------------
+# Encoding helpers (also used by tests to build hand-made samples)
+
+
+def encode_video(frames: np.ndarray, fps: int = FPS, codec: str = "h264",
+                 quality: int | None = None) -> bytes:
+    """Encode uint8 RGB frames [T, H, W, 3] (H, W even) as H.264/mp4 or VP9/webm, yuv420p.
+
+    `quality` is the codec's CRF (lower is better); the defaults favour speed and small files.
+    """
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"expected uint8 frames [T, H, W, 3], got {frames.dtype} {frames.shape}")
+    _, height, width, _ = frames.shape
+    if height % 2 or width % 2:
+        raise ValueError(f"yuv420p needs even frame sides, got {height}x{width}")
+    ext = video_extension(codec)
+    buf = io.BytesIO()
+    # bitexact: no random container ids (Matroska) or version strings, so bytes are reproducible.
+    with av.open(buf, mode="w", format=ext, options=BITEXACT) as out:
+        if codec == "h264":
+            stream = out.add_stream("libx264", rate=fps)
+            # mbtree off: with it, x264 (veryfast) gave different bytes for identical input from
+            # run to run on small frames; without it the output is reproducible.
+            stream.options = {"preset": "veryfast", "crf": str(23 if quality is None else quality),
+                              "x264-params": "mbtree=0"}
+        else:
+            stream = out.add_stream("libvpx-vp9", rate=fps)
+            # Real-time mode: ~10x faster than the default "good" deadline at this size.
+            stream.options = {"deadline": "realtime", "cpu-used": "8", "b": "0",
+                              "crf": str(32 if quality is None else quality)}
+        stream.width, stream.height = width, height
+        stream.pix_fmt = "yuv420p"
+        # One encoder thread: clips are tiny, parallelism comes from worker processes, and a
+        # single thread keeps the bitstream reproducible.
+        stream.codec_context.thread_count = 1
+        for rgb in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+        out.mux(stream.encode())
+    return buf.getvalue()
+
+
+def encode_audio(waveform: np.ndarray, sample_rate: int = SAMPLE_RATE, fmt: str = "flac") -> bytes:
+    """Encode a mono float waveform in [-1, 1] as 16-bit FLAC or WAV."""
+    if fmt not in ("flac", "wav"):
+        raise ValueError(f"audio format {fmt!r} not supported; choose 'flac' or 'wav'")
+    pcm = np.round(np.clip(waveform, -1.0, 1.0) * 32767.0).astype(np.int16)[None]
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format=fmt, options=BITEXACT) as out:
+        stream = out.add_stream("flac" if fmt == "flac" else "pcm_s16le", rate=sample_rate)
+        stream.layout = "mono"
+        stream.format = "s16"
+        frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout="mono")
+        frame.sample_rate = sample_rate
+        out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------------------------
+# Clip content
+
+
+def _class_position(label: int, classes: int) -> float:
+    """The class as a number in [0, 1], the knob every class-driven factor turns."""
+    return label / max(classes - 1, 1)
+
+
+def _rgb(hue: float, saturation: float, value: float) -> np.ndarray:
+    return np.array(colorsys.hsv_to_rgb(hue % 1.0, saturation, value), dtype=np.float32) * 255.0
+
+
+def synth_audio(label: int, classes: int, n_samples: int,
+                rng: np.random.Generator) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:
+    """A voiced tone in syllables. Returns (waveform float32 [n], envelope function of time)."""
+    k = _class_position(label, classes)
+    f0 = 110.0 * 2.0**k * (1.0 + rng.uniform(-0.04, 0.04))  # 110..220 Hz
+    rate = (1.5 + 3.0 * k) * (1.0 + rng.uniform(-0.08, 0.08))  # syllables per second
+    rhythm_phase = rng.uniform(0.0, 2.0 * np.pi)
+    vibrato_hz, vibrato_phase = rng.uniform(4.0, 6.0), rng.uniform(0.0, 2.0 * np.pi)
+
+    def envelope(t: np.ndarray) -> np.ndarray:
+        # Positive half of a sine: a syllable, then an equally long pause.
+        return np.maximum(np.sin(2.0 * np.pi * rate * t + rhythm_phase), 0.0) ** 1.5
+
+    t = np.arange(n_samples) / SAMPLE_RATE
+    inst_f0 = f0 * (1.0 + 0.02 * np.sin(2.0 * np.pi * vibrato_hz * t + vibrato_phase))
+    phase = 2.0 * np.pi * np.cumsum(inst_f0) / SAMPLE_RATE
+    harmonics = np.arange(1, 7)
+    voice = (np.sin(phase[:, None] * harmonics) / harmonics).sum(axis=1)
+    voice /= np.abs(voice).max() + 1e-9
+    wave = 0.6 * envelope(t) * voice + rng.normal(0.0, 0.004, n_samples)
+    return wave.astype(np.float32), envelope
+
+
+def synth_video(label: int, classes: int, n_frames: int, size: int, mouth: np.ndarray,
+                rng: np.random.Generator) -> np.ndarray:
+    """Cartoon face frames, uint8 [T, size, size, 3]; `mouth` in [0, 1] is the opening per frame."""
+    k = _class_position(label, classes)
+    hue = label / classes + rng.uniform(-0.03, 0.03)
+    face = _rgb(hue, 0.45, 0.95).astype(np.uint8)
+    background = _rgb(hue + 0.5, 0.4, 0.5)
+    dark = np.array([30, 20, 25], dtype=np.uint8)
+    lips = np.array([120, 20, 30], dtype=np.uint8)
+
+    t = np.arange(n_frames) / FPS
+    speed = (0.25 + 0.75 * k) * (1.0 + rng.uniform(-0.1, 0.1))  # head sway, Hz
+    amplitude = size * (0.03 + 0.07 * k)
+    centre = size / 2 + rng.uniform(-0.06, 0.06, size=2) * size
+    cx = centre[0] + amplitude * np.sin(2 * np.pi * speed * t + rng.uniform(0, 2 * np.pi))
+    cy = centre[1] + 0.5 * amplitude * np.sin(2 * np.pi * 0.7 * speed * t + rng.uniform(0, 2 * np.pi))
+    rx, ry = size * 0.27 * rng.uniform(0.95, 1.05), size * 0.34 * rng.uniform(0.95, 1.05)
+    eye_r = size * 0.035
+    mouth_h = (0.02 + 0.16 * np.asarray(mouth, dtype=np.float64)) * ry
+
+    # Background: the class tint times a gentle gradient in a random direction, plus a fixed
+    # per-clip noise texture (drawing fresh noise per frame would dominate the build time).
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    angle = rng.uniform(0, 2 * np.pi)
+    ramp = (np.cos(angle) * (xx - size / 2) + np.sin(angle) * (yy - size / 2)) / size  # mean 0
+    base = background * (1.0 + 0.5 * ramp[..., None]) + rng.normal(0.0, 3.0, (size, size, 3))
+    base = np.clip(base, 0, 255).astype(np.uint8)
+
+    video = np.empty((n_frames, size, size, 3), dtype=np.uint8)
+    for i in range(n_frames):
+        img = video[i]
+        img[:] = base
+        _fill_ellipse(img, cx[i], cy[i], rx, ry, face)
+        for side in (-1.0, 1.0):
+            _fill_ellipse(img, cx[i] + side * 0.38 * rx, cy[i] - 0.25 * ry, eye_r, eye_r, dark)
+        _fill_ellipse(img, cx[i], cy[i] + 0.5 * ry, 0.35 * rx, mouth_h[i], lips)
+    return video
+
+
+def _fill_ellipse(img: np.ndarray, x0: float, y0: float, ax: float, ay: float, colour: np.ndarray) -> None:
+    """Paint an axis-aligned ellipse into img [H, W, 3], touching only its bounding box."""
+    h, w = img.shape[:2]
+    top, bottom = max(int(y0 - ay), 0), min(int(y0 + ay) + 2, h)
+    left, right = max(int(x0 - ax), 0), min(int(x0 + ax) + 2, w)
+    if top >= bottom or left >= right:
+        return
+    ys = (np.arange(top, bottom, dtype=np.float32)[:, None] - y0) / ay
+    xs = (np.arange(left, right, dtype=np.float32)[None, :] - x0) / ax
+    img[top:bottom, left:right][ys * ys + xs * xs <= 1.0] = colour
+
+
+def clip_seed(corpus_seed: int, index: int) -> int:
+    return int(np.random.SeedSequence([corpus_seed, index]).generate_state(1)[0])
+
+
+def make_clip(cfg: SynthConfig, index: int, label: int) -> dict[str, Any]:
+    """One WebDataset sample dict (bytes values) for clip `index` of class `label`."""
+    seed = clip_seed(cfg.seed, index)
+    rng = np.random.default_rng(seed)
+    n_frames = max(1, int(round(cfg.duration * FPS)))
+    n_samples = int(round(n_frames / FPS * SAMPLE_RATE))
+    wave, envelope = synth_audio(label, cfg.classes, n_samples, rng)
+    # Mouth opening: the audio envelope averaged over each frame's time span (sub-sampled).
+    sub = (np.arange(n_frames)[:, None] + (np.arange(4)[None] + 0.5) / 4) / FPS
+    mouth = envelope(sub).mean(axis=1)
+    frames = synth_video(label, cfg.classes, n_frames, cfg.size, mouth, rng)
+    meta = {
+        "frames": n_frames,
+        "fps": FPS,
+        "duration": n_frames / FPS,
+        "sample_rate": SAMPLE_RATE,
+        "label": label,
+        "class_name": class_name(label),
+        "seed": seed,
+    }
+    return {
+        "__key__": clip_key(index),
+        video_extension(cfg.codec): encode_video(frames, FPS, cfg.codec),
+        "flac": encode_audio(wave, SAMPLE_RATE, "flac"),
+        "json": json.dumps(meta, sort_keys=True).encode(),
+    }
+
+
+def clip_labels(cfg: SynthConfig) -> list[int]:
+    """Balanced labels (counts differ by at most one) in a seeded order."""
+    labels = np.arange(cfg.clips) % cfg.classes
+    return np.random.default_rng([cfg.seed, 2**31 - 1]).permutation(labels).tolist()
+
+
+# --------------------------------------------------------------------------------------------
+# Corpus
+
+
+def _config_record(cfg: SynthConfig) -> dict[str, Any]:
+    record = dataclasses.asdict(cfg)
+    record.pop("dir", None)  # where it lives does not change what it is
+    record["format_version"] = FORMAT_VERSION
+    return record
+
+
+def _make_clip_job(args: tuple[SynthConfig, int, int]) -> dict[str, Any]:
+    return make_clip(*args)
+
+
+def _clips(cfg: SynthConfig, workers: int) -> Iterator[dict[str, Any]]:
+    jobs = [(cfg, i, label) for i, label in enumerate(clip_labels(cfg))]
+    if workers <= 1:
+        yield from map(_make_clip_job, jobs)
+        return
+    # Fork where available: the workers need only numpy and PyAV, and start instantly.
+    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        yield from pool.map(_make_clip_job, jobs, chunksize=4)
+
+
+def build_corpus(cfg: SynthConfig, out_dir: str | Path, *, progress: bool = True,
+                 workers: int | None = None) -> Path:
+    """Write the corpus described by `cfg` into `out_dir` (replacing any earlier one there).
+
+    `workers` processes encode clips in parallel (default: all CPUs for 32+ clips, else 1); the
+    output does not depend on it.
+    """
+    if cfg.clips < 1 or cfg.clips_per_shard < 1 or cfg.classes < 2:
+        raise ValueError("synth corpus needs clips >= 1, clips_per_shard >= 1 and classes >= 2")
+    video_extension(cfg.codec)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / SUCCESS).unlink(missing_ok=True)  # from here on the folder is "under construction"
+    if workers is None:
+        workers = (os.cpu_count() or 1) if cfg.clips >= 32 else 1
+
+    shards: list[str] = []
+    counts: list[int] = []
+    writer: wds.TarWriter | None = None
+    tmp: Path | None = None
+
+    def close_shard() -> None:
+        if writer is not None and tmp is not None:
+            writer.close()
+            os.replace(tmp, out / shards[-1])  # a shard name only ever points at a complete tar
+
+    bar = tqdm(total=cfg.clips, desc=f"synth {out.name}", unit="clip", disable=not progress)
+    for i, sample in enumerate(_clips(cfg, workers)):
+        if i % cfg.clips_per_shard == 0:
+            close_shard()
+            shards.append(shard_name(len(shards)))
+            counts.append(0)
+            tmp = out / f".{shards[-1]}.tmp-{os.getpid()}"
+            # Fixed mtime and no re-encoding: the same config gives byte-identical shards.
+            writer = wds.TarWriter(str(tmp), encoder=False, mtime=0.0)
+        writer.write(sample)
+        counts[-1] += 1
+        bar.update(1)
+    close_shard()
+    bar.close()
+
+    for stale in out.glob("shard-*.tar"):
+        if stale.name not in shards:
+            stale.unlink()
+    labels = clip_labels(cfg)
+    manifest = {
+        "shards": shards,
+        "samples_per_shard": counts,
+        "total": sum(counts),
+        "classes": cfg.classes,
+        "class_names": [class_name(c) for c in range(cfg.classes)],
+        "class_counts": [labels.count(c) for c in range(cfg.classes)],
+        "codec": cfg.codec,
+        "video_ext": video_extension(cfg.codec),
+        "audio_ext": "flac",
+        "size": cfg.size,
+        "fps": FPS,
+        "frames": max(1, int(round(cfg.duration * FPS))),
+        "sample_rate": SAMPLE_RATE,
+        "seed": cfg.seed,
+        "config": _config_record(cfg),
+    }
+    _write_atomic(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
+    _write_atomic(out / SUCCESS, json.dumps(_config_record(cfg), sort_keys=True))
+    return out
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def corpus_is_complete(cfg: SynthConfig, out_dir: str | Path) -> bool:
+    """True if `out_dir` holds a finished corpus built from the same settings as `cfg`."""
+    out = Path(out_dir)
+    try:
+        built = json.loads((out / SUCCESS).read_text())
+        manifest = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return built == _config_record(cfg) and all((out / s).is_file() for s in manifest.get("shards", []))
+
+
+def ensure_corpus(cfg: SynthConfig, out_dir: str | Path | None = None, *, progress: bool = True) -> Path:
+    """Return the corpus folder (default `cfg.dir`), building it first unless already complete.
+
+    Builders on one machine take turns through a lock file, so several ranks may call this at once.
+    """
+    out = Path(out_dir if out_dir is not None else cfg.dir)
+    if corpus_is_complete(cfg, out):
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".lock", "w") as lock:
+        try:
+            import fcntl
+
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except ImportError:  # no flock (Windows): single-builder use only
+            pass
+        if not corpus_is_complete(cfg, out):  # another process may have finished meanwhile
+            build_corpus(cfg, out, progress=progress)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Command line (registered as `vaemo-synth`)
+
+
+def main(argv: list[str] | None = None) -> int:
+    d = SynthConfig()
+    p = argparse.ArgumentParser(prog="vaemo-synth", description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=d.dir, help=f"output folder (default {d.dir})")
+    p.add_argument("--clips", type=int, default=d.clips)
+    p.add_argument("--clips-per-shard", type=int, default=d.clips_per_shard)
+    p.add_argument("--classes", type=int, default=d.classes)
+    p.add_argument("--size", type=int, default=d.size, help="frame side in pixels (even)")
+    p.add_argument("--duration", type=float, default=d.duration, help="seconds per clip")
+    p.add_argument("--codec", choices=["h264", "vp9"], default=d.codec)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--workers", type=int, default=None, help="encoding processes (default: all CPUs)")
+    args = p.parse_args(argv)
+    cfg = SynthConfig(dir=args.out, clips=args.clips, clips_per_shard=args.clips_per_shard,
+                      classes=args.classes, size=args.size, duration=args.duration,
+                      codec=args.codec, seed=args.seed)
+    start = time.perf_counter()
+    try:
+        out = build_corpus(cfg, args.out, progress=True, workers=args.workers)
+    except ValueError as e:
+        p.error(str(e))
+    manifest = json.loads((out / MANIFEST).read_text())
+    print(f"wrote {manifest['total']} clips in {len(manifest['shards'])} shards to {out} "
+          f"in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

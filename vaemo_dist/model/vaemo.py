@@ -1,0 +1,206 @@
+"""VAEmo stage-1 model: one shared transformer encoder over video tubelet tokens and audio log-mel
+patch tokens, MAE masking, a light joint decoder for reconstruction, and contrastive heads."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels import dispatch
+from vaemo_dist.config import InputConfig, ModelConfig
+from vaemo_dist.model.attention import attention
+from vaemo_dist.model.embed import TokenEmbed, patchify_audio, patchify_video, sincos_pos_embed
+
+
+@dataclass
+class ModelOutput:
+    video_pred: torch.Tensor  # [B, Nv, Pv] decoder prediction for every video patch
+    video_target: torch.Tensor  # [B, Nv, Pv] patchified (per-patch normalised) video
+    video_mask: torch.Tensor  # [B, Nv] bool, True = masked (to reconstruct)
+    audio_pred: torch.Tensor  # [B, Na, Pa]
+    audio_target: torch.Tensor  # [B, Na, Pa]
+    audio_mask: torch.Tensor  # [B, Na] bool
+    video_emb: torch.Tensor  # [B, E] L2-normalised, from video tokens only under "separate"
+    audio_emb: torch.Tensor  # [B, E] L2-normalised
+    joint_emb: torch.Tensor  # [B, E] L2-normalised, from all visible tokens (used by stage 2)
+    logit_scale: torch.Tensor  # scalar, exp(log_logit_scale) clamped at max_logit_scale
+    video_keep: torch.Tensor  # [B, Kv] long, indices of the visible video tokens (sorted)
+    audio_keep: torch.Tensor  # [B, Ka] long
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        out = attention(qkv[0], qkv[1], qkv[2])  # [B, heads, N, hd]
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        hidden = int(dim * mlp_ratio)
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = SelfAttention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+def random_keep(
+    batch: int, n: int, ratio: float, device: torch.device, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """MAE masking: indices [B, K] (sorted) of the kept tokens, K = round((1 - ratio) * n) for every
+    sample so tensors stay dense."""
+    k = max(1, round((1.0 - ratio) * n))
+    noise = torch.rand(batch, n, device=device, generator=generator)
+    return noise.argsort(dim=1)[:, :k].sort(dim=1).values
+
+
+def keep_to_mask(keep: torch.Tensor, n: int) -> torch.Tensor:
+    """[B, K] kept indices -> [B, n] bool, True where masked."""
+    mask = torch.ones(keep.shape[0], n, dtype=torch.bool, device=keep.device)
+    return mask.scatter(1, keep, False)
+
+
+def patch_targets(patches: torch.Tensor, norm_pix: bool) -> torch.Tensor:
+    if not norm_pix:
+        return patches
+    mean = patches.mean(dim=-1, keepdim=True)
+    var = patches.var(dim=-1, keepdim=True, unbiased=False)
+    return (patches - mean) / (var + 1e-6).sqrt()
+
+
+class VAEmoModel(nn.Module):
+    def __init__(
+        self,
+        model: ModelConfig,
+        inputs: InputConfig,
+        *,
+        max_logit_scale: float = 100.0,
+        init_temperature: float = 0.07,
+    ) -> None:
+        super().__init__()
+        self.cfg, self.inputs = model, inputs
+        self.max_logit_scale = max_logit_scale
+        v, a = inputs.video, inputs.audio
+        video_patch_dim = 3 * v.tubelet * v.patch * v.patch
+        audio_patch_dim = a.patch * a.patch
+        vgrid, agrid = inputs.video_grid, inputs.audio_grid
+        self.num_video, self.num_audio = math.prod(vgrid), math.prod(agrid)
+
+        # Encoder: per-modality token embedding, ONE shared stack of blocks.
+        self.video_embed = TokenEmbed(video_patch_dim, model.dim, vgrid)
+        self.audio_embed = TokenEmbed(audio_patch_dim, model.dim, agrid)
+        self.blocks = nn.ModuleList(
+            [Block(model.dim, model.heads, model.mlp_ratio) for _ in range(model.depth)]
+        )
+        self.norm = nn.LayerNorm(model.dim, eps=1e-6)
+
+        # Contrastive / joint projection heads and the CLIP-style learnable temperature.
+        self.video_head = nn.Linear(model.dim, model.embed_dim)
+        self.audio_head = nn.Linear(model.dim, model.embed_dim)
+        self.joint_head = nn.Linear(model.dim, model.embed_dim)
+        # Shape [1], not 0-d: DeepSpeed broadcasts parameters as byte views, which 0-d tensors refuse.
+        self.log_logit_scale = nn.Parameter(torch.full((1,), math.log(1.0 / init_temperature)))
+
+        # Light decoder over the full joint sequence (cross-modal reconstruction).
+        dd = model.decoder_dim
+        self.decoder_embed = nn.Linear(model.dim, dd)
+        self.mask_token = nn.Parameter(torch.zeros(dd))
+        self.dec_video_modality = nn.Parameter(torch.zeros(dd))
+        self.dec_audio_modality = nn.Parameter(torch.zeros(dd))
+        self.register_buffer("dec_video_pos", sincos_pos_embed(vgrid, dd), persistent=False)
+        self.register_buffer("dec_audio_pos", sincos_pos_embed(agrid, dd), persistent=False)
+        self.decoder_blocks = nn.ModuleList(
+            [Block(dd, model.decoder_heads, model.mlp_ratio) for _ in range(model.decoder_depth)]
+        )
+        self.decoder_norm = nn.LayerNorm(dd, eps=1e-6)
+        self.video_pred = nn.Linear(dd, video_patch_dim)
+        self.audio_pred = nn.Linear(dd, audio_patch_dim)
+
+        self.apply(self._init_linear)
+        for p in (self.mask_token, self.dec_video_modality, self.dec_audio_modality,
+                  self.video_embed.modality, self.audio_embed.modality):
+            nn.init.normal_(p, std=0.02)
+
+    @staticmethod
+    def _init_linear(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
+    def forward(
+        self, video: torch.Tensor, audio: torch.Tensor, generator: torch.Generator | None = None
+    ) -> ModelOutput:
+        cfg, v, a = self.cfg, self.inputs.video, self.inputs.audio
+        b, nv, na = video.shape[0], self.num_video, self.num_audio
+        v_patches = patchify_video(video, v.tubelet, v.patch)
+        a_patches = patchify_audio(audio, a.patch)
+
+        # MAE masking; the visible tokens get their positional embedding on the way out.
+        v_keep = random_keep(b, nv, cfg.mask_ratio_video, video.device, generator)
+        a_keep = random_keep(b, na, cfg.mask_ratio_audio, audio.device, generator)
+        v_vis = dispatch.masked_gather(self.video_embed(v_patches), self.video_embed.pos, v_keep)
+        a_vis = dispatch.masked_gather(self.audio_embed(a_patches), self.audio_embed.pos, a_keep)
+
+        if cfg.fusion == "separate":
+            # Same weights, two sequences: neither pooled embedding sees the other modality.
+            v_enc, a_enc = self._encode(v_vis), self._encode(a_vis)
+        else:
+            v_enc, a_enc = self._encode(torch.cat([v_vis, a_vis], dim=1)).split(
+                [v_vis.shape[1], a_vis.shape[1]], dim=1
+            )
+
+        video_emb = F.normalize(self.video_head(v_enc.mean(dim=1)), dim=-1)
+        audio_emb = F.normalize(self.audio_head(a_enc.mean(dim=1)), dim=-1)
+        joint_emb = F.normalize(self.joint_head(torch.cat([v_enc, a_enc], dim=1).mean(dim=1)), dim=-1)
+        logit_scale = self.log_logit_scale.exp().clamp(max=self.max_logit_scale).squeeze(0)
+
+        # Decoder: back to full sequences with mask tokens, then one joint sequence.
+        v_full = dispatch.masked_scatter(self.decoder_embed(v_enc), v_keep, self.mask_token,
+                                         self.dec_video_pos, nv) + self.dec_video_modality
+        a_full = dispatch.masked_scatter(self.decoder_embed(a_enc), a_keep, self.mask_token,
+                                         self.dec_audio_pos, na) + self.dec_audio_modality
+        x = torch.cat([v_full, a_full], dim=1)
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        x = self.decoder_norm(x)
+
+        return ModelOutput(
+            video_pred=self.video_pred(x[:, :nv]),
+            video_target=patch_targets(v_patches, cfg.norm_pix_loss).detach(),
+            video_mask=keep_to_mask(v_keep, nv),
+            audio_pred=self.audio_pred(x[:, nv:]),
+            audio_target=patch_targets(a_patches, cfg.norm_pix_loss).detach(),
+            audio_mask=keep_to_mask(a_keep, na),
+            video_emb=video_emb,
+            audio_emb=audio_emb,
+            joint_emb=joint_emb,
+            logit_scale=logit_scale,
+            video_keep=v_keep,
+            audio_keep=a_keep,
+        )
