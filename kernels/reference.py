@@ -35,6 +35,32 @@ def masked_scatter(
     return full + pos.to(visible.dtype)
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0 whose backward sums the gradient over ranks and keeps this rank's rows.
+
+    Our own rather than torch.distributed.nn.functional.all_gather: that one is deprecated, and its
+    gloo backward addresses subgroup members by group rank where global ranks are needed (it fails
+    under tensor x data parallelism)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+        ctx.group, ctx.rank, ctx.n = group, dist.get_rank(group), x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)  # a reduce-scatter that gloo also supports
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n], None
+
+
+def gather_with_grad(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """[n_local, ...] on every rank of `group` -> [world * n_local, ...], differentiable."""
+    return _GatherWithGrad.apply(x, group)
+
+
 def contrastive_loss(
     a: torch.Tensor,
     v: torch.Tensor,
@@ -53,12 +79,7 @@ def contrastive_loss(
     if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(group), dist.get_world_size(group)
     if world > 1:
-        # Imported here: torch.distributed.nn pulls in RPC bits we don't want at import time.
-        import torch.distributed.nn.functional as dist_fn
-
-        g = group if group is not None else dist.group.WORLD
-        all_a = torch.cat(dist_fn.all_gather(a, group=g))
-        all_v = torch.cat(dist_fn.all_gather(v, group=g))
+        all_a, all_v = gather_with_grad(a, group), gather_with_grad(v, group)
     else:
         all_a, all_v = a, v
     labels = torch.arange(n, device=a.device) + rank * n

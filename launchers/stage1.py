@@ -14,13 +14,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from vaemo_dist.launch import run_stage  # noqa: E402
 
 
-def build(cfg):
+def build(cfg, info):
     from vaemo_dist.model.vaemo import VAEmoModel
     from vaemo_dist.objectives.stage1 import Stage1Objective
 
     model = VAEmoModel(cfg.model, cfg.inputs, max_logit_scale=cfg.loss.max_logit_scale,
                        init_temperature=cfg.loss.init_temperature)
-    objective = Stage1Objective(cfg.loss)
+    objective = Stage1Objective(cfg.loss, group=info.dp_group)
 
     def compute_loss(engine, batch):
         return objective(engine(batch.video, batch.audio))

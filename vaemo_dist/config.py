@@ -96,7 +96,8 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    preset: Literal["custom", "tiny", "small", "base", "large"] = "tiny"
+    # A preset fills in the sizes below; any size set explicitly wins. "custom": nothing filled in.
+    preset: Literal["custom", "tiny", "small", "base", "large", "huge"] = "tiny"
     dim: int = 192
     depth: int = 4
     heads: int = 3
@@ -123,6 +124,8 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
                  embed_dim=512),
     "large": dict(dim=1024, depth=24, heads=16, decoder_dim=512, decoder_depth=8, decoder_heads=16,
                   embed_dim=768),
+    "huge": dict(dim=1280, depth=32, heads=16, decoder_dim=512, decoder_depth=8, decoder_heads=16,
+                 embed_dim=1024),
 }
 
 
@@ -164,6 +167,14 @@ class TrainConfig:
 
 
 @dataclass
+class ParallelConfig:
+    tensor: int = 1  # megatron-core tensor parallel degree (divides heads, MLP width and world size)
+    activation_checkpointing: bool = False  # recompute each transformer block in the backward pass
+    # Peak dense bf16 TFLOP/s of one device, for MFU; 0 = look the device name up (H100, H200, A100).
+    peak_tflops: float = 0.0
+
+
+@dataclass
 class WandbConfig:
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: online iff a key is set
     project: str = "vaemo"
@@ -178,6 +189,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -344,6 +356,13 @@ def validate(cfg: Config) -> None:
            f"model.decoder_dim ({m.decoder_dim}) must be divisible by {m.decoder_heads}")
     for key in ("dim", "depth", "heads", "decoder_dim", "decoder_depth", "decoder_heads", "embed_dim"):
         _check(getattr(m, key) > 0, f"model.{key}", "must be positive")
+    tp = cfg.parallel.tensor
+    _check(tp >= 1, "parallel.tensor", "must be >= 1")
+    for key, n in (("model.heads", m.heads), ("model.decoder_heads", m.decoder_heads)):
+        _check(n % tp == 0, "parallel.tensor", f"{tp} must divide {key} ({n})")
+    for key, width in (("model.dim", m.dim), ("model.decoder_dim", m.decoder_dim)):
+        _check(int(width * m.mlp_ratio) % tp == 0, "parallel.tensor",
+               f"{tp} must divide the MLP width of {key} ({int(width * m.mlp_ratio)})")
     t = cfg.train
     _check(t.zero_stage in (0, 1, 2, 3), "train.zero_stage", f"{t.zero_stage} not in [0, 1, 2, 3]")
     _check(t.steps > 0, "train.steps", "must be positive")

@@ -12,6 +12,7 @@ import os
 import socket
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -25,6 +26,11 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
+    tp_size: int = 1  # tensor-parallel degree; ranks of one TP group see the same data
+    tp_rank: int = 0
+    dp_size: int = 1  # data-parallel degree = world_size // tp_size
+    dp_rank: int = 0
+    dp_group: Any = None  # the process group that data-parallel collectives (loss gather) use
 
     @property
     def is_main(self) -> bool:
@@ -37,8 +43,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(timeout_s: int = 600) -> DistInfo:
-    """Start torch.distributed (NCCL on GPUs, gloo on CPU) and hand it to DeepSpeed."""
+def init_distributed(timeout_s: int = 600, tensor_parallel: int = 1) -> DistInfo:
+    """Start torch.distributed (NCCL on GPUs, gloo on CPU), megatron-core's tensor/data-parallel
+    groups, and hand it all to DeepSpeed."""
     if "RANK" not in os.environ:  # a world of one, started by hand
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
@@ -58,7 +65,44 @@ def init_distributed(timeout_s: int = 600) -> DistInfo:
     import deepspeed
 
     deepspeed.init_distributed(dist_backend=backend, timeout=timeout)  # wraps the group made above
-    return DistInfo(rank, world, local_rank, device)
+    if world % tensor_parallel:
+        raise ValueError(f"parallel.tensor={tensor_parallel} does not divide the world size {world}")
+    if tensor_parallel == 1:  # plain data parallelism: no need for megatron-core (4 s to import)
+        return DistInfo(rank, world, local_rank, device, dp_size=world, dp_rank=rank)
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel)
+    return DistInfo(rank, world, local_rank, device,
+                    tp_size=tensor_parallel, tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+                    dp_size=parallel_state.get_data_parallel_world_size(),
+                    dp_rank=parallel_state.get_data_parallel_rank(),
+                    dp_group=parallel_state.get_data_parallel_group())
+
+
+class MegatronMpu:
+    """What DeepSpeed asks of an `mpu`, answered by megatron-core's parallel_state, so that ZeRO
+    partitions over the data-parallel group only and gradient norms count TP shards once."""
+
+    def __getattr__(self, name: str) -> Any:
+        from megatron.core import parallel_state
+
+        return getattr(parallel_state, name)
+
+    def get_model_parallel_rank(self) -> int:
+        from megatron.core import parallel_state
+
+        return parallel_state.get_tensor_model_parallel_rank()
+
+    def get_model_parallel_world_size(self) -> int:
+        from megatron.core import parallel_state
+
+        return parallel_state.get_tensor_model_parallel_world_size()
+
+    def get_model_parallel_group(self) -> Any:
+        from megatron.core import parallel_state
+
+        return parallel_state.get_tensor_model_parallel_group()
 
 
 def _skip_deepspeed_shm_build() -> None:
@@ -77,14 +121,14 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
-    """Average a dict of floats over ranks (one collective)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1) or not values:
+def all_reduce_mean(values: dict[str, float], device: torch.device, group: Any = None) -> dict[str, float]:
+    """Average a dict of floats over the ranks of `group` (default: all), in one collective."""
+    if not (dist.is_initialized() and dist.get_world_size(group) > 1) or not values:
         return values
     keys = sorted(values)
     t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    t /= dist.get_world_size()
+    dist.all_reduce(t, group=group)
+    t /= dist.get_world_size(group)
     return dict(zip(keys, t.tolist()))
 
 
@@ -98,6 +142,11 @@ def shutdown(exit_code: int = 0) -> None:
     try:
         if exit_code == 0:
             barrier()
+        if "megatron.core" in sys.modules:
+            from megatron.core import parallel_state
+
+            if parallel_state.model_parallel_is_initialized():
+                parallel_state.destroy_model_parallel()
         if dist.is_initialized():
             dist.destroy_process_group()
     except Exception as e:  # noqa: BLE001 - the run's result is already decided

@@ -48,7 +48,7 @@ def prepare_synthetic(data: DataConfig) -> None:
         ensure_corpus(data.synth)
 
 
-def run_stage(name: str, build: Callable[[Config], tuple[torch.nn.Module, Any]], default_config: str,
+def run_stage(name: str, build: Callable[[Config, Any], tuple[torch.nn.Module, Any]], default_config: str,
               argv: list[str] | None = None) -> None:
     from vaemo_dist import dist
 
@@ -65,17 +65,22 @@ def run_stage(name: str, build: Callable[[Config], tuple[torch.nn.Module, Any]],
 
     exit_code = 0
     try:
-        info = dist.init_distributed(cfg.train.dist_timeout_s)
+        info = dist.init_distributed(cfg.train.dist_timeout_s, cfg.parallel.tensor)
         if info.local_rank == 0:  # once per node
             prepare_synthetic(cfg.data)
         dist.barrier()  # the corpus is complete on this node before anyone reads it
         urls = shard_urls(cfg.data)
 
+        from vaemo_dist.model.flops import account
+        from vaemo_dist.model.parallelize import parallelize
         from vaemo_dist.train.trainer import Trainer
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        model, compute_loss = build(cfg)
-        final = Trainer(cfg, model, compute_loss, urls, info).fit()
+        model, compute_loss = build(cfg, info)
+        model = parallelize(model, cfg.parallel)
+        cost = account(cfg.model, cfg.inputs)
+        final = Trainer(cfg, model, compute_loss, urls, info, flops_per_sample=cost.train_flops,
+                        tokens_per_sample=cost.tokens).fit()
         if info.is_main:
             log.info("%s finished: %s", name, {k: round(v, 5) for k, v in final.items()})
     except Exception:  # noqa: BLE001 - report and leave with a non-zero code instead of hanging peers

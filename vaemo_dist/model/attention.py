@@ -1,11 +1,76 @@
-"""Multi-head attention core. The one place a faster backend (flash-attn) gets plugged in."""
+"""Multi-head attention core: FlashAttention where it can run, PyTorch SDPA everywhere else.
+
+`segments` splits every sequence of the batch into consecutive parts that attend only within
+themselves (e.g. the visible video tokens and the visible audio tokens of one clip, which the
+shared encoder must keep apart under `fusion: separate`). FlashAttention runs that as one varlen
+call over packed sequences, without padding; SDPA uses an equivalent block-diagonal mask.
+"""
 
 from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
+log = logging.getLogger(__name__)
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Unmasked softmax attention: q, k, v [B, heads, L, head_dim] -> [B, heads, L, head_dim]."""
-    return F.scaled_dot_product_attention(q, k, v)
+
+@functools.cache
+def _flash() -> tuple[Callable, Callable] | None:
+    try:
+        from flash_attn import flash_attn_func, flash_attn_varlen_func
+    except ImportError:
+        return None
+    return flash_attn_func, flash_attn_varlen_func
+
+
+def backend_for(q: torch.Tensor) -> str:
+    """"flash" for CUDA fp16/bf16 tensors when flash-attn is installed, else "sdpa"."""
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _flash() is not None:
+        return "flash"
+    return "sdpa"
+
+
+@functools.cache
+def _announce(backend: str) -> None:
+    log.info("attention backend: %s", "flash-attn" if backend == "flash" else "torch SDPA")
+
+
+def segment_bounds(segments: Sequence[int], batch: int, device: torch.device) -> torch.Tensor:
+    """cu_seqlens for `batch` sequences each made of `segments`: int32 [batch * len(segments) + 1]."""
+    lengths = torch.tensor(list(segments) * batch, dtype=torch.int32, device=device)
+    return F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+
+
+def block_diagonal_mask(segments: Sequence[int], device: torch.device) -> torch.Tensor:
+    """[L, L] bool, True where query and key are in the same segment (SDPA's allowed positions)."""
+    ids = torch.repeat_interleave(torch.arange(len(segments), device=device),
+                                  torch.tensor(list(segments), device=device))
+    return ids[:, None] == ids[None, :]
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              segments: Sequence[int] | None = None) -> torch.Tensor:
+    """Softmax attention. q, k, v: [B, heads, L, head_dim] -> [B, heads, L, head_dim]."""
+    backend = backend_for(q)
+    _announce(backend)
+    if backend == "flash":
+        return _flash_attention(q, k, v, segments)
+    mask = None if segments is None or len(segments) == 1 else block_diagonal_mask(segments, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def _flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     segments: Sequence[int] | None) -> torch.Tensor:
+    dense, varlen = _flash()
+    b, h, length, d = q.shape
+    # flash-attn wants [B, L, heads, head_dim]; packed varlen wants [total, heads, head_dim].
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    if segments is None or len(segments) == 1:
+        return dense(q, k, v).transpose(1, 2)
+    cu = segment_bounds(segments, b, q.device)
+    out = varlen(*(t.reshape(b * length, h, d) for t in (q, k, v)), cu, cu, max(segments), max(segments))
+    return out.reshape(b, length, h, d).transpose(1, 2)

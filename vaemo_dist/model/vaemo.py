@@ -4,6 +4,7 @@ patch tokens, MAE masking, a light joint decoder for reconstruction, and contras
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -32,18 +33,33 @@ class ModelOutput:
     audio_keep: torch.Tensor  # [B, Ka] long
 
 
+@dataclass
+class EncoderOutput:
+    """What `VAEmoModel.encode` returns: every token visible, no decoder. A missing modality is None."""
+
+    video_tokens: torch.Tensor | None  # [B, Nv, D] encoded tokens (after the final norm)
+    audio_tokens: torch.Tensor | None  # [B, Na, D]
+    video_pooled: torch.Tensor | None  # [B, D] mean of the video tokens (the input of video_head)
+    audio_pooled: torch.Tensor | None  # [B, D]
+    joint_pooled: torch.Tensor  # [B, D] mean of all tokens present (the input of joint_head)
+    video_emb: torch.Tensor | None  # [B, E] L2-normalised projections, as in ModelOutput
+    audio_emb: torch.Tensor | None
+    joint_emb: torch.Tensor
+
+
 class SelfAttention(nn.Module):
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
+        self.heads = heads  # heads on this rank: tensor parallelism (parallelize.py) divides it
+        self.head_dim = dim // heads
+        self.qkv = nn.Linear(dim, 3 * dim)  # output laid out as (q|k|v, head, head_dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, d = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        out = attention(qkv[0], qkv[1], qkv[2])  # [B, heads, N, hd]
-        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+    def forward(self, x: torch.Tensor, segments: Sequence[int] | None = None) -> torch.Tensor:
+        b, n, _ = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        out = attention(qkv[0], qkv[1], qkv[2], segments)  # [B, heads, N, hd]
+        return self.proj(out.transpose(1, 2).reshape(b, n, self.heads * self.head_dim))
 
 
 class Block(nn.Module):
@@ -57,8 +73,8 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x: torch.Tensor, segments: Sequence[int] | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), segments)
         return x + self.mlp(self.norm2(x))
 
 
@@ -148,10 +164,57 @@ class VAEmoModel(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+    def _encode(self, x: torch.Tensor, segments: Sequence[int] | None = None) -> torch.Tensor:
         for blk in self.blocks:
-            x = blk(x)
+            x = blk(x, segments)
         return self.norm(x)
+
+    @staticmethod
+    def pool(
+        v_enc: torch.Tensor | None, a_enc: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+        """Mean-pooled features (video, audio, joint) of encoded tokens; training and `encode` share it.
+        The joint pool is the mean over every token present, so it also exists with one modality."""
+        present = [t for t in (v_enc, a_enc) if t is not None]
+        joint = torch.cat(present, dim=1).mean(dim=1)
+        return (None if v_enc is None else v_enc.mean(dim=1),
+                None if a_enc is None else a_enc.mean(dim=1), joint)
+
+    def project(
+        self, video: torch.Tensor | None, audio: torch.Tensor | None, joint: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+        """Pooled features -> L2-normalised embeddings through the contrastive / joint heads."""
+        video_emb = None if video is None else F.normalize(self.video_head(video), dim=-1)
+        audio_emb = None if audio is None else F.normalize(self.audio_head(audio), dim=-1)
+        return video_emb, audio_emb, F.normalize(self.joint_head(joint), dim=-1)
+
+    def encode(self, video: torch.Tensor | None = None, audio: torch.Tensor | None = None) -> EncoderOutput:
+        """Encode without masking (every token visible) and without the decoder: the path for
+        embeddings, probes and fine-tuning. Either modality may be left out. Token embedding,
+        positions, the shared encoder (with the same fusion rule), pooling and heads are the ones
+        `forward` uses, so with mask ratios 0 `forward` gives the same embeddings."""
+        if video is None and audio is None:
+            raise ValueError("encode needs video, audio or both")
+        v, a = self.inputs.video, self.inputs.audio
+        parts: list[torch.Tensor] = []
+        if video is not None:
+            tokens = self.video_embed(patchify_video(video, v.tubelet, v.patch))
+            keep = torch.arange(self.num_video, device=video.device).expand(video.shape[0], -1)
+            parts.append(dispatch.masked_gather(tokens, self.video_embed.pos, keep))
+        if audio is not None:
+            tokens = self.audio_embed(patchify_audio(audio, a.patch))
+            keep = torch.arange(self.num_audio, device=audio.device).expand(audio.shape[0], -1)
+            parts.append(dispatch.masked_gather(tokens, self.audio_embed.pos, keep))
+        lengths = [p.shape[1] for p in parts]
+        segments = lengths if self.cfg.fusion == "separate" and len(parts) > 1 else None
+        encoded = list(self._encode(torch.cat(parts, dim=1), segments).split(lengths, dim=1))
+        v_enc = encoded.pop(0) if video is not None else None
+        a_enc = encoded.pop(0) if audio is not None else None
+        pooled = self.pool(v_enc, a_enc)
+        video_emb, audio_emb, joint_emb = self.project(*pooled)
+        return EncoderOutput(video_tokens=v_enc, audio_tokens=a_enc, video_pooled=pooled[0],
+                             audio_pooled=pooled[1], joint_pooled=pooled[2], video_emb=video_emb,
+                             audio_emb=audio_emb, joint_emb=joint_emb)
 
     def forward(
         self, video: torch.Tensor, audio: torch.Tensor, generator: torch.Generator | None = None
@@ -167,17 +230,13 @@ class VAEmoModel(nn.Module):
         v_vis = dispatch.masked_gather(self.video_embed(v_patches), self.video_embed.pos, v_keep)
         a_vis = dispatch.masked_gather(self.audio_embed(a_patches), self.audio_embed.pos, a_keep)
 
-        if cfg.fusion == "separate":
-            # Same weights, two sequences: neither pooled embedding sees the other modality.
-            v_enc, a_enc = self._encode(v_vis), self._encode(a_vis)
-        else:
-            v_enc, a_enc = self._encode(torch.cat([v_vis, a_vis], dim=1)).split(
-                [v_vis.shape[1], a_vis.shape[1]], dim=1
-            )
+        # One pass of the shared encoder over both modalities. "separate": attention stays within each
+        # modality (block-diagonal), so neither pooled embedding sees the other modality.
+        lengths = [v_vis.shape[1], a_vis.shape[1]]
+        segments = lengths if cfg.fusion == "separate" else None
+        v_enc, a_enc = self._encode(torch.cat([v_vis, a_vis], dim=1), segments).split(lengths, dim=1)
 
-        video_emb = F.normalize(self.video_head(v_enc.mean(dim=1)), dim=-1)
-        audio_emb = F.normalize(self.audio_head(a_enc.mean(dim=1)), dim=-1)
-        joint_emb = F.normalize(self.joint_head(torch.cat([v_enc, a_enc], dim=1).mean(dim=1)), dim=-1)
+        video_emb, audio_emb, joint_emb = self.project(*self.pool(v_enc, a_enc))
         logit_scale = self.log_logit_scale.exp().clamp(max=self.max_logit_scale).squeeze(0)
 
         # Decoder: back to full sequences with mask tokens, then one joint sequence.

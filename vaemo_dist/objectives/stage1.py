@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from kernels import dispatch
@@ -17,15 +19,20 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
 
 
 class Stage1Objective:
-    def __init__(self, cfg: LossConfig) -> None:
+    """`group`: the data-parallel process group the contrastive loss gathers over (None: all ranks;
+    under tensor parallelism, the ranks of one TP group hold the same samples and must not be counted
+    twice)."""
+
+    def __init__(self, cfg: LossConfig, group: Any = None) -> None:
         self.cfg = cfg
+        self.group = group
 
     def __call__(self, out: ModelOutput) -> tuple[torch.Tensor, dict[str, float]]:
         c = self.cfg
         rec_video = masked_mse(out.video_pred, out.video_target, out.video_mask)
         rec_audio = masked_mse(out.audio_pred, out.audio_target, out.audio_mask)
         a, v = out.audio_emb.float(), out.video_emb.float()
-        contrastive = dispatch.contrastive_loss(a, v, out.logit_scale.float())
+        contrastive = dispatch.contrastive_loss(a, v, out.logit_scale.float(), self.group)
         total = c.video_weight * rec_video + c.audio_weight * rec_audio + c.contrastive_weight * contrastive
         with torch.no_grad():
             acc_a2v = ((a @ v.T).argmax(dim=1) == torch.arange(a.shape[0], device=a.device)).float().mean()

@@ -19,7 +19,8 @@ import torch
 from vaemo_dist.config import Config
 from vaemo_dist.data.loader import DataState, build_loader
 from vaemo_dist.data.types import Batch
-from vaemo_dist.dist import DistInfo, all_reduce_mean
+from vaemo_dist.dist import DistInfo, MegatronMpu, all_reduce_mean
+from vaemo_dist.model.flops import peak_tflops
 from vaemo_dist.train.checkpoint import load_checkpoint, resolve, save_checkpoint
 from vaemo_dist.train.metrics import MetricsLogger
 from vaemo_dist.train.schedule import build_optimizer, warmup_cosine
@@ -39,12 +40,12 @@ def use_bf16(cfg: Config, device: torch.device) -> bool:
     return cfg.train.precision == "bf16"
 
 
-def deepspeed_config(cfg: Config, world_size: int, bf16: bool) -> dict[str, Any]:
+def deepspeed_config(cfg: Config, dp_size: int, bf16: bool) -> dict[str, Any]:
     t = cfg.train
     return {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": t.grad_accum,
-        "train_batch_size": cfg.data.batch_size * t.grad_accum * world_size,
+        "train_batch_size": cfg.data.batch_size * t.grad_accum * dp_size,
         "gradient_clipping": cfg.optim.clip_grad,
         "zero_optimization": {"stage": t.zero_stage},
         "bf16": {"enabled": bf16},
@@ -56,9 +57,10 @@ def deepspeed_config(cfg: Config, world_size: int, bf16: bool) -> dict[str, Any]
 
 class Trainer:
     def __init__(self, cfg: Config, model: torch.nn.Module, compute_loss: LossFn, urls: list[str],
-                 dist_info: DistInfo) -> None:
+                 dist_info: DistInfo, flops_per_sample: float = 0.0, tokens_per_sample: int = 0) -> None:
         self.cfg, self.model, self.compute_loss = cfg, model, compute_loss
         self.urls, self.dist = urls, dist_info
+        self.flops_per_sample, self.tokens_per_sample = flops_per_sample, tokens_per_sample
         self.run_dir = Path(cfg.train.out_dir) / cfg.train.run_name
         self.ckpt_root = self.run_dir / "checkpoints"
 
@@ -68,22 +70,26 @@ class Trainer:
         optimizer = build_optimizer(self.model, cfg.optim)
         scheduler = warmup_cosine(optimizer, t.steps, cfg.optim)
         engine, _, _, _ = deepspeed.initialize(model=self.model, optimizer=optimizer, lr_scheduler=scheduler,
-                                               config=deepspeed_config(cfg, d.world_size, bf16))
-        torch.manual_seed(t.seed * 7919 + d.rank)  # masking differs per rank, same on every run
+                                               config=deepspeed_config(cfg, d.dp_size, bf16),
+                                               mpu=MegatronMpu() if d.tp_size > 1 else None)
+        # Masking differs per data-parallel rank, is shared by a tensor-parallel group, same every run.
+        torch.manual_seed(t.seed * 7919 + d.dp_rank)
+        peak = peak_tflops(cfg.parallel.peak_tflops, d.device)
 
         step, data_state = self._maybe_resume(engine)
-        loader = build_loader(self.urls, cfg.data, cfg.inputs, d.rank, d.world_size, resume=data_state)
-        data_state = data_state or DataState(cfg.data.num_workers, d.world_size)
+        loader = build_loader(self.urls, cfg.data, cfg.inputs, d.dp_rank, d.dp_size, resume=data_state)
+        data_state = data_state or DataState(cfg.data.num_workers, d.dp_size)
         batches: Iterator[Batch] = iter(loader)
         dtype = torch.bfloat16 if bf16 else torch.float32
-        samples_per_step = cfg.data.batch_size * t.grad_accum * d.world_size
+        samples_per_step = cfg.data.batch_size * t.grad_accum * d.dp_size
 
         metrics = MetricsLogger(self.run_dir, d.is_main, t.steps, step, cfg.to_dict(), cfg.wandb.mode,
                                 cfg.wandb.project, cfg.wandb.entity, t.run_name)
         if d.is_main:
-            log.info("training %s: %d params, world %d on %s, %s, ZeRO-%d, from step %d to %d",
-                     t.run_name, sum(p.numel() for p in self.model.parameters()), d.world_size, d.device,
-                     "bf16" if bf16 else "fp32", t.zero_stage, step, t.steps)
+            log.info("training %s: %d params per TP rank, world %d (TP %d x DP %d) on %s, %s, ZeRO-%d, "
+                     "from step %d to %d", t.run_name, sum(p.numel() for p in self.model.parameters()),
+                     d.world_size, d.tp_size, d.dp_size, d.device, "bf16" if bf16 else "fp32",
+                     t.zero_stage, step, t.steps)
         last: dict[str, float] = {}
         start_time = time.perf_counter()
         stop = t.stop_at or t.steps
@@ -107,14 +113,20 @@ class Trainer:
             if step % t.log_every == 0 or step == t.steps:
                 skips = data_state.totals()
                 sums.update(skipped_decode=skips["decode"], skipped_shards=skips["shard"])
-                last = all_reduce_mean(sums, d.device)
-                last["skipped_decode"] *= d.world_size  # counts add up over ranks
-                last["skipped_shards"] *= d.world_size
-                last.update(lr=scheduler.get_last_lr()[0], step_time_s=step_time,
-                            samples_per_s=samples_per_step / step_time,
+                last = all_reduce_mean(sums, d.device, d.dp_group)
+                last["skipped_decode"] *= d.dp_size  # counts add up over data-parallel ranks
+                last["skipped_shards"] *= d.dp_size
+                samples_per_s = samples_per_step / step_time
+                last.update(lr=scheduler.get_last_lr()[0], step_time_s=step_time, samples_per_s=samples_per_s,
+                            tokens_per_s=samples_per_s * self.tokens_per_sample,
                             grad_norm=float(engine.get_global_grad_norm() or 0.0),
                             samples_seen=step * samples_per_step,
                             elapsed_s=time.perf_counter() - start_time)
+                if self.flops_per_sample:
+                    tflops = self.flops_per_sample * samples_per_s / d.world_size / 1e12
+                    last["tflops_per_device"] = tflops
+                    if peak:
+                        last["mfu"] = tflops / peak
                 metrics.log(step, last)
             metrics.advance(1, {"loss": f"{last.get('loss', float('nan')):.4f}",
                                 "samples/s": f"{samples_per_step / step_time:.1f}"})

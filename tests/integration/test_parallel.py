@@ -1,0 +1,63 @@
+"""Tensor parallelism (megatron-core) and ZeRO stages, each against a single-process run."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+WORKER = Path(__file__).with_name("parallel_worker.py")
+STEPS = 4
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(tmp_path: Path, nproc: int, tp: int, zero: int, *extra: str, steps: int = STEPS) -> dict[int, float]:
+    out = tmp_path / f"losses-{nproc}-{tp}-{zero}-{'-'.join(extra[:1])}.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(free_port()), str(WORKER), str(out), str(tp), str(zero), str(steps), *extra]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return {int(k): v for k, v in json.loads(out.read_text()).items()}
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    return run(tmp_path_factory.mktemp("single"), 1, 1, 0)
+
+
+def close(a: dict[int, float], b: dict[int, float], tol: float) -> bool:
+    return a.keys() == b.keys() and all(abs(a[k] - b[k]) <= tol * max(1.0, abs(b[k])) for k in a)
+
+
+@pytest.mark.parametrize("zero", [0, 1, 2, 3])
+def test_data_parallel_zero_stages_match_one_process(single, tmp_path, zero):
+    losses = run(tmp_path, 2, 1, zero)
+    assert close(losses, single, 1e-5), (losses, single)
+
+
+def test_tensor_parallel_2_matches_one_process(single, tmp_path):
+    losses = run(tmp_path, 2, 2, 1)
+    assert close(losses, single, 1e-5), (losses, single)
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_tp2_x_dp2_on_four_processes_matches_one_process(single, tmp_path, zero):
+    losses = run(tmp_path, 4, 2, zero)
+    assert close(losses, single, 1e-5), (losses, single)
+
+
+def test_checkpoint_under_tensor_parallel_resumes_exactly(tmp_path):
+    full = run(tmp_path, 2, 2, 1, "save", str(tmp_path / "ckpt"))
+    resumed = run(tmp_path, 2, 2, 1, "load", str(tmp_path / "ckpt"))
+    assert sorted(resumed) == [3, 4]
+    assert [resumed[s] for s in (3, 4)] == [full[s] for s in (3, 4)]
