@@ -42,6 +42,7 @@ setup(
     entry_points={
         "console_scripts": [
             "vaemo-synth=vaemo_dist.data.synth:main",
+            "vaemo-flops=vaemo_dist.model.flops:main",
         ]
     },
 )

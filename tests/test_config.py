@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from vaemo_dist.config import MODEL_PRESETS, ConfigError, config_from_dict, load_config
@@ -66,3 +68,19 @@ def test_shipped_configs_load():
 
 def test_exponent_floats_without_a_dot_are_numbers():
     assert load_config(None, ["optim.lr=1e-3"]).optim.lr == 1e-3
+
+
+def test_several_bases_merge_in_order(tmp_path):
+    (tmp_path / "a.yaml").write_text("train: {steps: 5, zero_stage: 1}\n")
+    (tmp_path / "b.yaml").write_text("train: {zero_stage: 3}\n")
+    (tmp_path / "run.yaml").write_text("base: [a.yaml, b.yaml]\nmodel: {depth: 2}\n")
+    cfg = load_config(tmp_path / "run.yaml")
+    assert (cfg.train.steps, cfg.train.zero_stage, cfg.model.depth) == (5, 3, 2)
+
+
+def test_shipped_zero_configs_compose_with_a_stage_config(tmp_path):
+    path = tmp_path / "run.yaml"
+    repo = Path(__file__).resolve().parents[1]
+    path.write_text(f"base: [{repo}/configs/stage1/tiny.yaml, {repo}/configs/deepspeed/zero3.yaml]\n")
+    cfg = load_config(path)
+    assert cfg.train.zero_stage == 3 and cfg.parallel.activation_checkpointing and cfg.inputs.video.size == 96

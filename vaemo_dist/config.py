@@ -1,7 +1,7 @@
 """Typed configuration: dataclasses, YAML files, dotted command-line overrides.
 
-Every value a run uses lives here. A YAML file may name a `base:` file (relative path) that it
-extends. Overrides look like `model.depth=8` and are parsed as YAML scalars. Unknown keys and
+Every value a run uses lives here. A YAML file may name a `base:` file (relative path), or a list
+of them, that it extends. Overrides look like `model.depth=8` and are parsed as YAML scalars. Unknown keys and
 values of the wrong type fail at start-up with a message naming the key and what is allowed.
 """
 
@@ -226,10 +226,10 @@ def _read_yaml(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
-    base = data.pop("base", None)
-    if base is None:
-        return data
-    merged = _read_yaml((path.parent / base), _seen + (path.resolve(),))
+    bases = data.pop("base", None) or []
+    merged: dict[str, Any] = {}
+    for base in [bases] if isinstance(bases, str) else bases:  # later bases win over earlier ones
+        _deep_merge(merged, _read_yaml(path.parent / base, _seen + (path.resolve(),)))
     _deep_merge(merged, data)
     return merged
 

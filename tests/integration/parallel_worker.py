@@ -69,7 +69,11 @@ for step in range(start, steps):
     engine.step()
     mean = torch.tensor([metrics["loss"]], dtype=torch.float64)
     torch.distributed.all_reduce(mean)
-    losses[step + 1] = mean.item() / world  # every rank's loss is its DP shard's; TP ranks agree
+    # Every rank's loss is its DP shard's (TP ranks agree); the global grad norm (over TP shards and
+    # DP ranks, as DeepSpeed computes it for clipping) is the same number on every rank.
+    # (ZeRO-0 does not report one: None.)
+    norm = engine.get_global_grad_norm()
+    losses[step + 1] = [mean.item() / world, None if norm is None else float(norm)]
     if mode == "save" and step + 1 == steps // 2:
         checkpoint.save_checkpoint(engine, ckpt_dir, step + 1, info.rank, {"data": {}}, cfg.to_dict())
 if info.rank == 0:

@@ -82,6 +82,8 @@ def test_two_process_run_learns_and_leaves_its_artefacts(uninterrupted):
     for rank in (0, 1):
         assert (ckpts / "step_00000020" / f"vaemo_rank{rank:05d}.json").exists()
     assert not list(ckpts.glob(".tmp-*"))
+    record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["tflops_per_device"] > 0 and record["tokens_per_s"] > 0
     assert list((run_dir / "wandb").glob("offline-run-*")), "no offline wandb run written"
 
 
@@ -109,3 +111,26 @@ def test_unknown_key_fails_before_start(corpus, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "unknown config key 'model.dpth'" in proc.stderr and "Did you mean 'depth'" in proc.stderr
+
+
+def test_two_nodes_over_torchrun_rendezvous(corpus, tmp_path):
+    """Two 'nodes' on this machine: two torchrun agents, --nnodes 2, meeting over loopback."""
+    port, run_dir = free_port(), tmp_path / "two-nodes"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env.pop("WANDB_API_KEY", None)
+    agents = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
+             "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
+             "launchers/stage1.py", "--config", "configs/stage1/tiny.yaml", *OVERRIDES, "train.steps=4",
+             "parallel.peak_tflops=0.5", f"data.shards={corpus}", f"train.out_dir={tmp_path}",
+             f"train.run_name={run_dir.name}"],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for node in (0, 1)
+    ]
+    outputs = [agent.communicate(timeout=600)[0] for agent in agents]
+    assert [a.returncode for a in agents] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert records[-1]["samples_per_s"] > 0 and 0 < records[-1]["mfu"] < 1
+    assert "world 2 (TP 1 x DP 2)" in outputs[0]
