@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 def masked_gather(tokens: torch.Tensor, pos: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -86,3 +87,42 @@ def contrastive_loss(
     logits_a2v = logit_scale * a @ all_v.T
     logits_v2a = logit_scale * v @ all_a.T
     return (F.cross_entropy(logits_a2v, labels) + F.cross_entropy(logits_v2a, labels)) / 2
+
+
+def _cross_entropy_sum(q: torch.Tensor, k: torch.Tensor, logit_scale: torch.Tensor,
+                       labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logit_scale * q @ k.T, labels, reduction="sum")
+
+
+def contrastive_loss_chunked(
+    a: torch.Tensor,
+    v: torch.Tensor,
+    logit_scale: torch.Tensor,
+    group: dist.ProcessGroup | None = None,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """contrastive_loss computed `chunk` rows at a time: peak memory O(chunk * n_global), not
+    O(n_local * n_global).
+
+    Each row block's logits are built, reduced to a summed cross-entropy and dropped; activation
+    checkpointing recomputes them one block at a time in the backward. Same value and gradients as
+    contrastive_loss (up to summation order), distributed semantics included; it costs one extra
+    logits matmul per block in the backward.
+    """
+    n = a.shape[0]
+    rank, world = 0, 1
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+    if world > 1:
+        all_a, all_v = gather_with_grad(a, group), gather_with_grad(v, group)
+    else:
+        all_a, all_v = a, v
+    labels = torch.arange(n, device=a.device) + rank * n
+    total = a.new_zeros(())
+    for start in range(0, n, chunk):
+        rows = slice(start, start + chunk)
+        for q, k in ((a, all_v), (v, all_a)):
+            # No randomness inside, so no RNG state to stash and restore for the recomputation.
+            total = total + checkpoint(_cross_entropy_sum, q[rows], k, logit_scale, labels[rows],
+                                       use_reentrant=False, preserve_rng_state=False)
+    return total / (2 * n)
