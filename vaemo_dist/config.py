@@ -87,11 +87,17 @@ class DataConfig:
     # "synthetic", a brace pattern ("s3://b/train-{000000..000127}.tar"), a comma list, or a folder.
     shards: str = "synthetic"
     synth: SynthConfig = field(default_factory=SynthConfig)
-    decoder: Literal["pyav"] = "pyav"
+    # auto: DALI on a GPU (NVDEC video, GPU log-mel), PyAV on CPU; dali: DALI also on CPU (VP9/MJPEG only).
+    decoder: Literal["auto", "dali", "pyav"] = "auto"
+    dali_threads: int = 0  # DALI CPU threads; 0: min(4, cores)
     batch_size: int = 8  # micro-batch per rank
     num_workers: int = 1  # DataLoader workers per rank
     shuffle_seed: int = 0
+    resampled: bool = False  # draw shards with replacement per slot (seeded, resumable) instead of epochs
     max_skip_fraction: float = 0.1  # fail if more than this fraction of samples is undecodable
+    s3_endpoint: str = ""  # S3 endpoint URL; "" = AWS_ENDPOINT_URL or AWS. Credentials: AWS env/profile
+    io_retries: int = 10  # botocore attempts per storage request (then reopen-and-seek with backoff)
+    log_keys: str = ""  # debug: a folder; each rank appends the keys it trains on to keys-rank<R>.txt
 
 
 @dataclass
@@ -182,6 +188,32 @@ class WandbConfig:
 
 
 @dataclass
+class Stage2Config:
+    """Stage 2, knowledge injection: text descriptions aligned with the VA embeddings (docs/stage2.md)."""
+
+    # A stage-1 (or stage-2) checkpoint to start from: a step folder, `<run>/checkpoints/latest`, the
+    # checkpoints folder or the run folder (both meaning latest). Any ZeRO stage. "": random init.
+    init_from: str = ""
+    # data.shards is a described set (vaemo-describe output: media + <key>.desc.json). With
+    # describe_synthetic it is built on first use from templated descriptions of the data.synth corpus.
+    describe_synthetic: bool = False
+    subset_fraction: float = 1.0  # synthetic: the share of the corpus to describe (seeded)
+    subset_count: int = 0  # synthetic: describe this many clips instead (0: use subset_fraction)
+    subset_seed: int = 0
+    # Frozen text encoder: "all-MiniLM-L6-v2" (bundled, offline) or a local sentence-transformers folder.
+    text_encoder: str = "all-MiniLM-L6-v2"
+    # Precomputed description embeddings; "": <data.shards>/text_emb.safetensors, computed on first use.
+    text_embeddings: str = ""
+    text_head_hidden: int = 0  # 0: linear text projection head; > 0: an MLP with this hidden width
+    masked: bool = True  # align the embeddings of MAE-masked inputs (cheap); false: all tokens visible
+    freeze_encoder: bool = False  # train only the text head (a baseline: no knowledge enters the encoder)
+    joint_weight: float = 1.0  # path 1: text <-> joint VA embedding
+    audio_weight: float = 0.5  # path 2: text <-> audio embedding
+    video_weight: float = 0.5  # path 2: text <-> visual embedding
+    stage1_weight: float = 0.0  # keep the stage-1 objective (loss.* weights) at this weight
+
+
+@dataclass
 class Config:
     inputs: InputConfig = field(default_factory=InputConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -191,6 +223,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -371,6 +404,9 @@ def validate(cfg: Config) -> None:
     _check(t.ckpt_every >= 1, "train.ckpt_every", "must be >= 1")
     _check(cfg.data.batch_size >= 1, "data.batch_size", "must be >= 1")
     _check(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _check(cfg.data.dali_threads >= 0, "data.dali_threads", "must be >= 0")
+    _check(cfg.data.io_retries >= 1, "data.io_retries", "must be >= 1")
+    _check(0.0 <= cfg.data.max_skip_fraction <= 1.0, "data.max_skip_fraction", "must be in [0, 1]")
     _check(len(cfg.optim.betas) == 2, "optim.betas", "needs two values")
     s = cfg.data.synth
     _check(s.clips >= 1 and s.clips_per_shard >= 1 and s.classes >= 2, "data.synth",
@@ -378,6 +414,16 @@ def validate(cfg: Config) -> None:
     need = (v.frames - 1) * v.stride + 1
     _check(s.duration * 25.0 >= need, "data.synth.duration",
            f"{s.duration}s at 25 fps is shorter than the {need} frames that inputs.video needs")
+    s2 = cfg.stage2
+    _check(0.0 < s2.subset_fraction <= 1.0, "stage2.subset_fraction", "must be in (0, 1]")
+    _check(s2.subset_count >= 0, "stage2.subset_count", "must be >= 0")
+    _check(s2.text_head_hidden >= 0, "stage2.text_head_hidden", "must be >= 0")
+    for key in ("joint_weight", "audio_weight", "video_weight", "stage1_weight"):
+        _check(getattr(s2, key) >= 0.0, f"stage2.{key}", "must be >= 0")
+    if s2.describe_synthetic:  # the described set is written there, so it must be one local folder
+        shards = cfg.data.shards
+        _check(shards != "synthetic" and "," not in shards and "://" not in shards, "data.shards",
+               f"{shards!r}: with stage2.describe_synthetic it names the local folder of the described set")
 
 
 def _check(ok: bool, key: str, why: str) -> None:

@@ -49,7 +49,9 @@ def prepare_synthetic(data: DataConfig) -> None:
 
 
 def run_stage(name: str, build: Callable[[Config, Any], tuple[torch.nn.Module, Any]], default_config: str,
-              argv: list[str] | None = None) -> None:
+              argv: list[str] | None = None, prepare: Callable[[Config], None] | None = None) -> None:
+    """`prepare(cfg)`, if given, runs once per node (local rank 0) before the shards are listed, e.g. to
+    build a stage's derived data on first use; the other ranks wait for it."""
     from vaemo_dist import dist
 
     args = parse_args(argv, default_config)
@@ -68,8 +70,13 @@ def run_stage(name: str, build: Callable[[Config, Any], tuple[torch.nn.Module, A
         info = dist.init_distributed(cfg.train.dist_timeout_s, cfg.parallel.tensor)
         if info.local_rank == 0:  # once per node
             prepare_synthetic(cfg.data)
+            if prepare is not None:
+                prepare(cfg)
         dist.barrier()  # the corpus is complete on this node before anyone reads it
+        from vaemo_dist.data.storage import check_shards_reachable, configure_from
+        configure_from(cfg.data)  # endpoint and retries for s3:// shards
         urls = shard_urls(cfg.data)
+        check_shards_reachable(urls)  # wrong credentials or endpoint: a clear error now, not mid-run
 
         from vaemo_dist.model.flops import account
         from vaemo_dist.model.parallelize import parallelize

@@ -130,7 +130,10 @@ def test_non_square_frames_are_centre_cropped():
     std = torch.tensor(inputs.video.std).view(3, 1, 1, 1)
     rgb = (clip.video * std + mean) * 255
     assert clip.video.shape == (3, 2, 16, 16)
-    assert rgb[0].max() < 30 and rgb[2].max() < 30 and rgb[1].min() > 170
+    # The outermost columns are left out: 4:2:0 chroma, interpolated to full resolution (as DALI
+    # does), bleeds one pixel across a colour edge.
+    inner = rgb[..., 1:-1]
+    assert inner[0].max() < 30 and inner[2].max() < 30 and inner[1].min() > 170
 
 
 def test_audio_window_is_centred_on_the_video_window():

@@ -80,3 +80,23 @@ def test_resume_continues_the_exact_batch_sequence(shards, workers):
 def test_resume_with_another_layout_is_refused(shards):
     with pytest.raises(ValueError, match="same data layout"):
         build_loader(shards, data_cfg(2), INPUTS, 0, 1, resume=DataState(1, 1))
+
+
+def test_log_keys_records_what_the_trainer_got_across_a_resume(shards, tmp_path):
+    cfg = DataConfig(shards="unused", batch_size=3, num_workers=2, shuffle_seed=5,
+                     log_keys=str(tmp_path / "k"))
+    state = DataState(2, 1)
+    first = take(build_loader(shards, cfg, INPUTS, 0, 1), 3, state)
+    resumed = take(build_loader(shards, cfg, INPUTS, 0, 1, resume=DataState.from_dict(state.to_dict())), 5)
+    logged = (tmp_path / "k" / "keys-rank0.txt").read_text().split()
+    assert logged == [k for b in first + resumed for k in b.keys]
+    # 8 batches x 3 = 24 samples of an epoch of 26 good clips: nothing repeated, nothing skipped.
+    assert len(logged) == len(set(logged)) == 24
+
+
+def test_auto_decoder_is_pyav_without_a_gpu(shards):
+    from vaemo_dist.data.loader import resolve_decoder
+
+    assert resolve_decoder("auto") == "pyav"  # CI has no GPU
+    with pytest.raises(ValueError, match="unknown decoder"):
+        resolve_decoder("ffmpeg")

@@ -84,3 +84,24 @@ def test_unreadable_everything_stops_loudly(tmp_path):
     bad.write_bytes(b"not a tar at all" * 10)
     with pytest.raises(ShardError, match="read no samples"):
         keys(iter_slot([str(bad)], 0, 0, 1, StreamPosition(), lambda t: None), 1)
+
+
+def test_resampled_draws_with_replacement_seeded_per_slot(tmp_path):
+    urls = make_shards(tmp_path, 4, 3)
+    plans = [slot_plan(urls, epoch, seed=3, slot=slot, n_slots=2, resampled=True)[0]
+             for epoch in range(6) for slot in (0, 1)]
+    assert all(len(p) == 2 for p in plans)
+    drawn = [u for p in plans for u in p]
+    assert set(drawn) == set(urls) and len(drawn) > len(set(drawn))  # with replacement, all reached
+    assert plans == [slot_plan(urls, epoch, seed=3, slot=slot, n_slots=2, resampled=True)[0]
+                     for epoch in range(6) for slot in (0, 1)]  # a pure function of (seed, slot, epoch)
+    assert plans != [slot_plan(urls, epoch, seed=4, slot=slot, n_slots=2, resampled=True)[0]
+                     for epoch in range(6) for slot in (0, 1)]
+
+
+def test_resampled_resume_from_any_position_continues_identically(tmp_path):
+    urls = make_shards(tmp_path, 5, 3)
+    full = list(itertools.islice(iter_slot(urls, 7, 1, 2, StreamPosition(), resampled=True), 30))
+    for cut in (2, 6, 13, 29):
+        resumed = keys(iter_slot(urls, 7, 1, 2, full[cut - 1][1], resampled=True), 30 - cut)
+        assert resumed == [s["__key__"] for s, _ in full[cut:]]

@@ -1,16 +1,24 @@
 """Shards -> decoded clips -> batches, with the data position carried on every batch.
 
-Each DataLoader worker is one slot of `shards.iter_slot`; it decodes, skips and counts bad clips,
+Each DataLoader worker is one slot of `shards.iter_slot`; it validates, skips and counts bad clips,
 and collates micro-batches itself (DataLoader(batch_size=None)). The DataLoader hands batches out
 round-robin over workers, so after `n` batches the next one comes from worker `n % W`. On resume,
 physical worker p plays logical worker (p + n) % W, which makes the resumed order identical to an
 uninterrupted run.
+
+Two decoders (`data.decoder`):
+* pyav: workers decode on the CPU and hand out finished `Batch`es.
+* dali: workers only probe and prepare samples (`decode_dali.prepare_sample`) and hand out
+  `PendingBatch`es of bytes; the main process decodes each with one DALI pipeline (on the GPU when
+  there is one). Either way a batch carries the position after its last sample, so resume is exact.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Callable, Iterator
+import os
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,21 +26,49 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vaemo_dist.config import DataConfig, InputConfig
+from vaemo_dist.data import storage
 from vaemo_dist.data.shards import ShardTrouble, StreamPosition, iter_slot
-from vaemo_dist.data.types import Batch, Clip, DecodeError, collate
+from vaemo_dist.data.types import Batch, DecodeError, collate
 
 log = logging.getLogger(__name__)
 
-Decoder = Callable[[dict[str, Any], InputConfig], Clip]
+Decoder = Callable[[dict[str, Any], InputConfig], Any]  # sample -> Clip (pyav) or Prepared (dali)
+DECODERS = ("auto", "dali", "pyav")
 
 
-def get_decoder(name: str) -> Decoder:
-    """The one place that maps `data.decoder` to a decode function."""
+def resolve_decoder(name: str) -> str:
+    """`data.decoder` for this machine: auto means DALI on a GPU, PyAV on CPU."""
+    from vaemo_dist.data.decode_dali import dali_available
+
+    if name not in DECODERS:
+        raise ValueError(f"data.decoder: unknown decoder {name!r}; choose one of {list(DECODERS)}")
+    if name == "auto":
+        return "dali" if torch.cuda.is_available() and dali_available() else "pyav"
+    if name == "dali" and not dali_available():
+        raise ValueError("data.decoder=dali but NVIDIA DALI is not installed "
+                         "(pip install nvidia-dali-cuda130)")
+    return name
+
+
+def get_decoder(name: str, gpu: bool | None = None) -> Decoder:
+    """The per-sample function a DataLoader worker runs for `data.decoder`."""
+    if name not in ("pyav", "dali"):  # resolved once in the main process; workers get the result
+        name = resolve_decoder(name)
     if name == "pyav":
         from vaemo_dist.data.decode_pyav import decode_sample
 
         return decode_sample
-    raise ValueError(f"data.decoder: unknown decoder {name!r}; choose one of ['pyav']")
+    from vaemo_dist.data.decode_dali import prepare_sample
+
+    return functools.partial(prepare_sample, gpu=torch.cuda.is_available() if gpu is None else gpu)
+
+
+@dataclass
+class PendingBatch:
+    """A micro-batch of validated, not yet decoded samples (DALI path), with its data position."""
+
+    items: list[Any]  # decode_dali.Prepared
+    state: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -83,7 +119,7 @@ class DataState:
 
 
 class ClipStream(IterableDataset):
-    """An endless stream of collated micro-batches for one rank."""
+    """An endless stream of collated micro-batches for one rank (`Batch`, or `PendingBatch` for DALI)."""
 
     def __init__(
         self,
@@ -93,47 +129,128 @@ class ClipStream(IterableDataset):
         rank: int,
         world_size: int,
         resume: DataState | None = None,
+        decoder: str = "pyav",
+        gpu: bool = False,
     ) -> None:
         super().__init__()
         self.urls, self.data, self.inputs = urls, data, inputs
         self.rank, self.world_size = rank, world_size
         self.n_workers = max(1, data.num_workers)
         self.resume = resume or DataState(data.num_workers, world_size)
+        self.decoder, self.gpu = decoder, gpu
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[Batch | PendingBatch]:
         info = get_worker_info()
         physical = info.id if info is not None else 0
         logical = (physical + self.resume.batches) % self.n_workers
         if info is not None:
             torch.set_num_threads(1)  # decode workers must not fight the trainer for cores
+        storage.configure_from(self.data)  # this process's own filesystem objects (not fork-safe)
         slot = self.rank * self.n_workers + logical
         n_slots = self.world_size * self.n_workers
         start = self.resume.workers.get(logical, StreamPosition())
         counts = dict(self.resume.counts.get(logical, {"decode": 0, "shard": 0, "samples": 0}))
-        decode = get_decoder(self.data.decoder)
+        decode = get_decoder(self.decoder, self.gpu)
+        pending = self.decoder == "dali"
 
         bad: list[str] = []
 
         def on_trouble(t: ShardTrouble) -> None:
             counts["shard"] += 1
-            bad.append(f"{t.url}: {t.error} (after {t.after_samples} samples)")
+            bad.append(f"{storage.redact(t.url)}: {t.error} (after {t.after_samples} samples)")
 
-        clips: list[Clip] = []
-        stream = iter_slot(self.urls, self.data.shuffle_seed, slot, n_slots, start, on_trouble)
+        clips: list[Any] = []
+        stream = iter_slot(self.urls, self.data.shuffle_seed, slot, n_slots, start, on_trouble,
+                           resampled=self.data.resampled)
         for sample, position in stream:
             counts["samples"] += 1
             try:
                 clips.append(decode(sample, self.inputs))
             except DecodeError as e:
                 counts["decode"] += 1
-                bad.append(f"{e.key} ({sample.get('__url__', '?')}): {e.reason}")
-                log.warning("skipped clip %s from %s: %s", e.key, sample.get("__url__"), e.reason)
+                url = storage.redact(str(sample.get("__url__", "?")))
+                bad.append(f"{e.key} ({url}): {e.reason}")
+                log.warning("skipped clip %s from %s: %s", e.key, url, e.reason)
                 continue
             if len(clips) == self.data.batch_size:
                 state = {"worker": logical, "position": position.to_dict(), "counts": dict(counts),
                          "bad": bad}
-                yield collate(clips, state)
+                yield PendingBatch(clips, state) if pending else collate(clips, state)
                 clips, bad = [], []
+
+
+class BatchLoader:
+    """What `build_loader` returns: iterate it for `Batch`es.
+
+    It wraps the DataLoader, decodes `PendingBatch`es with this process's DALI pipeline, and
+    (with `data.log_keys`) appends the keys of every batch handed to the trainer to
+    `<log_keys>/keys-rank<R>.txt` (R: the global rank), a debugging aid for checking that no sample
+    is lost or repeated.
+    """
+
+    def __init__(self, loader: Iterable[Batch | PendingBatch], data: DataConfig, inputs: InputConfig,
+                 rank: int) -> None:
+        self.loader, self.data, self.inputs, self.rank = loader, data, inputs, rank
+        self._dali: Any = None
+        # Clips that passed the workers' probe but failed in the main process, per logical worker;
+        # added to the worker's cumulative counts so the checkpointed totals include them.
+        self._late_failures: dict[int, int] = {}
+
+    def __iter__(self) -> Iterator[Batch]:
+        keys_file = None
+        if self.data.log_keys:
+            os.makedirs(self.data.log_keys, exist_ok=True)
+            # One file per process (global rank): under tensor parallelism several processes share
+            # a data-parallel rank and log the same keys.
+            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else self.rank
+            keys_file = open(os.path.join(self.data.log_keys, f"keys-rank{rank}.txt"), "a")  # noqa: SIM115
+        try:
+            for item in self.loader:
+                batch = self._decode(item) if isinstance(item, PendingBatch) else item
+                if keys_file is not None:
+                    keys_file.write("".join(f"{k}\n" for k in batch.keys))
+                    keys_file.flush()
+                yield batch
+        finally:
+            if keys_file is not None:
+                keys_file.close()
+
+    def _decoder(self) -> Any:
+        if self._dali is None:
+            from vaemo_dist.data.decode_dali import DaliDecoder
+
+            device_id = torch.cuda.current_device() if torch.cuda.is_available() else None
+            self._dali = DaliDecoder(self.inputs, self.data.batch_size, device_id, self.data.dali_threads)
+        return self._dali
+
+    def _decode(self, pending: PendingBatch) -> Batch:
+        items, state = pending.items, dict(pending.state)
+        out = self._decoder().decode(items)
+        keys = [items[i].key for i in out.ok]
+        labels = [items[i].label for i in out.ok]
+        video, audio = out.video, out.audio
+        if out.failed:
+            w = int(state["worker"])
+            self._late_failures[w] = self._late_failures.get(w, 0) + len(out.failed)
+            state["bad"] = list(state.get("bad", [])) + [f"{e.key}: {e.reason}" for e in out.failed]
+            for e in out.failed:
+                log.warning("skipped clip %s: %s", e.key, e.reason)
+            if not out.ok:
+                raise RuntimeError(f"no clip of a batch could be decoded: {state['bad'][-len(out.failed):]}")
+            # Batches keep their size (the contrastive loss gathers equal shapes over ranks): the
+            # holes are filled with repeats of decoded clips of this batch, marked in their keys.
+            fill = [i % len(out.ok) for i in range(len(items) - len(out.ok))]
+            video = torch.cat([video, video[fill]])
+            audio = torch.cat([audio, audio[fill]])
+            keys += [f"{keys[i]}#repeat" for i in fill]
+            labels += [labels[i] for i in fill]
+        if self._late_failures:
+            w = int(state["worker"])
+            counts = dict(state["counts"])
+            counts["decode"] = counts.get("decode", 0) + self._late_failures.get(w, 0)
+            state["counts"] = counts
+        return Batch(video=video, audio=audio, keys=keys, label=torch.tensor(labels, dtype=torch.long),
+                     state=state)
 
 
 def build_loader(
@@ -143,22 +260,26 @@ def build_loader(
     rank: int,
     world_size: int,
     resume: DataState | None = None,
-) -> DataLoader:
+) -> BatchLoader:
     if resume is not None and (resume.num_workers, resume.world_size) != (data.num_workers, world_size):
         raise ValueError(
             f"exact resume needs the same data layout: the checkpoint has data.num_workers="
             f"{resume.num_workers} and world size {resume.world_size}, this run has "
             f"{data.num_workers} and {world_size}"
         )
-    stream = ClipStream(urls, data, inputs, rank, world_size, resume)
-    return DataLoader(
+    decoder = resolve_decoder(data.decoder)
+    storage.configure_from(data)
+    stream = ClipStream(urls, data, inputs, rank, world_size, resume, decoder, gpu=torch.cuda.is_available())
+    loader = DataLoader(
         stream,
         batch_size=None,
         num_workers=data.num_workers,
-        pin_memory=torch.cuda.is_available(),
+        # DALI batches are bytes; its outputs land on the GPU directly.
+        pin_memory=torch.cuda.is_available() and decoder == "pyav",
         persistent_workers=False,
         prefetch_factor=2 if data.num_workers > 0 else None,
         # Its own generator: starting workers must not draw from the global RNG, which the trainer
         # restores on resume (masking depends on it).
         generator=torch.Generator().manual_seed(data.shuffle_seed),
     )
+    return BatchLoader(loader, data, inputs, rank)

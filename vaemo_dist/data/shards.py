@@ -6,11 +6,17 @@ re-reading earlier shards. Epochs chain forever; training length is counted in s
 
 Shards are assigned whole to slots when there are at least as many shards as slots; otherwise every
 slot reads every shard and keeps every n-th sample (slower, but small datasets still work).
+
+With `resampled=True` each slot instead draws its shards with replacement (webdataset's
+"resampled" mode, for corpora mixed from many sources): epoch e of slot s is a list of draws from a
+random generator seeded by (seed, slot, e), so a position (epoch, draw, sample) still says exactly
+where the stream stands and where a resumed run continues.
 """
 
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
 import random
@@ -18,10 +24,13 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import fsspec
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from vaemo_dist.data import storage
+
 log = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.json"  # written by vaemo-shard next to its shards
 
 
 class ShardError(RuntimeError):
@@ -46,8 +55,9 @@ def expand_shards(spec: str) -> list[str]:
     """Turn a shard spec into a list of URLs.
 
     Accepts comma-separated items, each a brace pattern (`train-{000000..000099}.tar`), a local
-    folder (all `*.tar` in it), a local glob, or any fsspec URL (`s3://...`). Local paths must
-    exist; that is checked here, at start-up, so a typo fails at once and by name.
+    folder (all `*.tar` in it), a local glob, any fsspec URL (`s3://...`), or the `manifest.json`
+    that `vaemo-shard` writes next to its shards (local or remote: its shards, in order). Local
+    paths must exist; that is checked here, at start-up, so a typo fails at once and by name.
     """
     from braceexpand import braceexpand  # a webdataset dependency
 
@@ -56,7 +66,10 @@ def expand_shards(spec: str) -> list[str]:
         if not item:
             continue
         for url in braceexpand(item):
-            if "://" in url and not url.startswith("file://"):
+            if url.endswith(MANIFEST_NAME):
+                urls.extend(shards_from_manifest(url))
+                continue
+            if storage.is_remote(url):
                 urls.append(url)
                 continue
             path = url.removeprefix("file://")
@@ -79,8 +92,25 @@ def expand_shards(spec: str) -> list[str]:
     return urls
 
 
-def slot_plan(urls: list[str], epoch: int, seed: int, slot: int, n_slots: int) -> tuple[list[str], bool]:
+def shards_from_manifest(url: str) -> list[str]:
+    """The shard URLs a `vaemo-shard` manifest lists, resolved next to the manifest."""
+    try:
+        manifest = json.loads(storage.read_bytes(url))
+        names = manifest["shards"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ShardError(f"cannot read the shard manifest: {storage.describe_error(url, e)}") from e
+    base = url[: -len(MANIFEST_NAME)]
+    return [base + name for name in names]
+
+
+def slot_plan(urls: list[str], epoch: int, seed: int, slot: int, n_slots: int,
+              resampled: bool = False) -> tuple[list[str], bool]:
     """The shards slot `slot` reads in `epoch`, and whether it must keep only every n-th sample."""
+    if resampled:
+        # As many draws per epoch as a whole-shard split would give the slot; str seeds are
+        # hashed deterministically (not with Python's per-process hash randomisation).
+        rng = random.Random(f"resampled:{seed}:{slot}:{epoch}")
+        return [rng.choice(urls) for _ in range(max(1, len(urls) // n_slots))], False
     order = list(urls)
     random.Random(seed * 1_000_003 + epoch).shuffle(order)
     if len(order) >= n_slots:
@@ -88,16 +118,9 @@ def slot_plan(urls: list[str], epoch: int, seed: int, slot: int, n_slots: int) -
     return order, True
 
 
-def open_url(url: str):
-    """A binary stream for a local path or any fsspec URL."""
-    if "://" in url and not url.startswith("file://"):
-        return fsspec.open(url, "rb").open()
-    return open(url.removeprefix("file://"), "rb")
-
-
 def read_shard(url: str) -> Iterator[dict[str, Any]]:
     """Samples ({"__key__", "__url__", ext: bytes}) of one tar shard, in order."""
-    with open_url(url) as stream:
+    with storage.open_stream(url) as stream:
         files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
         yield from group_by_keys(files)
 
@@ -116,6 +139,7 @@ def iter_slot(
     n_slots: int,
     start: StreamPosition,
     on_trouble: Any = None,
+    resampled: bool = False,
 ) -> Iterator[tuple[dict[str, Any], StreamPosition]]:
     """Yield (sample, position after it) for one slot, forever, starting at `start`.
 
@@ -125,7 +149,7 @@ def iter_slot(
     """
     epoch, first_shard, skip = start.epoch, start.shard, start.sample
     while True:
-        plan, modulo = slot_plan(urls, epoch, seed, slot, n_slots)
+        plan, modulo = slot_plan(urls, epoch, seed, slot, n_slots, resampled)
         whole_epoch = first_shard == 0 and skip == 0
         yielded = 0
         for shard_idx in range(first_shard, len(plan)):
@@ -140,7 +164,8 @@ def iter_slot(
                     yield sample, StreamPosition(epoch, shard_idx, i + 1)
             except Exception as e:  # noqa: BLE001 - any read failure of one shard is reported, not fatal
                 trouble = ShardTrouble(url, n_read, f"{type(e).__name__}: {e}")
-                log.warning("shard %s failed after %d samples: %s", url, n_read, trouble.error)
+                log.warning("shard %s failed after %d samples: %s", storage.redact(url), n_read,
+                            trouble.error)
                 if on_trouble is not None:
                     on_trouble(trouble)
             skip = 0

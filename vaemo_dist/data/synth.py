@@ -32,6 +32,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,46 @@ def encode_audio(waveform: np.ndarray, sample_rate: int = SAMPLE_RATE, fmt: str 
         out.mux(stream.encode(frame))
         out.mux(stream.encode())
     return buf.getvalue()
+
+
+def write_media_file(path: str | Path, *, seconds: float = 2.0, fps: float = 25, width: int = 64,
+                     height: int = 48, video: str | None = "libx264", audio: str | None = "aac",
+                     audio_rate: int = 44100, channels: int = 2, container: str | None = None,
+                     seed: int = 0) -> Path:
+    """An ordinary media file as a camera or editor writes it (default: H.264 + stereo AAC in mp4):
+    drifting colours with a moving bar, and a tone. `video` or `audio` None leaves that track out.
+    For the shard writer's tests and trials."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 255, size=3)
+    with av.open(str(path), "w", format=container) as out:
+        vstream = astream = None
+        if video:
+            vstream = out.add_stream(video, rate=Fraction(fps).limit_denominator(1001))
+            vstream.width, vstream.height, vstream.pix_fmt = width, height, "yuv420p"
+            vstream.codec_context.thread_count = 1
+            if video == "libvpx-vp9":
+                vstream.options = {"deadline": "realtime", "cpu-used": "8"}
+        if audio:
+            astream = out.add_stream(audio, rate=audio_rate)
+            astream.layout = "stereo" if channels == 2 else "mono"
+        if vstream is not None:
+            for i in range(int(round(seconds * fps))):
+                img = np.empty((height, width, 3), dtype=np.uint8)
+                img[:] = (base + 3 * i) % 255
+                img[:, (2 * i) % width :, 1] = 200
+                out.mux(vstream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+            out.mux(vstream.encode())
+        if astream is not None:
+            n = int(seconds * audio_rate)
+            wave = (0.3 * np.sin(2 * np.pi * 330 * np.arange(n) / audio_rate)).astype(np.float32)
+            planes = np.repeat(wave[None], channels, axis=0)
+            for start in range(0, n, 1024):
+                frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(planes[:, start : start + 1024]),
+                                                   format="fltp", layout=astream.layout.name)
+                frame.sample_rate, frame.pts = audio_rate, start
+                out.mux(astream.encode(frame))
+            out.mux(astream.encode())
+    return Path(path)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,353 @@
+"""Batch decoding with NVIDIA DALI: video on the GPU (NVDEC), log-mel on the GPU, one pipeline per process.
+
+The work is split in two, so that DataLoader workers stay cheap and the GPU does the heavy part:
+
+1. `prepare_sample` (in a DataLoader worker, CPU): parse the json, probe both containers with PyAV
+   without decoding (streams present, codec decodable by this DALI backend, packets counted against
+   the frame count the json promises), and compute everything sample-specific exactly as
+   `decode_pyav` does: the frame indices of the centred window (`sample_indices`, edge padding),
+   the centre square crop, and where the audio window starts. A bad sample raises `DecodeError`
+   here, where it is counted and named like on the PyAV path. DALI itself cannot be trusted to
+   refuse bad input: a truncated VP9 stream decodes to padded frames without an error.
+2. `DaliDecoder.decode` (main process): one DALI pipeline fed through `external_source` with the
+   bytes and the per-sample arguments; video decode (`mixed` on a GPU, `cpu` without one), crop,
+   antialiased bilinear resize, normalisation to [3, T, S, S]; audio decode (CPU; DALI has no GPU
+   audio decoder), crop/zero-pad to the window, then on the GPU: spectrogram (nfft, window, hop of
+   `audio.mel_spec_params`), Slaney mel filter bank, natural log with a floor, normalisation.
+   If DALI raises anyway, the pipeline is dead: it is rebuilt and the batch retried one sample at
+   a time, so only the culprit is lost (and then decoded by PyAV as a fallback).
+
+Without a GPU the same graph runs on DALI's CPU backend (`device_id=None`), which decodes VP9,
+VP8 and MJPEG only: that is what the tests exercise, against the PyAV path.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import av
+import numpy as np
+import torch
+
+from vaemo_dist.config import InputConfig
+from vaemo_dist.data.audio import mel_spec_params
+from vaemo_dist.data.decode_pyav import (
+    AUDIO_FIELDS,
+    MIN_DECODED_FRACTION,
+    VIDEO_FIELDS,
+    _field,
+    _optional_int,
+    _read_json,
+    decode_sample,
+    sample_indices,
+)
+from vaemo_dist.data.types import DecodeError
+
+log = logging.getLogger(__name__)
+
+# What DALI's fn.decoders.video decodes, by backend (PyAV's canonical codec names).
+CPU_VIDEO_CODECS = frozenset({"vp8", "vp9", "mjpeg"})
+GPU_VIDEO_CODECS = CPU_VIDEO_CODECS | {"h264", "hevc", "av1", "mpeg4"}
+# What the PyAV fallback needs of a sample.
+FALLBACK_FIELDS = (*VIDEO_FIELDS, *AUDIO_FIELDS, "json", "__key__")
+# fn.decoders.audio: WAV (PCM), FLAC, Ogg Vorbis/Opus. No AAC.
+AUDIO_CODECS = frozenset({"flac", "vorbis", "opus", "pcm_s16le", "pcm_s24le", "pcm_s32le", "pcm_f32le",
+                          "pcm_u8"})
+
+
+def dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@dataclass
+class Prepared:
+    """A validated sample on its way from a DataLoader worker to the DALI pipeline (picklable)."""
+
+    key: str
+    url: str
+    video: bytes
+    audio: bytes
+    frame_indices: list[int]  # indices into the decoded stream, edge-padded
+    crop: tuple[int, int, int]  # top, left, side of the centre square, in source pixels
+    audio_start: int  # first sample of the audio window before clamping to the decoded length
+    label: int
+    meta: dict[str, Any] = field(default_factory=dict)
+    raw: dict[str, Any] = field(default_factory=dict)  # the sample's fields, for the PyAV fallback
+
+
+def prepare_sample(sample: dict[str, Any], inputs: InputConfig, gpu: bool) -> Prepared:
+    """Validate a WebDataset sample and compute its per-sample DALI arguments; raises DecodeError."""
+    key = str(sample.get("__key__", "<no key>"))
+    try:
+        return _prepare(key, sample, inputs, gpu)
+    except DecodeError:
+        raise
+    except Exception as e:  # anything FFmpeg or json raise means "this sample is bad"
+        raise DecodeError(key, f"undecodable sample ({type(e).__name__}: {e})") from e
+
+
+def _prepare(key: str, sample: dict[str, Any], inputs: InputConfig, gpu: bool) -> Prepared:
+    meta = _read_json(key, sample.get("json"))
+    video = _field(key, sample, VIDEO_FIELDS, "video")
+    audio = _field(key, sample, AUDIO_FIELDS, "audio")
+    promised = _optional_int(key, meta, "frames")
+    label = _optional_int(key, meta, "label")
+    v, a = inputs.video, inputs.audio
+
+    codec, width, height, fps, packets = _probe_video(key, video)
+    allowed = GPU_VIDEO_CODECS if gpu else CPU_VIDEO_CODECS
+    if codec not in allowed:
+        where = "GPU" if gpu else "CPU (no GPU here)"
+        raise DecodeError(key, f"video codec {codec} is not decodable by DALI on {where}; "
+                               f"supported: {sorted(allowed)} (use data.decoder=pyav)")
+    # The same frame count decode_pyav works from: json first, else what the stream holds.
+    total = promised or packets
+    if packets < MIN_DECODED_FRACTION * total:
+        raise DecodeError(key, f"video truncated: {packets} frames in the stream but {total} were promised")
+    indices = [min(i, packets - 1) for i in sample_indices(total, v.frames, v.stride)]
+
+    rate, audio_codec, n_audio = _probe_audio(key, audio)
+    if rate != a.sample_rate:
+        raise DecodeError(key, f"audio: sample rate {rate} Hz, expected {a.sample_rate} Hz")
+    if audio_codec not in AUDIO_CODECS:
+        raise DecodeError(key, f"audio codec {audio_codec} is not decodable by DALI; "
+                               f"supported: {sorted(AUDIO_CODECS)}")
+    duration = meta.get("duration")
+    promised_audio = duration * rate if isinstance(duration, (int, float)) and duration > 0 else 0
+    if n_audio < MIN_DECODED_FRACTION * promised_audio:
+        raise DecodeError(key, f"audio truncated: {n_audio} samples but {promised_audio:.0f} were promised")
+
+    side = min(width, height)
+    centre_s = (indices[0] + indices[-1] + 1) / 2.0 / fps  # as decode_pyav: frame i spans [i, i+1)/fps
+    window = mel_spec_params(a).num_samples
+    return Prepared(
+        key=key,
+        url=str(sample.get("__url__", "?")),
+        video=video,
+        audio=audio,
+        frame_indices=indices,
+        crop=((height - side) // 2, (width - side) // 2, side),
+        audio_start=int(round(centre_s * a.sample_rate - window / 2)),
+        label=-1 if label is None else label,
+        meta={"fps": fps, "frames": total, "duration": float(duration or total / fps),
+              "frame_indices": indices, "codec": codec},
+        raw={name: value for name, value in sample.items() if name in FALLBACK_FIELDS},
+    )
+
+
+def _open(key: str, data: bytes, what: str) -> av.container.InputContainer:
+    try:
+        return av.open(io.BytesIO(data), mode="r")
+    except (av.FFmpegError, ValueError, OSError) as e:
+        raise DecodeError(key, f"{what}: cannot open container ({type(e).__name__}: {e})") from e
+
+
+def _probe_video(key: str, data: bytes) -> tuple[str, int, int, float, int]:
+    """(codec, width, height, fps, frames in the stream), reading packets but decoding nothing."""
+    with _open(key, data, "video") as container:
+        if not container.streams.video:
+            raise DecodeError(key, "video: container has no video stream")
+        stream = container.streams.video[0]
+        ctx = stream.codec_context
+        fps = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
+        try:
+            packets = sum(1 for p in container.demux(stream) if p.size)
+        except av.FFmpegError as e:
+            raise DecodeError(key, f"video: unreadable stream ({type(e).__name__}: {e})") from e
+        codec = stream.codec.canonical_name
+        width, height = ctx.width, ctx.height
+    if packets == 0 or width <= 0 or height <= 0:
+        raise DecodeError(key, "video: no decodable frames")
+    return codec, width, height, fps, packets
+
+
+def _probe_audio(key: str, data: bytes) -> tuple[int, str, int]:
+    """(sample rate, codec, samples in the stream) from the packets' durations."""
+    with _open(key, data, "audio") as container:
+        if not container.streams.audio:
+            raise DecodeError(key, "audio: container has no audio stream")
+        stream = container.streams.audio[0]
+        rate = stream.rate or stream.codec_context.sample_rate
+        try:
+            ticks = sum(p.duration or 0 for p in container.demux(stream) if p.size)
+        except av.FFmpegError as e:
+            raise DecodeError(key, f"audio: unreadable stream ({type(e).__name__}: {e})") from e
+        codec = stream.codec.canonical_name
+        samples = int(ticks * stream.time_base * rate) if stream.time_base else 0
+    if samples <= 0:
+        raise DecodeError(key, "audio: no decodable samples")
+    return rate, codec, samples
+
+
+# --------------------------------------------------------------------------------------------
+# The pipeline
+
+
+def default_threads() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def _build_pipeline(inputs: InputConfig, max_batch: int, device_id: int | None, threads: int) -> Any:
+    from nvidia.dali import fn, types
+    from nvidia.dali import math as dmath
+    from nvidia.dali.pipeline import Pipeline
+
+    v, a = inputs.video, inputs.audio
+    p = mel_spec_params(a)
+    gpu = device_id is not None
+    pipe = Pipeline(batch_size=max_batch, num_threads=threads, device_id=device_id,
+                    prefetch_queue_depth=1, exec_dynamic=True)
+    with pipe:
+        video = fn.external_source(name="video", dtype=types.UINT8, ndim=1)
+        frames_idx = fn.external_source(name="frames", dtype=types.INT32, ndim=1)
+        crop_start = fn.external_source(name="crop_start", dtype=types.INT32, ndim=1)  # [top, left]
+        crop_shape = fn.external_source(name="crop_shape", dtype=types.INT32, ndim=1)  # [side, side]
+        audio = fn.external_source(name="audio", dtype=types.UINT8, ndim=1)
+        audio_start = fn.external_source(name="audio_start", dtype=types.INT32, ndim=1)
+
+        # Video: [T, H, W, 3] uint8 -> centre square -> S x S -> normalised float [3, T, S, S].
+        frames = fn.decoders.video(video, device="mixed" if gpu else "cpu", frames=frames_idx,
+                                   pad_mode="edge")
+        frames = fn.slice(frames, crop_start, crop_shape, axes=[1, 2])
+        # Float output: no rounding to uint8 between resize and normalisation (as on the PyAV path).
+        frames = fn.resize(frames, size=[v.size, v.size], interp_type=types.INTERP_LINEAR, antialias=True,
+                           dtype=types.FLOAT)
+        out_video = fn.crop_mirror_normalize(
+            frames, dtype=types.FLOAT, output_layout="CFHW",
+            mean=[m * 255.0 for m in v.mean], std=[s * 255.0 for s in v.std])
+
+        # Audio: the window of num_samples starting at audio_start, clamped into the decoded
+        # waveform and zero-padded at the end, exactly like decode_pyav._audio_tensor.
+        wave, _ = fn.decoders.audio(audio, downmix=True, dtype=types.FLOAT)
+        room = dmath.max(wave.shape()[0] - p.num_samples, 0)
+        start = fn.cast(dmath.min(dmath.max(audio_start, 0), room), dtype=types.INT32)
+        wave = fn.slice(wave, start, np.array([p.num_samples], dtype=np.int32), axes=[0],
+                        out_of_bounds_policy="pad")
+        if gpu:
+            wave = wave.gpu()
+        spec = fn.spectrogram(wave, window_length=p.win_length, window_step=p.hop_length, nfft=p.n_fft,
+                              center_windows=True, reflect_padding=True, power=2)
+        mel = fn.mel_filter_bank(spec, sample_rate=p.sample_rate, nfilter=p.n_mels, freq_low=p.f_min,
+                                 freq_high=p.f_max, mel_formula=p.mel_formula, normalize=p.mel_normalize)
+        # ln(max(x, floor)) written as decibels with multiplier ln(10) against a fixed reference of 1.
+        log_mel = fn.to_decibels(mel, multiplier=math.log(10.0), reference=1.0,
+                                 cutoff_db=math.log(p.log_floor))
+        log_mel = (log_mel - a.mean) * (1.0 / a.std)
+        out_audio = fn.expand_dims(fn.transpose(log_mel, perm=[1, 0]), axes=[0])  # [1, frames, mels]
+        pipe.set_outputs(out_video, out_audio)
+    pipe.build()
+    return pipe
+
+
+@dataclass
+class Decoded:
+    """The clips of one batch that decoded, in input order, and the ones that did not."""
+
+    video: torch.Tensor  # [n_ok, 3, T, S, S]
+    audio: torch.Tensor  # [n_ok, 1, F, M]
+    ok: list[int]  # positions in the input list
+    failed: list[DecodeError]
+    fallback: list[str] = field(default_factory=list)  # keys that DALI refused but PyAV decoded
+
+
+class DaliDecoder:
+    """Owns the DALI pipeline of this process and turns lists of `Prepared` into tensors."""
+
+    def __init__(self, inputs: InputConfig, max_batch: int, device_id: int | None = None,
+                 threads: int = 0) -> None:
+        self.inputs, self.max_batch, self.device_id = inputs, max_batch, device_id
+        self.threads = threads or default_threads()
+        self.device = torch.device("cuda", device_id) if device_id is not None else torch.device("cpu")
+        self.rebuilds = 0
+        self._pipe: Any = None
+
+    @property
+    def pipe(self) -> Any:
+        if self._pipe is None:
+            self._pipe = _build_pipeline(self.inputs, self.max_batch, self.device_id, self.threads)
+        return self._pipe
+
+    def _rebuild(self) -> None:
+        # After an error a DALI pipeline is "no longer valid": drop it, build a fresh one lazily.
+        self._pipe = None
+        self.rebuilds += 1
+
+    def _run(self, items: list[Prepared]) -> tuple[torch.Tensor, torch.Tensor]:
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        pipe = self.pipe
+        i32 = lambda values: np.asarray(values, dtype=np.int32)  # noqa: E731
+        pipe.feed_input("video", [np.frombuffer(it.video, dtype=np.uint8) for it in items])
+        pipe.feed_input("frames", [i32(it.frame_indices) for it in items])
+        pipe.feed_input("crop_start", [i32(it.crop[:2]) for it in items])
+        pipe.feed_input("crop_shape", [i32([it.crop[2], it.crop[2]]) for it in items])
+        pipe.feed_input("audio", [np.frombuffer(it.audio, dtype=np.uint8) for it in items])
+        pipe.feed_input("audio_start", [i32([it.audio_start]) for it in items])
+        out = []
+        for tl in pipe.run():
+            dense = tl.as_tensor()  # outputs are dense by construction: fixed frames, size, window
+            target = torch.empty(dense.shape(), dtype=torch.float32, device=self.device)
+            stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+            feed_ndarray(dense, target, cuda_stream=stream)
+            out.append(target)
+        return out[0], out[1]
+
+    def decode(self, items: list[Prepared]) -> Decoded:
+        if len(items) > self.max_batch:
+            raise ValueError(f"{len(items)} samples for a pipeline built for {self.max_batch}")
+        if not items:
+            return Decoded(self._empty_video(), self._empty_audio(), [], [])
+        try:
+            video, audio = self._run(items)
+            return Decoded(video, audio, list(range(len(items))), [])
+        except RuntimeError as e:
+            log.warning("DALI failed on a batch of %d (%s); rebuilding the pipeline and retrying one "
+                        "sample at a time", len(items), _first_line(e))
+            self._rebuild()
+        return self._decode_one_by_one(items)
+
+    def _decode_one_by_one(self, items: list[Prepared]) -> Decoded:
+        videos, audios, ok, failed, fallback = [], [], [], [], []
+        for i, it in enumerate(items):
+            try:
+                v, a = self._run([it])
+            except RuntimeError as e:
+                self._rebuild()
+                reason = _first_line(e)
+                try:  # DALI refused what the probe passed: let the CPU decoder have a go
+                    clip = decode_sample(it.raw, self.inputs)
+                except DecodeError as pe:
+                    failed.append(DecodeError(it.key, f"DALI: {reason}; PyAV: {pe.reason}"))
+                    continue
+                v, a = clip.video[None].to(self.device), clip.audio[None].to(self.device)
+                fallback.append(it.key)
+                log.warning("clip %s from %s: DALI failed (%s), decoded with PyAV instead", it.key, it.url,
+                            reason)
+            videos.append(v)
+            audios.append(a)
+            ok.append(i)
+        if not ok:
+            return Decoded(self._empty_video(), self._empty_audio(), [], failed, fallback)
+        return Decoded(torch.cat(videos), torch.cat(audios), ok, failed, fallback)
+
+    def _empty_video(self) -> torch.Tensor:
+        v = self.inputs.video
+        return torch.empty((0, 3, v.frames, v.size, v.size), device=self.device)
+
+    def _empty_audio(self) -> torch.Tensor:
+        a = self.inputs.audio
+        return torch.empty((0, 1, a.frames, a.n_mels), device=self.device)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -1,0 +1,460 @@
+"""`vaemo-shard`: turn ordinary videos into the WebDataset shards that training reads.
+
+Input: a folder of video files (searched recursively) or a CSV manifest with a `path` column and
+optional `label`, `speaker` (or `id`), `description` columns; relative paths are relative to the
+CSV. Any other non-empty column is copied into the clip's json.
+
+Each usable clip becomes three tar members under one key:
+* `<key>.mp4`: H.264, video only, `--fps` frames per second, short side `--size` (yuv420p). A source
+  that already conforms is stream-copied (no quality loss, no encode time); anything else is
+  re-encoded, with frame-rate conversion by repeating/dropping frames on the source timestamps.
+  `--codec vp9` writes `<key>.webm` (VP9) instead: what DALI can decode without a GPU.
+* `<key>.flac`: the first audio track resampled to 16 kHz mono (PyAV's AudioResampler), aligned to
+  the first video frame.
+* `<key>.json`: frames, fps, duration, sample_rate, width, height, codec, source, stream_copied, and
+  label / class_name / speaker / description where known.
+
+Output goes to a local folder or any fsspec URL (`s3://bucket/prefix`): `shard-000000.tar ...`,
+then `manifest.json` (shard names, samples per shard, total, format) and `report.json` (every
+skipped input with its reason). Inputs without a video track, without an audio track, unreadable,
+or shorter than `--min-duration` are skipped, counted and listed; never silently dropped.
+Shards are filled in input order, so the same inputs and options give the same shards whatever
+`--workers` is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import multiprocessing as mp
+import os
+import re
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+import webdataset as wds
+from tqdm import tqdm
+
+from vaemo_dist.data import storage
+from vaemo_dist.data.shards import MANIFEST_NAME
+from vaemo_dist.data.synth import BITEXACT
+
+VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".flv", ".wmv")
+REPORT_NAME = "report.json"
+FORMAT_VERSION = 1
+CODECS = {"h264": ("libx264", "mp4", "h264"), "vp9": ("libvpx-vp9", "webm", "vp9")}  # encoder, ext, name
+KNOWN_COLUMNS = ("path", "label", "speaker", "id", "description")
+
+
+class Skip(Exception):
+    """An input that cannot become a clip; the message is the reason shown in the report."""
+
+
+@dataclass(frozen=True)
+class ShardOptions:
+    size: int = 224  # short side in pixels; 0 keeps the source size (rounded down to even)
+    fps: int = 25
+    codec: str = "h264"
+    crf: int = 23  # encoder quality (lower is better)
+    preset: str = "veryfast"  # x264 preset
+    sample_rate: int = 16000
+    min_duration: float = 1.0  # seconds; shorter clips are skipped
+    clips_per_shard: int = 256
+    prefix: str = "shard"
+
+
+@dataclass
+class Source:
+    path: str
+    key: str
+    label: str = ""
+    speaker: str = ""
+    description: str = ""
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+
+
+def _slug(text: str, limit: int = 48) -> str:
+    # Keys must not contain dots (WebDataset splits key and extension at the first one).
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_")[:limit] or "clip"
+
+
+def read_sources(spec: str) -> list[Source]:
+    """The inputs named by a folder or a CSV manifest, with unique keys, in a stable order."""
+    path = Path(spec)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
+        rows: list[dict[str, str]] = [{"path": str(p)} for p in files]
+    elif path.is_file() and path.suffix.lower() == ".csv":
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None or "path" not in reader.fieldnames:
+                raise ValueError(f"{spec}: a CSV manifest needs a 'path' column (has {reader.fieldnames})")
+            rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+        for row in rows:
+            if row["path"] and not os.path.isabs(row["path"]):
+                row["path"] = str(path.parent / row["path"])
+    else:
+        raise ValueError(f"{spec}: expected a folder of videos or a .csv manifest")
+    sources = []
+    for i, row in enumerate(rows):
+        sources.append(Source(
+            path=row["path"],
+            key=f"{i:07d}-{_slug(Path(row['path']).stem)}",
+            label=row.get("label", ""),
+            speaker=row.get("speaker") or row.get("id", ""),
+            description=row.get("description", ""),
+            extra={k: v for k, v in row.items() if k not in KNOWN_COLUMNS and v},
+        ))
+    return sources
+
+
+def label_table(sources: list[Source]) -> tuple[dict[str, int], list[str]]:
+    """Label text -> integer. Integer labels stay as they are; names get indices in sorted order."""
+    names = sorted({s.label for s in sources if s.label})
+    if all(re.fullmatch(r"-?\d+", n) for n in names):
+        return {n: int(n) for n in names}, []
+    return {n: i for i, n in enumerate(names)}, names
+
+
+# --------------------------------------------------------------------------------------------
+# One clip
+
+
+def _target_size(width: int, height: int, size: int) -> tuple[int, int]:
+    if size <= 0:
+        return width - width % 2, height - height % 2
+    short, long = min(width, height), max(width, height)
+    other = max(2, int(round(long * size / short / 2)) * 2)
+    return (other, size) if width >= height else (size, other)
+
+
+def _conforms(stream: av.video.stream.VideoStream, opts: ShardOptions) -> bool:
+    """Can the source video be stream-copied as it is?"""
+    ctx = stream.codec_context
+    rate = stream.average_rate
+    return (
+        stream.codec.canonical_name == CODECS[opts.codec][2]
+        and ctx.pix_fmt == "yuv420p"
+        and rate is not None and Fraction(rate) == opts.fps
+        and (ctx.width, ctx.height) == _target_size(ctx.width, ctx.height, opts.size)
+    )
+
+
+def _copy_video(path: str, opts: ShardOptions) -> tuple[bytes, int, float, int, int]:
+    """Remux the video stream alone. Returns (bytes, frames, start seconds, width, height)."""
+    buf = io.BytesIO()
+    frames, start = 0, None
+    with av.open(path) as src, av.open(buf, "w", format=CODECS[opts.codec][1], options=BITEXACT) as dst:
+        ins = src.streams.video[0]
+        outs = dst.add_stream_from_template(ins)
+        for packet in src.demux(ins):
+            if packet.dts is None or not packet.size:  # the demuxer's flush packet
+                continue
+            if packet.pts is not None:
+                t = float(packet.pts * ins.time_base)
+                start = t if start is None else min(start, t)
+            packet.stream = outs
+            dst.mux(packet)
+            frames += 1
+        width, height = ins.codec_context.width, ins.codec_context.height
+    return buf.getvalue(), frames, start or 0.0, width, height
+
+
+def _encode_video(path: str, opts: ShardOptions) -> tuple[bytes, int, float, int, int]:
+    """Decode, convert to `opts.fps` on the source timestamps, scale, encode. Same returns as _copy_video."""
+    encoder, fmt, _ = CODECS[opts.codec]
+    buf = io.BytesIO()
+    written, start = 0, None
+    with av.open(path) as src, av.open(buf, "w", format=fmt, options=BITEXACT) as dst:
+        ins = src.streams.video[0]
+        src_rate = float(ins.average_rate or ins.guessed_rate or opts.fps)
+        width, height = _target_size(ins.codec_context.width, ins.codec_context.height, opts.size)
+        outs = dst.add_stream(encoder, rate=opts.fps)
+        outs.width, outs.height, outs.pix_fmt = width, height, "yuv420p"
+        outs.codec_context.thread_count = 1  # parallelism comes from worker processes
+        if opts.codec == "h264":
+            outs.options = {"preset": opts.preset, "crf": str(opts.crf)}
+        else:
+            outs.options = {"deadline": "good", "cpu-used": "4", "b": "0", "crf": str(opts.crf)}
+
+        def emit(frame: av.VideoFrame) -> None:
+            nonlocal written
+            out = frame.reformat(width=width, height=height, format="yuv420p", interpolation="AREA")
+            out.pts, out.time_base = written, Fraction(1, opts.fps)  # our own clock, not the source's
+            dst.mux(outs.encode(out))
+            written += 1
+
+        # Output frame n shows the newest source frame that started at or before n / fps.
+        held: av.VideoFrame | None = None
+        last_t = 0.0
+        for i, frame in enumerate(src.decode(ins)):
+            t = frame.time if frame.time is not None else i / src_rate
+            start = t if start is None else start
+            t -= start
+            while held is not None and written / opts.fps < t - 1e-6:
+                emit(held)
+            held, last_t = frame, t
+        if held is not None:
+            # The clip lasts until the last source frame's period ends; the nearest whole number of
+            # output frames covers it (29.97 fps for 2.002 s -> 50 frames at 25 fps, not 51).
+            end = last_t + 1.0 / src_rate
+            while written < round(end * opts.fps):
+                emit(held)
+        dst.mux(outs.encode())
+    return buf.getvalue(), written, start or 0.0, width, height
+
+
+def _encode_audio(path: str, video_start: float, opts: ShardOptions) -> tuple[bytes, int]:
+    """First audio track -> 16-bit mono FLAC at opts.sample_rate, starting with the first video frame."""
+    chunks: list[np.ndarray] = []
+    start: float | None = None
+    resampler = av.AudioResampler(format="s16", layout="mono", rate=opts.sample_rate)
+    with av.open(path) as src:
+        ins = src.streams.audio[0]
+        for frame in src.decode(ins):
+            if start is None and frame.time is not None:
+                start = frame.time
+            chunks.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(frame))
+        chunks.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(None))
+    pcm = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int16)
+    # Keep audio and video in step: drop audio before the first frame, pad silence if it starts later.
+    shift = int(round(((start or 0.0) - video_start) * opts.sample_rate))
+    pcm = np.concatenate([np.zeros(shift, dtype=np.int16), pcm]) if shift > 0 else pcm[-shift:]
+    if pcm.size == 0:
+        raise Skip("no audio samples (empty or undecodable audio track)")
+    return encode_flac(pcm, opts.sample_rate), int(pcm.size)
+
+
+def encode_flac(pcm: np.ndarray, sample_rate: int) -> bytes:
+    """16-bit mono PCM -> FLAC bytes."""
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="flac", options=BITEXACT) as out:
+        stream = out.add_stream("flac", rate=sample_rate)
+        stream.layout, stream.format = "mono", "s16"
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(pcm, dtype=np.int16)[None], format="s16",
+                                           layout="mono")
+        frame.sample_rate = sample_rate
+        out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    return buf.getvalue()
+
+
+def convert_clip(source: Source, opts: ShardOptions, labels: dict[str, int] | None = None) -> dict[str, Any]:
+    """One WebDataset sample (bytes values) for `source`; raises Skip with the reason."""
+    try:
+        container = av.open(source.path)
+    except (av.FFmpegError, OSError, ValueError) as e:
+        raise Skip(f"unreadable: {type(e).__name__}: {e}") from e
+    with container:
+        if not container.streams.video:
+            raise Skip("no video track")
+        if not container.streams.audio:
+            raise Skip("no audio track")
+        if container.duration is not None and container.duration / 1e6 < opts.min_duration:
+            raise Skip(f"too short: {container.duration / 1e6:.2f}s < {opts.min_duration}s")
+        copy = _conforms(container.streams.video[0], opts)
+    try:
+        video, frames, v_start, width, height = (_copy_video if copy else _encode_video)(source.path, opts)
+        if frames == 0:
+            raise Skip("video track has no decodable frames")
+        duration = frames / opts.fps
+        if duration < opts.min_duration:
+            raise Skip(f"too short: {duration:.2f}s < {opts.min_duration}s")
+        audio, n_audio = _encode_audio(source.path, v_start, opts)
+    except av.FFmpegError as e:
+        raise Skip(f"undecodable: {type(e).__name__}: {e}") from e
+    # The decoders refuse audio shorter than 90% of the clip: say so here, where it can be fixed.
+    if n_audio < 0.9 * duration * opts.sample_rate:
+        raise Skip(f"audio track too short: {n_audio / opts.sample_rate:.2f}s for {duration:.2f}s of video")
+
+    meta: dict[str, Any] = {
+        "frames": frames, "fps": opts.fps, "duration": duration, "sample_rate": opts.sample_rate,
+        "audio_samples": n_audio, "width": width, "height": height, "codec": opts.codec,
+        "source": source.path, "stream_copied": copy,
+    }
+    if source.label:
+        meta["label"] = (labels or {}).get(source.label, source.label)
+        if not re.fullmatch(r"-?\d+", source.label):
+            meta["class_name"] = source.label
+    for name in ("speaker", "description"):
+        if getattr(source, name):
+            meta[name] = getattr(source, name)
+    meta.update(source.extra)
+    return {
+        "__key__": source.key,
+        CODECS[opts.codec][1]: video,
+        "flac": audio,
+        "json": json.dumps(meta, sort_keys=True).encode(),
+    }
+
+
+def _job(args: tuple[Source, ShardOptions, dict[str, int]]) -> dict[str, Any] | str:
+    """Worker entry: the sample, or the skip reason as a string (exceptions pickle poorly)."""
+    source, opts, labels = args
+    try:
+        return convert_clip(source, opts, labels)
+    except Skip as e:
+        return str(e)
+    except Exception as e:  # noqa: BLE001 - one odd file must not end a long run; it is reported
+        return f"failed: {type(e).__name__}: {e}"
+
+
+# --------------------------------------------------------------------------------------------
+# Shards
+
+
+@dataclass
+class Report:
+    out: str
+    inputs: int = 0
+    written: int = 0
+    shards: list[str] = field(default_factory=list)
+    samples_per_shard: list[int] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)  # {"path", "key", "reason"}
+    stream_copied: int = 0
+    seconds: float = 0.0
+
+    def by_reason(self) -> dict[str, int]:
+        return dict(Counter(s["reason"].split(":")[0] for s in self.skipped))
+
+
+def _results(jobs: list[tuple[Source, ShardOptions, dict[str, int]]],
+             workers: int) -> Iterator[dict[str, Any] | str]:
+    if workers <= 1:
+        yield from map(_job, jobs)
+        return
+    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        yield from pool.map(_job, jobs)  # in input order: shards do not depend on `workers`
+
+
+def write_shards(sources: list[Source], out: str, opts: ShardOptions = ShardOptions(), *,
+                 workers: int = 1, progress: bool = True) -> Report:
+    """Convert `sources` into shards at `out` (folder or fsspec URL); returns what happened."""
+    if opts.codec not in CODECS:
+        raise ValueError(f"codec {opts.codec!r} not supported; choose one of {sorted(CODECS)}")
+    out = out.rstrip("/")
+    report = Report(out=storage.redact(out), inputs=len(sources))
+    start = time.perf_counter()
+    labels, class_names = label_table(sources)
+    remote = storage.is_remote(out)
+    if not remote:
+        os.makedirs(storage.local_path(out), exist_ok=True)
+    writer: wds.TarWriter | None = None
+    tmp = ""
+
+    def close_shard() -> None:
+        if writer is not None:
+            writer.close()
+            storage.put_file(tmp, f"{out}/{report.shards[-1]}")
+
+    with tempfile.TemporaryDirectory(prefix="vaemo-shard-") as scratch:
+        bar = tqdm(total=len(sources), desc="vaemo-shard", unit="clip", disable=not progress)
+        jobs = [(s, opts, labels) for s in sources]
+        for source, result in zip(sources, _results(jobs, workers)):
+            bar.update(1)
+            if isinstance(result, str):
+                report.skipped.append({"path": source.path, "key": source.key, "reason": result})
+                bar.set_postfix(skipped=len(report.skipped))
+                continue
+            if writer is None or report.samples_per_shard[-1] == opts.clips_per_shard:
+                close_shard()
+                report.shards.append(f"{opts.prefix}-{len(report.shards):06d}.tar")
+                report.samples_per_shard.append(0)
+                # Local: write beside the final name, then rename (atomic). Remote: upload when complete.
+                folder = scratch if remote else storage.local_path(out)
+                tmp = os.path.join(folder, f".{report.shards[-1]}.tmp-{os.getpid()}")
+                writer = wds.TarWriter(tmp, encoder=False, mtime=0.0)
+            writer.write(result)
+            report.samples_per_shard[-1] += 1
+            report.written += 1
+            report.stream_copied += json.loads(result["json"])["stream_copied"]
+        close_shard()
+        bar.close()
+
+    report.seconds = time.perf_counter() - start
+    video_ext = CODECS[opts.codec][1]
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "shards": report.shards,
+        "samples_per_shard": report.samples_per_shard,
+        "total": report.written,
+        "skipped": len(report.skipped),
+        "video_ext": video_ext,
+        "audio_ext": "flac",
+        "codec": opts.codec,
+        "options": asdict(opts),
+    }
+    if class_names:
+        manifest["class_names"] = class_names
+    storage.write_bytes(f"{out}/{MANIFEST_NAME}", json.dumps(manifest, indent=2).encode())
+    record = {**asdict(report), "skipped_by_reason": report.by_reason()}
+    storage.write_bytes(f"{out}/{REPORT_NAME}", json.dumps(record, indent=2).encode())
+    return report
+
+
+# --------------------------------------------------------------------------------------------
+# Command line (registered as `vaemo-shard`)
+
+
+def main(argv: list[str] | None = None) -> int:
+    d = ShardOptions()
+    p = argparse.ArgumentParser(prog="vaemo-shard", description=__doc__.splitlines()[0])
+    p.add_argument("input", help="a folder of videos, or a CSV with columns path[,label,speaker,description]")
+    p.add_argument("--out", required=True, help="output folder or fsspec URL (s3://bucket/prefix)")
+    p.add_argument("--size", type=int, default=d.size, help="short side in pixels, 0 keeps it")
+    p.add_argument("--fps", type=int, default=d.fps)
+    p.add_argument("--codec", choices=sorted(CODECS), default=d.codec)
+    p.add_argument("--crf", type=int, default=d.crf, help="encoder quality, lower is better")
+    p.add_argument("--min-duration", type=float, default=d.min_duration, help="seconds; shorter is skipped")
+    p.add_argument("--clips-per-shard", type=int, default=d.clips_per_shard)
+    p.add_argument("--prefix", default=d.prefix, help="shard names: PREFIX-000000.tar ...")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="encoding processes")
+    p.add_argument("--s3-endpoint", default="", help="S3 endpoint URL (default: AWS_ENDPOINT_URL)")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    if args.clips_per_shard < 1 or args.fps < 1 or args.size < 0:
+        p.error("--clips-per-shard and --fps must be >= 1, --size >= 0")
+    opts = ShardOptions(size=args.size, fps=args.fps, codec=args.codec, crf=args.crf,
+                        min_duration=args.min_duration, clips_per_shard=args.clips_per_shard,
+                        prefix=args.prefix)
+    storage.configure(endpoint=args.s3_endpoint)
+    try:
+        sources = read_sources(args.input)
+        report = write_shards(sources, args.out, opts, workers=args.workers, progress=not args.no_progress)
+    except (ValueError, OSError) as e:
+        print(f"vaemo-shard: {e}", file=sys.stderr)
+        return 2
+    out = report.out
+    print(f"wrote {report.written} of {report.inputs} clips ({report.stream_copied} stream-copied) in "
+          f"{len(report.shards)} shards to {out} in {report.seconds:.1f}s", file=sys.stderr)
+    if report.skipped:
+        print(f"skipped {len(report.skipped)}: {report.by_reason()} (all listed in {out}/{REPORT_NAME})",
+              file=sys.stderr)
+        for s in report.skipped[:20]:
+            print(f"  {s['path']}: {s['reason']}", file=sys.stderr)
+        if len(report.skipped) > 20:
+            print(f"  ... {len(report.skipped) - 20} more", file=sys.stderr)
+    if report.written:
+        print(f"train on them with: data.shards={out}/{MANIFEST_NAME}", file=sys.stderr)
+    return 0 if report.written else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
