@@ -24,6 +24,7 @@ REQUIRES = [
     "pyyaml==6.0.4",
     "tqdm==4.70.1",
     "safetensors==0.8.0",
+    "matplotlib==3.11.2",
 ]
 
 setup(
@@ -44,6 +45,8 @@ setup(
             "vaemo-synth=vaemo_dist.data.synth:main",
             "vaemo-flops=vaemo_dist.model.flops:main",
             "vaemo-shard=vaemo_dist.data.writer:main",
+            "vaemo-export=vaemo_dist.export:main",
+            "vaemo-embed=vaemo_dist.eval.embed:main",
         ]
     },
 )

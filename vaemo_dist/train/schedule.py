@@ -26,14 +26,22 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, optim: Opt
 
 
 def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases, norms, embeddings and the logit scale (1-d or 0-d tensors)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [
-        {"params": decay, "weight_decay": optim.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    """AdamW; no weight decay on biases, norms, embeddings and the logit scale (1-d or 0-d tensors).
+
+    A model may define `optimizer_param_groups(optim) -> list[dict]` to choose its own groups (e.g.
+    layer-wise lr decay in objectives/finetune.py); a group's "lr" scales with the schedule like optim.lr.
+    """
+    custom = getattr(model, "optimizer_param_groups", None)
+    if custom is not None:
+        groups = custom(optim)
+    else:
+        decay, no_decay = [], []
+        for p in model.parameters():
+            if p.requires_grad:
+                (decay if p.ndim >= 2 else no_decay).append(p)
+        groups = [
+            {"params": decay, "weight_decay": optim.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
     # torch's AdamW, not DeepSpeed's FusedAdam: the latter JIT-compiles (~70 s) on CPU.
     return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)

@@ -1,0 +1,59 @@
+"""Write DeepSpeed checkpoints of known weights through our trainer's checkpoint code, for the export
+tests (run as a subprocess: DeepSpeed keeps global state that must not leak into pytest).
+
+    python ckpt_writer.py STAGE ROOT WEIGHTS [bf16]
+
+Loads WEIGHTS (safetensors, the full model state) into the tiny model, freezes its joint head,
+saves checkpoint step 0
+under ROOT, trains 2 steps, saves step 2, and writes the weights the engine holds at step 2
+(gathered under ZeRO-3) to ROOT/step2_weights.safetensors.
+"""
+
+import os
+import sys
+
+import deepspeed
+import torch
+from safetensors.torch import load_file, save_file
+
+from vaemo_dist.config import load_config
+from vaemo_dist.dist import init_distributed
+from vaemo_dist.model.vaemo import VAEmoModel
+from vaemo_dist.objectives.stage1 import Stage1Objective
+from vaemo_dist.train import checkpoint
+from vaemo_dist.train.trainer import deepspeed_config
+
+# Keep in step with tests/export/test_export.py (TINY_OVERRIDES).
+OVERRIDES = ["inputs.video.frames=4", "inputs.video.size=32", "inputs.audio.frames=32",
+             "model.depth=1", "model.decoder_depth=1", "data.batch_size=2"]
+
+stage, root, weights = int(sys.argv[1]), checkpoint.Path(sys.argv[2]), sys.argv[3]
+bf16 = len(sys.argv) > 4 and sys.argv[4] == "bf16"
+precision = "bf16" if bf16 else "fp32"
+cfg = load_config(None, [*OVERRIDES, f"train.zero_stage={stage}", f"train.precision={precision}"])
+init_distributed()
+model = VAEmoModel(cfg.model, cfg.inputs)
+model.load_state_dict(load_file(weights))
+# A frozen part, as fine-tuning has: DeepSpeed's consolidation misses frozen weights under ZeRO-1.
+model.joint_head.requires_grad_(False)
+opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(cfg, 1, bf16))
+objective = Stage1Objective(cfg.loss)
+gen = torch.Generator().manual_seed(1)
+video, audio = torch.randn(2, 3, 4, 32, 32, generator=gen), torch.randn(2, 1, 32, 128, generator=gen)
+dtype = torch.bfloat16 if bf16 else torch.float32
+
+checkpoint.save_checkpoint(engine, root, 0, 0, {"data": {}}, cfg.to_dict())
+torch.manual_seed(0)
+for _ in range(2):
+    loss, _ = objective(engine(video.to(dtype), audio.to(dtype)))
+    engine.backward(loss)
+    engine.step()
+checkpoint.save_checkpoint(engine, root, 2, 0, {"data": {}}, cfg.to_dict())
+
+params = list(engine.module.parameters())
+with deepspeed.zero.GatheredParameters(params) if stage == 3 else torch.no_grad():
+    held = {n: p.detach().float().clone() for n, p in engine.module.named_parameters()}
+save_file(held, str(root / "step2_weights.safetensors"))
+print("done", flush=True)
+os._exit(0)

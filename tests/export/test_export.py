@@ -1,0 +1,162 @@
+"""vaemo-export: DeepSpeed checkpoints of every ZeRO stage give the same portable weights, read
+without unpickling, and the exported encoder reproduces the training model's embeddings."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from vaemo_dist import export
+from vaemo_dist.config import load_config
+from vaemo_dist.export import ExportError, export_checkpoint
+from vaemo_dist.model.vaemo import VAEmoModel
+from vaemo_dist.pretrained import from_pretrained
+
+WRITER = Path(__file__).with_name("ckpt_writer.py")
+REPO = Path(__file__).resolve().parents[2]
+# As in ckpt_writer.py.
+OVERRIDES = ["inputs.video.frames=4", "inputs.video.size=32", "inputs.audio.frames=32",
+             "model.depth=1", "model.decoder_depth=1", "data.batch_size=2"]
+STAGES = (0, 1, 2, 3)
+
+
+def tiny_config():
+    return load_config(None, OVERRIDES)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict:
+    """Known weights (not an initialisation: perturbed) checkpointed under ZeRO 0-3, at step 0 and
+    after 2 training steps. The four one-process DeepSpeed runs go in parallel."""
+    root = tmp_path_factory.mktemp("ckpts")
+    cfg = tiny_config()
+    torch.manual_seed(3)
+    model = VAEmoModel(cfg.model, cfg.inputs)
+    weights = {k: v + 0.01 * torch.randn_like(v) for k, v in model.state_dict().items()}
+    save_file(weights, str(root / "weights.safetensors"))
+    env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    procs = {s: subprocess.Popen([sys.executable, str(WRITER), str(s), str(root / f"zero{s}"),
+                                  str(root / "weights.safetensors")], cwd=REPO, env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for s in STAGES}
+    for stage, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, f"ZeRO-{stage} writer failed:\n{err[-3000:]}"
+    return {"root": root, "weights": weights}
+
+
+def exported(folder: Path) -> dict:
+    return load_file(str(folder / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def exports(checkpoints, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("exports")
+    result = {}
+    for stage in STAGES:
+        for step in (0, 2):
+            folder = checkpoints["root"] / f"zero{stage}" / f"step_{step:08d}"
+            result[stage, step] = export_checkpoint(folder, out / f"z{stage}s{step}", include_decoder=True)
+    return result
+
+
+def test_every_zero_stage_exports_the_same_weights(checkpoints, exports):
+    source = checkpoints["weights"]
+    reference = exported(exports[0, 0])
+    assert set(reference) == set(source)
+    for key, value in source.items():
+        assert torch.equal(reference[key], value), key
+    for stage in (1, 2, 3):
+        other = exported(exports[stage, 0])
+        assert set(other) == set(reference)
+        for key in reference:
+            assert torch.equal(other[key], reference[key]), (stage, key)
+
+
+def test_frozen_weights_are_exported_under_every_stage(checkpoints, exports):
+    source = checkpoints["weights"]["joint_head.weight"]  # frozen in the writer
+    for stage in STAGES:
+        assert torch.equal(exported(exports[stage, 2])["joint_head.weight"], source), stage
+
+
+def test_export_after_training_equals_the_engines_weights(checkpoints, exports):
+    for stage in STAGES:
+        held = load_file(str(checkpoints["root"] / f"zero{stage}" / "step2_weights.safetensors"))
+        weights = exported(exports[stage, 2])
+        name = "blocks.0.attn.qkv.weight"
+        assert not torch.equal(weights[name], checkpoints["weights"][name])  # training moved it
+        for key, value in held.items():
+            assert torch.equal(weights[key], value), (stage, key)
+
+
+def test_export_leaves_the_decoder_out_and_describes_itself(checkpoints, tmp_path):
+    folder = checkpoints["root"] / "zero3"  # the run's checkpoints/ root: resolves `latest`
+    out = export_checkpoint(folder, tmp_path / "enc")
+    weights = exported(out)
+    assert "blocks.0.attn.qkv.weight" in weights and "video_head.weight" in weights
+    assert "log_logit_scale" in weights
+    assert not any(k.startswith(("decoder_", "video_pred", "mask_token")) for k in weights)
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"]["depth"] == 1 and config["inputs"]["video"]["size"] == 32
+    assert config["includes_decoder"] is False and config["dtype"] == "float32"
+    assert config["source"]["step"] == 2 and config["source"]["zero_stage"] == 3
+    card = (out / "README.md").read_text()
+    assert "step 2" in card and "ZeRO-3" in card and "synthetic corpus" in card
+
+
+def test_export_reads_checkpoints_with_weights_only(checkpoints, tmp_path, monkeypatch):
+    calls = []
+    real = torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("weights_only"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    for stage in (0, 3):
+        export_checkpoint(checkpoints["root"] / f"zero{stage}" / "step_00000002", tmp_path / f"s{stage}")
+    assert calls and all(c is True for c in calls), calls
+
+
+def test_from_pretrained_reproduces_the_training_models_embeddings(checkpoints, exports):
+    """An export's encoder equals the training model run with masking off (mask ratios 0)."""
+    cfg = load_config(None, OVERRIDES + ["model.mask_ratio_video=0.0", "model.mask_ratio_audio=0.0"])
+    trained = VAEmoModel(cfg.model, cfg.inputs)
+    held = load_file(str(checkpoints["root"] / "zero3" / "step2_weights.safetensors"))
+    trained.load_state_dict(held)
+    trained.eval()
+    g = torch.Generator().manual_seed(5)
+    video, audio = torch.randn(3, 3, 4, 32, 32, generator=g), torch.randn(3, 1, 32, 128, generator=g)
+    with torch.no_grad():
+        reference = trained(video, audio)
+    encoder = from_pretrained(exports[3, 2])
+    assert not encoder.training and not any(p.requires_grad for p in encoder.parameters())
+    out = encoder.encode(video=video, audio=audio)
+    for name in ("video_emb", "audio_emb", "joint_emb"):
+        torch.testing.assert_close(getattr(out, name), getattr(reference, name), rtol=0, atol=1e-6)
+
+
+def test_cli_exports_and_fails_clearly(checkpoints, tmp_path, capsys):
+    args = [str(checkpoints["root"] / "zero1"), "--out", str(tmp_path / "cli"), "--dtype", "bf16"]
+    assert export.main(args) == 0
+    weights = exported(tmp_path / "cli")
+    assert weights["blocks.0.attn.qkv.weight"].dtype == torch.bfloat16
+    assert export.main([str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    assert "config.yaml is missing" in capsys.readouterr().err
+
+
+def test_mismatched_weights_are_refused(checkpoints):
+    cfg = tiny_config()
+    state = dict(checkpoints["weights"])
+    state.pop("blocks.0.attn.qkv.weight")
+    with pytest.raises(ExportError, match="lacks 1 weights"):
+        export.select_weights(state, cfg.model, cfg.inputs, include_decoder=False)
+    state = dict(checkpoints["weights"])
+    state["norm.weight"] = torch.ones(7)
+    with pytest.raises(ExportError, match="norm.weight: shape"):
+        export.select_weights(state, cfg.model, cfg.inputs, include_decoder=False)
+

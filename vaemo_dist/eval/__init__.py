@@ -1,0 +1,1 @@
+"""Downstream evaluation: labelled sources, split files, embeddings, linear probes, metrics."""

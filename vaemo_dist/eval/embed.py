@@ -1,0 +1,191 @@
+"""Embeddings of a whole collection, and the `vaemo-embed` command.
+
+    vaemo-embed --model exports/stage1-tiny --input clips/ --out clips.npz [--modality av|video|audio]
+
+`--input` is a folder of media files, a CSV manifest or WebDataset shards (vaemo_dist/eval/sources.py).
+The output is one .npz (read it with `np.load(path)`, no pickle needed):
+
+    keys          [N] str     clip keys, in the source's order
+    labels        [N] int64   class index, -1 where unknown
+    joint_emb     [N, E]      L2-normalised joint embedding
+    video_emb     [N, E]      per modality (present for the modalities encoded)
+    audio_emb     [N, E]
+    joint_pooled  [N, D]      mean-pooled encoder tokens before the projection heads
+    video_pooled  [N, D]
+    audio_pooled  [N, D]
+    meta          0-d str     JSON: model folder, source, modality, class names, skipped clips
+
+Clips that cannot be decoded are skipped, counted and named in `meta`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from vaemo_dist.eval.sources import MODALITIES, Decoded, Record, Source, decoded_loader, open_source
+
+log = logging.getLogger(__name__)
+
+OUTPUTS = ("joint_emb", "video_emb", "audio_emb", "joint_pooled", "video_pooled", "audio_pooled")
+
+
+@dataclass
+class EmbeddingSet:
+    keys: list[str]
+    labels: np.ndarray  # [N] int64
+    arrays: dict[str, np.ndarray]  # name -> [N, dim] float32
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.meta.get("class_names") or [])
+
+    def features(self, name: str) -> np.ndarray:
+        """One stored array, or "concat_pooled" / "concat_emb": the video and audio arrays side by side."""
+        if name in self.arrays:
+            return self.arrays[name]
+        if name.startswith("concat_"):
+            kind = name.removeprefix("concat_")
+            parts = [self.arrays.get(f"video_{kind}"), self.arrays.get(f"audio_{kind}")]
+            if all(p is not None for p in parts):
+                return np.concatenate(parts, axis=1)  # type: ignore[arg-type]
+        raise KeyError(f"no features {name!r} here; have {sorted(self.arrays)} (and concat_* of video+audio)")
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, keys=np.array(self.keys, dtype=str), labels=self.labels,
+                 meta=np.array(json.dumps(self.meta)), **self.arrays)
+        return path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
+
+    @staticmethod
+    def load(path: str | Path) -> EmbeddingSet:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in OUTPUTS if k in z.files}
+            return EmbeddingSet(keys=z["keys"].tolist(), labels=z["labels"], arrays=arrays,
+                                meta=json.loads(str(z["meta"])))
+
+
+def embed_source(encoder: Any, source: Source, *, modality: str = "av", batch_size: int = 16,
+                 workers: int = 0, progress: bool = True, keep: Any = None) -> EmbeddingSet:
+    """Encode every record of `source` (those `keep(record)` accepts) with a pretrained Encoder."""
+    if modality not in MODALITIES:
+        raise ValueError(f"modality {modality!r}: choose one of {MODALITIES}")
+    keys: list[str] = []
+    labels: list[int] = []
+    chunks: dict[str, list[np.ndarray]] = {k: [] for k in OUTPUTS}
+    skipped: list[str] = []
+    pending: list[Decoded] = []
+    folds: dict[str, str] = {}  # the source's own fold / split columns, for evaluation protocols
+    splits: dict[str, str] = {}
+
+    def flush() -> None:
+        if not pending:
+            return
+        video = torch.stack([d.video for d in pending]) if pending[0].video is not None else None
+        audio = torch.stack([d.audio for d in pending]) if pending[0].audio is not None else None
+        out = encoder.encode(video=video, audio=audio)
+        for name in OUTPUTS:
+            value = getattr(out, name)
+            if value is not None:
+                chunks[name].append(value.float().cpu().numpy())
+        keys.extend(d.key for d in pending)
+        labels.extend(d.label for d in pending)
+        pending.clear()
+
+    total = source.size if keep is None else None
+    bar = tqdm(total=total, desc="embed", unit="clip", disable=not progress, dynamic_ncols=True)
+    start = time.perf_counter()
+    for item in decoded_loader(source, encoder.inputs, modality, workers, keep):
+        bar.update(1)
+        if item.error is not None:
+            skipped.append(f"{item.key}: {item.error}")
+            log.warning("skipped %s: %s", item.key, item.error)
+            continue
+        if item.fold is not None:
+            folds[item.key] = item.fold
+        if item.split is not None:
+            splits[item.key] = item.split
+        pending.append(item)
+        if len(pending) == batch_size:
+            flush()
+    flush()
+    bar.close()
+    arrays = {k: np.concatenate(v) for k, v in chunks.items() if v}
+    meta = {
+        "model": str(encoder.config.get("source", {}).get("checkpoint", "")),
+        "source": source.spec,
+        "source_kind": source.kind,
+        "modality": modality,
+        "class_names": source.class_names or _class_names_from(labels),
+        "count": len(keys),
+        "skipped": skipped,
+        "folds": folds,
+        "splits": splits,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    return EmbeddingSet(keys, np.array(labels, dtype=np.int64), arrays, meta)
+
+
+def _class_names_from(labels: list[int]) -> list[str]:
+    top = max(labels, default=-1)
+    return [str(i) for i in range(top + 1)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="vaemo-embed", description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="an exported model folder (vaemo-export)")
+    p.add_argument("--input", required=True, help="a folder of media files, a CSV manifest or shards")
+    p.add_argument("--out", required=True, help="output .npz")
+    p.add_argument("--modality", choices=MODALITIES, default="av")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--workers", type=int, default=0, help="decoding processes (0: decode in this one)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--classes", default=None, help="comma-separated class names, in label order")
+    p.add_argument("--limit", type=int, default=0, help="only the first N clips (0: all)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    from vaemo_dist.eval.sources import SourceError
+    from vaemo_dist.export import ExportError
+    from vaemo_dist.pretrained import from_pretrained
+
+    try:
+        encoder = from_pretrained(args.model, device=args.device)
+        source = open_source(args.input, args.classes.split(",") if args.classes else None)
+    except (ExportError, SourceError) as e:
+        print(f"vaemo-embed: {e}", file=sys.stderr)
+        return 2
+    keep = None
+    if args.limit > 0:
+        order: dict[str, int] = {}
+
+        def keep(record: Record) -> bool:  # the first N records (the records callable restarts per worker)
+            order.setdefault(record.key, len(order))
+            return order[record.key] < args.limit
+
+    result = embed_source(encoder, source, modality=args.modality, batch_size=args.batch_size,
+                          workers=args.workers, progress=not args.quiet, keep=keep)
+    out = result.save(args.out)
+    print(f"wrote {len(result)} embeddings ({len(result.meta['skipped'])} clips skipped) to {out} "
+          f"in {result.meta['seconds']:.1f}s", file=sys.stderr)
+    return 0 if len(result) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,265 @@
+"""Where downstream clips come from: a CSV manifest, WebDataset shards, or a folder of media files.
+
+    manifest.csv   header row; columns `path` (required), `label`, `key`, `audio`, `fold`, `split`
+    shards         a .tar, a folder of *.tar, a brace pattern or fsspec URLs (as data.shards);
+                   `<key>.json` may hold "label" (int), "class_name", "fold", "split"
+    folder         every video file below it (or, if it has none, every audio file), unlabelled
+
+Manifest paths are relative to the CSV's folder. A row's key is its `key` column, else the file name
+without extension (keys must be unique; split files name clips by key). Labels are class indices
+(0, 1, ...) or class names; names are numbered in sorted order unless `class_names` fixes the order.
+An empty label means "unknown" (-1). In a folder, a clip's key is its path below the folder without
+extension.
+
+Audio of a video file comes from a sibling `<stem>.flac`/`.wav` if present, else its own track, or
+from the manifest's `audio` column.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from vaemo_dist.pretrained import AUDIO_EXTS, VIDEO_EXTS, decode_media
+
+log = logging.getLogger(__name__)
+
+MODALITIES = ("av", "video", "audio")
+
+
+class SourceError(ValueError):
+    pass
+
+
+@dataclass
+class Record:
+    """One clip: a media file (`path`, optional `audio_path`) or a WebDataset sample of bytes."""
+
+    key: str
+    label: int = -1  # class index; -1 = unknown
+    path: str | None = None
+    audio_path: str | None = None
+    sample: dict[str, Any] | None = None
+    fold: str | None = None  # from a manifest / json: the test fold this clip belongs to
+    split: str | None = None  # from a manifest / json: train, val or test
+
+
+@dataclass
+class Source:
+    """A re-iterable collection of records and what is known about it."""
+
+    kind: str  # "manifest", "shards" or "folder"
+    spec: str
+    records: Callable[[], Iterator[Record]]
+    size: int | None = None  # number of records, when known without reading everything
+    class_names: list[str] = field(default_factory=list)
+    urls: list[str] = field(default_factory=list)  # shards only
+
+    def __iter__(self) -> Iterator[Record]:
+        return self.records()
+
+
+def open_source(spec: str | Path, class_names: list[str] | None = None) -> Source:
+    spec = str(spec)
+    path = Path(spec)
+    if path.suffix.lower() == ".csv":
+        return _manifest_source(path, class_names)
+    if path.is_dir() and not any(path.glob("*.tar")):
+        return _folder_source(path)
+    return _shard_source(spec, class_names)
+
+
+# --------------------------------------------------------------------------------------------
+# Manifests
+
+
+def _label_mapping(raw: list[str], class_names: list[str] | None) -> tuple[list[int], list[str]]:
+    given = [r.strip() for r in raw]
+    present = sorted({g for g in given if g})
+    if class_names:
+        index = {name: i for i, name in enumerate(class_names)}
+        numeric = all(g.lstrip("-").isdigit() for g in present)
+        out = []
+        for g in given:
+            if not g:
+                out.append(-1)
+            elif g in index:
+                out.append(index[g])
+            elif numeric and 0 <= int(g) < len(class_names):
+                out.append(int(g))
+            else:
+                raise SourceError(f"label {g!r} is not one of the classes {class_names}")
+        return out, list(class_names)
+    if all(g.isdigit() for g in present):
+        top = max((int(g) for g in present), default=-1)
+        return [int(g) if g else -1 for g in given], [str(i) for i in range(top + 1)]
+    index = {name: i for i, name in enumerate(present)}
+    return [index[g] if g else -1 for g in given], present
+
+
+def _manifest_source(csv_path: Path, class_names: list[str] | None) -> Source:
+    if not csv_path.is_file():
+        raise SourceError(f"manifest not found: {csv_path}")
+    with csv_path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or "path" not in rows[0]:
+        raise SourceError(f"{csv_path}: needs a header row with a 'path' column (and 'label' for training)")
+    base = csv_path.parent
+    labels, names = _label_mapping([r.get("label") or "" for r in rows], class_names)
+    records: list[Record] = []
+    seen: dict[str, int] = {}
+    for i, (row, label) in enumerate(zip(rows, labels)):
+        rel = (row.get("path") or "").strip()
+        if not rel:
+            raise SourceError(f"{csv_path}, row {i + 2}: empty path")
+        key = (row.get("key") or "").strip() or Path(rel).stem
+        if key in seen:
+            raise SourceError(f"{csv_path}: key {key!r} on rows {seen[key] + 2} and {i + 2}; keys must be "
+                              "unique (add a 'key' column)")
+        seen[key] = i
+        audio = (row.get("audio") or "").strip()
+        records.append(Record(key=key, label=label, path=str(base / rel),
+                              audio_path=str(base / audio) if audio else None,
+                              fold=(row.get("fold") or "").strip() or None,
+                              split=(row.get("split") or "").strip().lower() or None))
+    return Source("manifest", str(csv_path), lambda: iter(records), len(records), names)
+
+
+# --------------------------------------------------------------------------------------------
+# Folders of media files
+
+
+def _folder_source(folder: Path) -> Source:
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in VIDEO_EXTS)
+    if not files:  # an audio-only collection
+        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in AUDIO_EXTS)
+    if not files:
+        raise SourceError(f"no video ({', '.join(VIDEO_EXTS)}) or audio files below {folder}")
+    records = [Record(key=str(p.relative_to(folder).with_suffix("")), path=str(p)) for p in files]
+    return Source("folder", str(folder), lambda: iter(records), len(records))
+
+
+# --------------------------------------------------------------------------------------------
+# WebDataset shards
+
+
+def _shard_source(spec: str, class_names: list[str] | None) -> Source:
+    from vaemo_dist.data.shards import expand_shards
+
+    try:
+        urls = expand_shards(spec)
+    except Exception as e:  # noqa: BLE001 - ShardError and anything braceexpand raises
+        raise SourceError(f"{spec}: not a manifest (.csv), a media folder or shards ({e})") from e
+    size = None
+    manifest = Path(spec) / "manifest.json"  # our synthetic corpora say how many clips they hold
+    if manifest.is_file():
+        size = json.loads(manifest.read_text()).get("total")
+        names = class_names or json.loads(manifest.read_text()).get("class_names")
+    else:
+        names = class_names
+
+    def records() -> Iterator[Record]:
+        from vaemo_dist.data.shards import read_shard
+
+        for url in urls:
+            try:
+                for sample in read_shard(url):
+                    yield _shard_record(sample)
+            except Exception as e:  # noqa: BLE001 - one broken shard is reported, not fatal
+                log.warning("shard %s could not be read to the end: %s: %s", url, type(e).__name__, e)
+
+    return Source("shards", spec, records, size, list(names or []), urls)
+
+
+def _shard_record(sample: dict[str, Any]) -> Record:
+    meta: dict[str, Any] = {}
+    raw = sample.get("json")
+    if raw is not None:
+        try:
+            meta = json.loads(raw if isinstance(raw, str) else bytes(raw).decode("utf-8"))
+        except (ValueError, TypeError):
+            meta = {}  # the decoder reports it when the clip is decoded
+    label = meta.get("label") if isinstance(meta, dict) else None
+    fold, split = (meta.get("fold"), meta.get("split")) if isinstance(meta, dict) else (None, None)
+    return Record(key=str(sample.get("__key__")), label=label if isinstance(label, int) else -1,
+                  sample=sample, fold=None if fold is None else str(fold),
+                  split=None if split is None else str(split).lower())
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding
+
+
+def decode_record(record: Record, inputs: Any, modality: str = "av") -> tuple[torch.Tensor | None,
+                                                                            torch.Tensor | None]:
+    """Model inputs of one record for `modality` ("av", "video" or "audio"); raises DecodeError."""
+    from vaemo_dist.data.decode_pyav import decode_sample
+    from vaemo_dist.data.types import DecodeError
+
+    if modality not in MODALITIES:
+        raise ValueError(f"modality {modality!r}: choose one of {MODALITIES}")
+    want_video, want_audio = modality in ("av", "video"), modality in ("av", "audio")
+    if record.sample is not None:  # exactly the training decoder
+        clip = decode_sample(record.sample, inputs)
+        return (clip.video if want_video else None), (clip.audio if want_audio else None)
+    assert record.path is not None
+    path = Path(record.path)
+    if want_video and path.suffix.lower() in AUDIO_EXTS:
+        raise DecodeError(record.key, f"{path.name} is an audio file: use modality 'audio'")
+    audio = (record.audio_path or path) if want_audio else None
+    return decode_media(path if want_video else None, audio, inputs)
+
+
+@dataclass
+class Decoded:
+    key: str
+    label: int
+    video: torch.Tensor | None
+    audio: torch.Tensor | None
+    error: str | None = None
+    fold: str | None = None
+    split: str | None = None
+
+
+class DecodedStream(IterableDataset):
+    """Records -> Decoded items, split over DataLoader workers by index (worker w decodes records
+    w, w + W, ...), so the DataLoader's round-robin hands them back in the source's order. A clip
+    that cannot be decoded comes back with `error` set, not dropped."""
+
+    def __init__(self, source: Source, inputs: Any, modality: str,
+                 keep: Callable[[Record], bool] | None = None) -> None:
+        super().__init__()
+        self.source, self.inputs, self.modality, self.keep = source, inputs, modality, keep
+
+    def __iter__(self) -> Iterator[Decoded]:
+        from vaemo_dist.data.types import DecodeError
+
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if info is not None:
+            torch.set_num_threads(1)  # workers decode; the main process computes
+        chosen = (r for r in self.source.records() if self.keep is None or self.keep(r))
+        for i, record in enumerate(chosen):
+            if i % workers != worker:
+                continue
+            try:
+                video, audio = decode_record(record, self.inputs, self.modality)
+            except DecodeError as e:
+                yield Decoded(record.key, record.label, None, None, e.reason, record.fold, record.split)
+                continue
+            yield Decoded(record.key, record.label, video, audio, None, record.fold, record.split)
+
+
+def decoded_loader(source: Source, inputs: Any, modality: str = "av", workers: int = 0,
+                   keep: Callable[[Record], bool] | None = None) -> DataLoader:
+    """Decoded items one at a time (batch them yourself), decoding in `workers` processes."""
+    return DataLoader(DecodedStream(source, inputs, modality, keep), batch_size=None, num_workers=workers,
+                      collate_fn=lambda x: x, prefetch_factor=4 if workers > 0 else None)

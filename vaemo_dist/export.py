@@ -1,0 +1,446 @@
+"""Foundation checkpoints: a DeepSpeed training checkpoint becomes one portable folder.
+
+    vaemo-export runs/stage1-tiny --out exports/stage1-tiny [--with-decoder] [--dtype bf16]
+
+The input is a checkpoint folder written by our trainer (`runs/<name>/checkpoints/step_XXXXXXXX/`),
+its `checkpoints/` folder or the run folder (both meaning `latest`). The output folder holds
+
+    model.safetensors  the weights, named as in `VAEmoModel.state_dict()`: encoder, projection
+                       heads and logit scale; the reconstruction decoder only with --with-decoder
+    config.json        architecture and preprocessing (the run's `model` and `inputs` sections)
+    README.md          a model card: step, training and data summary, last logged losses
+
+How the full weights are recovered depends on how the run was sharded, read from the checkpoint:
+
+* ZeRO 1-3: DeepSpeed's own consolidation (`deepspeed.utils.zero_to_fp32`) merges the fp32 master
+  partitions of every data-parallel rank.
+* ZeRO 0: the model-states file already holds every weight.
+* Tensor parallelism (`mp_world_size` > 1): each TP rank's partitions are consolidated on their own,
+  then `merge_tensor_parallel` joins the shards. That merge is the one piece not written yet.
+
+Loading never unpickles arbitrary objects: DeepSpeed's files are read with
+torch.load(weights_only=True) and an allow-list of DeepSpeed's few classes, also inside DeepSpeed's
+consolidation code (see `_weights_only_torch`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import io
+import json
+import logging
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from vaemo_dist.config import Config, InputConfig, ModelConfig, VideoInput, config_from_dict
+
+log = logging.getLogger(__name__)
+
+FORMAT = "vaemo-pretrained"
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+CARD = "README.md"
+
+# Parameters of the MAE reconstruction decoder (name prefixes in VAEmoModel.state_dict()).
+DECODER_PREFIXES = ("decoder_embed.", "mask_token", "dec_video_modality", "dec_audio_modality",
+                    "decoder_blocks.", "decoder_norm.", "video_pred.", "audio_pred.")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+def is_decoder_key(name: str) -> bool:
+    return name.startswith(DECODER_PREFIXES)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading DeepSpeed checkpoints without unpickling arbitrary objects
+
+
+def _safe_globals() -> list[Any]:
+    from vaemo_dist.train.checkpoint import _deepspeed_safe_globals
+
+    return _deepspeed_safe_globals()
+
+
+def safe_torch_load(path: Any, map_location: Any = "cpu", mmap: bool | None = None, **_ignored: Any) -> Any:
+    """torch.load with weights_only=True (whatever the caller asked) and DeepSpeed's classes allowed."""
+    with torch.serialization.safe_globals(_safe_globals()):
+        return torch.load(path, map_location=map_location, mmap=mmap, weights_only=True)
+
+
+class _WeightsOnlyTorch:
+    """Stands in for the `torch` module inside deepspeed.utils.zero_to_fp32, whose loaders call
+    torch.load(weights_only=False); everything but `load` is the real torch."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+    @staticmethod
+    def load(path: Any, map_location: Any = None, mmap: bool | None = None, **_ignored: Any) -> Any:
+        return safe_torch_load(path, map_location=map_location, mmap=mmap)
+
+
+@contextlib.contextmanager
+def _weights_only_torch() -> Iterator[Any]:
+    """deepspeed.utils.zero_to_fp32 with its torch.load forced to weights_only=True, for the duration."""
+    from deepspeed.utils import zero_to_fp32
+
+    real = zero_to_fp32.torch
+    zero_to_fp32.torch = _WeightsOnlyTorch()
+    try:
+        yield zero_to_fp32
+    finally:
+        zero_to_fp32.torch = real
+
+
+@dataclass(frozen=True)
+class CheckpointLayout:
+    """How a checkpoint's weights are spread over files."""
+
+    zero_stage: int
+    dp_world_size: int
+    tp_world_size: int  # mp_world_size in DeepSpeed's terms
+    ds_version: str
+
+
+_MP_RANK = re.compile(r"mp_rank_(\d+)_model_states\.pt$")
+
+
+def _model_state_files(folder: Path) -> list[Path]:
+    files = sorted(folder.glob("*model_states.pt"))
+    if not files:
+        raise ExportError(f"{folder} holds no DeepSpeed model states (*model_states.pt): not a checkpoint?")
+    return files
+
+
+def read_layout(folder: Path) -> CheckpointLayout:
+    states = safe_torch_load(_model_state_files(folder)[0], mmap=True)
+    stage = int((states.get("ds_config") or {}).get("zero_optimization", {}).get("stage", 0))
+    return CheckpointLayout(zero_stage=stage, dp_world_size=int(states.get("dp_world_size", 1)),
+                            tp_world_size=int(states.get("mp_world_size", 1)),
+                            ds_version=str(states.get("ds_version", "?")))
+
+
+def _files_of_tp_rank(folder: Path, tp_rank: int) -> list[Path]:
+    tag = f"mp_rank_{tp_rank:02d}_"
+    return [p for p in folder.iterdir() if tag in p.name and p.name.endswith(".pt")]
+
+
+def _consolidate_data_parallel(folder: Path, layout: CheckpointLayout,
+                               tp_rank: int) -> dict[str, torch.Tensor]:
+    """The full (for TP: this TP rank's) state dict from the data-parallel partitions."""
+    if layout.zero_stage == 0:
+        states = safe_torch_load(folder / f"mp_rank_{tp_rank:02d}_model_states.pt")
+        return {k: v for k, v in states["module"].items() if isinstance(v, torch.Tensor)}
+    # DeepSpeed's consolidation reads every *_model_states.pt / *_optim_states.pt in one folder, so a
+    # TP rank's files are linked into a folder of their own first.
+    with tempfile.TemporaryDirectory(prefix="vaemo-export-") as tmp:
+        source = folder
+        if layout.tp_world_size > 1:
+            source = Path(tmp) / folder.name
+            source.mkdir()
+            for f in _files_of_tp_rank(folder, tp_rank):
+                (source / f.name).symlink_to(f.resolve())
+        chatter = io.StringIO()  # its prints and progress bars
+        quiet = (contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter))
+        with _weights_only_torch() as z2f, quiet[0], quiet[1]:
+            state = z2f.get_fp32_state_dict_from_zero_checkpoint(str(source.parent), tag=source.name)
+        log.debug("zero_to_fp32: %s", chatter.getvalue())
+    return _with_frozen_parameters(dict(state), folder, tp_rank)
+
+
+def _with_frozen_parameters(state: dict[str, torch.Tensor], folder: Path,
+                            tp_rank: int) -> dict[str, torch.Tensor]:
+    """Add what DeepSpeed's consolidation leaves out: frozen parameters (requires_grad=False).
+
+    zero_to_fp32 finds them only in the frozen-fragment records that ZeRO-2/3 write; under ZeRO-1 they
+    are missing from its output. The model-states file of ZeRO 0-2 holds every weight whole, so they
+    come from there (ZeRO-3 keeps empty placeholders, hence the size check)."""
+    module_file = folder / f"mp_rank_{tp_rank:02d}_model_states.pt"
+    if not module_file.is_file():
+        return state
+    module = safe_torch_load(module_file, mmap=True).get("module") or {}
+    for name, value in module.items():
+        if name not in state and isinstance(value, torch.Tensor) and value.numel() > 0:
+            state[name] = value.float() if value.is_floating_point() else value
+    return state
+
+
+def merge_tensor_parallel(shards: list[dict[str, torch.Tensor]],
+                          layout: CheckpointLayout) -> dict[str, torch.Tensor]:
+    """Join the state dicts of the TP ranks into one (the slot for tensor parallelism).
+
+    What the merge must do is fixed by `vaemo_dist.model.parallelize`: column-parallel layers
+    (attn.qkv in q|k|v groups, mlp.0) concatenate their row shards, row-parallel layers (attn.proj,
+    mlp.2) concatenate weight columns and keep one bias, everything else is replicated.
+    """
+    if len(shards) == 1:
+        return shards[0]
+    merged: dict[str, torch.Tensor] = {}
+    for key, first in shards[0].items():
+        parts = [s[key] for s in shards]
+        if key.endswith((".attn.qkv.weight", ".attn.qkv.bias")):
+            # Each rank holds its heads of q, k and v: regroup as all q | all k | all v.
+            groups = [p.chunk(3, dim=0) for p in parts]
+            merged[key] = torch.cat([g[i] for i in range(3) for g in groups], dim=0)
+        elif key.endswith((".mlp.0.weight", ".mlp.0.bias")):
+            merged[key] = torch.cat(parts, dim=0)
+        elif key.endswith((".attn.proj.weight", ".mlp.2.weight")):
+            merged[key] = torch.cat(parts, dim=1)
+        else:  # replicated (including the row-parallel biases, added once after the all-reduce)
+            merged[key] = first
+    return merged
+
+
+def consolidate(folder: str | Path) -> dict[str, torch.Tensor]:
+    """Every weight of a DeepSpeed checkpoint folder as one full-precision state dict on the CPU."""
+    folder = Path(folder)
+    layout = read_layout(folder)
+    shards = [_consolidate_data_parallel(folder, layout, r) for r in range(layout.tp_world_size)]
+    return merge_tensor_parallel(shards, layout)
+
+
+# --------------------------------------------------------------------------------------------
+# Configs
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A step folder as given; a `checkpoints/` folder or a run folder -> its latest checkpoint."""
+    from vaemo_dist.train.checkpoint import LATEST, resolve
+
+    path = Path(path)
+    for root in (path, path / "checkpoints"):
+        if (root / LATEST).is_file():
+            folder = resolve(LATEST, root)
+            assert folder is not None
+            return folder
+    if not path.is_dir():
+        raise ExportError(f"checkpoint folder not found: {path}")
+    return path
+
+
+def model_config_from(raw: dict[str, Any]) -> Config:
+    """A validated Config from the `model` and `inputs` sections (plus `loss`, `data.synth`) of a
+    run's config, ignoring the sections export does not need (so older or newer runs still load)."""
+    keep: dict[str, Any] = {k: raw[k] for k in ("model", "inputs", "loss") if k in raw}
+    synth = (raw.get("data") or {}).get("synth")
+    if synth is None:
+        # Validation checks the synthetic clip length against inputs.video; with no corpus named
+        # (an export's config.json), give it one long enough for any window.
+        video = {**dataclasses.asdict(VideoInput()), **(keep.get("inputs", {}).get("video") or {})}
+        synth = {"duration": ((video["frames"] - 1) * video["stride"] + 1) / 25.0 + 1.0}
+    keep["data"] = {"synth": synth}
+    return config_from_dict(keep)
+
+
+# --------------------------------------------------------------------------------------------
+# Writing an export
+
+
+def select_weights(state: dict[str, torch.Tensor], model: ModelConfig, inputs: InputConfig,
+                   include_decoder: bool, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Check `state` against the architecture and keep the exported part, cast to `dtype`."""
+    from vaemo_dist.model.vaemo import VAEmoModel
+
+    with torch.device("meta"):  # shapes only, no memory
+        expected = VAEmoModel(model, inputs).state_dict()
+    missing = [k for k in expected if k not in state and (include_decoder or not is_decoder_key(k))]
+    if missing:
+        raise ExportError(f"the checkpoint lacks {len(missing)} weights of the model, e.g. {missing[:5]}")
+    unknown = [k for k in state if k not in expected]
+    if unknown:
+        raise ExportError(f"the checkpoint has weights the model does not, e.g. {unknown[:5]}")
+    out = {}
+    for name, ref in expected.items():
+        if not include_decoder and is_decoder_key(name):
+            continue
+        t = state[name]
+        if tuple(t.shape) != tuple(ref.shape):
+            raise ExportError(f"{name}: shape {tuple(t.shape)} in the checkpoint, "
+                              f"{tuple(ref.shape)} in the model")
+        out[name] = t.detach().to("cpu", dtype if t.is_floating_point() else t.dtype).contiguous().clone()
+    return out
+
+
+def save_pretrained(out_dir: str | Path, weights: dict[str, torch.Tensor], cfg: Config, *,
+                    source: dict[str, Any] | None = None, card: str | None = None) -> Path:
+    """Write model.safetensors + config.json (+ README.md) for `from_pretrained`."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    includes_decoder = any(is_decoder_key(k) for k in weights)
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in weights.values()})
+    config = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "architecture": "VAEmoModel",
+        "includes_decoder": includes_decoder,
+        "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
+        "model": dataclasses.asdict(cfg.model),
+        "inputs": dataclasses.asdict(cfg.inputs),
+        "loss": {"max_logit_scale": cfg.loss.max_logit_scale, "init_temperature": cfg.loss.init_temperature},
+        "source": source or {},
+    }
+    tmp = out / (WEIGHTS + ".tmp")
+    save_file(weights, str(tmp), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+    tmp.replace(out / WEIGHTS)
+    (out / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    if card is not None:
+        (out / CARD).write_text(card)
+    return out
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, include_decoder: bool = False,
+                      dtype: str = "fp32") -> Path:
+    """Export a DeepSpeed checkpoint of our trainer (any ZeRO stage) as a portable folder."""
+    if dtype not in DTYPES:
+        raise ExportError(f"dtype {dtype!r}: choose one of {sorted(DTYPES)}")
+    folder = resolve_checkpoint(checkpoint)
+    config_file = folder / "config.yaml"
+    if not config_file.is_file():
+        raise ExportError(f"{config_file} is missing: was this checkpoint written by vaemo_dist's trainer?")
+    raw = yaml.safe_load(config_file.read_text()) or {}
+    cfg = model_config_from(raw)
+    layout = read_layout(folder)
+    state = consolidate(folder)
+    weights = select_weights(state, cfg.model, cfg.inputs, include_decoder, DTYPES[dtype])
+    ranks = sorted(folder.glob("vaemo_rank*.json"))
+    step = json.loads(ranks[0].read_text()).get("step") if ranks else None
+    source = {
+        "checkpoint": str(folder.resolve()),
+        "step": step,
+        "zero_stage": layout.zero_stage,
+        "dp_world_size": layout.dp_world_size,
+        "tp_world_size": layout.tp_world_size,
+        "world_size": len(ranks) or None,
+        "deepspeed": layout.ds_version,
+        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    card = model_card(raw, source, weights, _logged_metrics(folder, step))
+    return save_pretrained(out_dir, weights, cfg, source=source, card=card)
+
+
+def _logged_metrics(folder: Path, step: int | None) -> dict[str, Any] | None:
+    """The metrics.jsonl record of `step` from the run folder (runs/<name>/checkpoints/step_X)."""
+    path = folder.parent.parent / "metrics.jsonl"
+    if step is None or not path.is_file():
+        return None
+    found = None
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            record = json.loads(line)
+            if record.get("step") == step:
+                found = record
+    return found
+
+
+def model_card(raw: dict[str, Any], source: dict[str, Any], weights: dict[str, torch.Tensor],
+               metrics: dict[str, Any] | None) -> str:
+    """A README.md for the export: what was trained, on what, for how long."""
+    m, inp = raw.get("model", {}), raw.get("inputs", {})
+    data, train = raw.get("data", {}), raw.get("train", {})
+    optim, loss = raw.get("optim", {}), raw.get("loss", {})
+    v, a = inp.get("video", {}), inp.get("audio", {})
+    n_params = sum(t.numel() for t in weights.values())
+    world = source.get("world_size") or source.get("dp_world_size") or 1
+    batch = data.get("batch_size", 0) * train.get("grad_accum", 1) * (source.get("dp_world_size") or world)
+    step = source.get("step")
+    shards = data.get("shards", "?")
+    if shards == "synthetic":
+        s = data.get("synth", {})
+        shards = (f"synthetic corpus ({s.get('clips')} clips, {s.get('classes')} classes, "
+                  f"{s.get('codec')}, seed {s.get('seed')})")
+    lines = [
+        f"# VAEmo encoder: {train.get('run_name', 'run')} at step {step}",
+        "",
+        "Audio-visual emotion representation (VAEmo stage 1: masked reconstruction + audio-visual "
+        "contrastive), exported by `vaemo-export`.",
+        "",
+        "```python",
+        "import vaemo_dist",
+        "encoder = vaemo_dist.from_pretrained('<this folder>')",
+        "out = encoder.encode(video='clip.mp4', audio='clip.mp4')  # out.joint_emb, out.video_emb, ...",
+        "```",
+        "",
+        "## Model",
+        "",
+        f"- preset `{m.get('preset')}`: dim {m.get('dim')}, depth {m.get('depth')}, heads {m.get('heads')}, "
+        f"embed_dim {m.get('embed_dim')}, fusion `{m.get('fusion')}`",
+        f"- exported tensors: {len(weights)} ({n_params / 1e6:.2f} M values), "
+        f"decoder {'included' if any(is_decoder_key(k) for k in weights) else 'not included'}",
+        f"- video: {v.get('frames')} frames, stride {v.get('stride')}, {v.get('size')} px, "
+        f"tubelet {v.get('tubelet')}, patch {v.get('patch')}, mean {v.get('mean')}, std {v.get('std')}",
+        f"- audio: {a.get('sample_rate')} Hz, {a.get('n_mels')} mel bins x {a.get('frames')} frames "
+        f"({a.get('win_ms')} ms window, {a.get('hop_ms')} ms hop), patch {a.get('patch')}, "
+        f"log-mel mean {a.get('mean')}, std {a.get('std')}",
+        "",
+        "## Training",
+        "",
+        f"- step {step} of {train.get('steps')}, global batch {batch} "
+        f"({data.get('batch_size')} per rank x {train.get('grad_accum', 1)} accumulation x {world} ranks), "
+        f"about {step * batch if isinstance(step, int) else '?'} samples seen",
+        f"- AdamW lr {optim.get('lr')} (warmup {optim.get('warmup_steps')}, "
+        f"cosine to {optim.get('min_lr')}), "
+        f"weight decay {optim.get('weight_decay')}, clip {optim.get('clip_grad')}",
+        f"- mask ratios video {m.get('mask_ratio_video')} / audio {m.get('mask_ratio_audio')}; loss weights "
+        f"video {loss.get('video_weight')}, audio {loss.get('audio_weight')}, "
+        f"contrastive {loss.get('contrastive_weight')}",
+        f"- DeepSpeed {source.get('deepspeed')}, ZeRO-{source.get('zero_stage')}, "
+        f"TP {source.get('tp_world_size')}, precision `{train.get('precision')}`, seed {train.get('seed')}",
+        f"- data: {shards}",
+        f"- checkpoint: `{source.get('checkpoint')}`",
+    ]
+    if metrics:
+        keys = [k for k in ("loss", "rec_video", "rec_audio", "contrastive", "acc_a2v") if k in metrics]
+        lines += ["", "## Logged at this step", "",
+                  "| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys),
+                  "| " + " | ".join(f"{metrics[k]:.4f}" for k in keys) + " |"]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# Command line (registered as `vaemo-export`)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="vaemo-export", description=__doc__.splitlines()[0])
+    p.add_argument("checkpoint", help="a step folder, a checkpoints/ folder or a run folder (-> latest)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--with-decoder", action="store_true", help="also export the reconstruction decoder")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("DeepSpeed", "deepspeed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    start = time.perf_counter()
+    try:
+        out = export_checkpoint(args.checkpoint, args.out, include_decoder=args.with_decoder,
+                                dtype=args.dtype)
+    except (ExportError, NotImplementedError) as e:
+        print(f"vaemo-export: {e}", file=sys.stderr)
+        return 2
+    config = json.loads((out / CONFIG).read_text())
+    source = config["source"]
+    print(f"exported step {source.get('step')} (ZeRO-{source.get('zero_stage')}) to {out} "
+          f"in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
