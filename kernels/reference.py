@@ -62,6 +62,19 @@ def gather_with_grad(x: torch.Tensor, group: dist.ProcessGroup | None = None) ->
     return _GatherWithGrad.apply(x, group)
 
 
+def gather_global(a: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Both embeddings over the global batch (with gradient) and this rank's labels into it."""
+    rank, world = 0, 1
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+    if world > 1:
+        a_all, v_all = gather_with_grad(a, group), gather_with_grad(v, group)
+    else:
+        a_all, v_all = a, v
+    return a_all, v_all, torch.arange(a.shape[0], device=a.device) + rank * a.shape[0]
+
+
 def contrastive_loss(
     a: torch.Tensor,
     v: torch.Tensor,
@@ -75,15 +88,7 @@ def contrastive_loss(
     offset by rank * n_local. The mean of this loss over ranks equals the single-process loss over
     the global batch. Assumes the same n_local on every rank.
     """
-    n = a.shape[0]
-    rank, world = 0, 1
-    if dist.is_available() and dist.is_initialized():
-        rank, world = dist.get_rank(group), dist.get_world_size(group)
-    if world > 1:
-        all_a, all_v = gather_with_grad(a, group), gather_with_grad(v, group)
-    else:
-        all_a, all_v = a, v
-    labels = torch.arange(n, device=a.device) + rank * n
+    all_a, all_v, labels = gather_global(a, v, group)
     logits_a2v = logit_scale * a @ all_v.T
     logits_v2a = logit_scale * v @ all_a.T
     return (F.cross_entropy(logits_a2v, labels) + F.cross_entropy(logits_v2a, labels)) / 2
@@ -110,14 +115,7 @@ def contrastive_loss_chunked(
     logits matmul per block in the backward.
     """
     n = a.shape[0]
-    rank, world = 0, 1
-    if dist.is_available() and dist.is_initialized():
-        rank, world = dist.get_rank(group), dist.get_world_size(group)
-    if world > 1:
-        all_a, all_v = gather_with_grad(a, group), gather_with_grad(v, group)
-    else:
-        all_a, all_v = a, v
-    labels = torch.arange(n, device=a.device) + rank * n
+    all_a, all_v, labels = gather_global(a, v, group)
     total = a.new_zeros(())
     for start in range(0, n, chunk):
         rows = slice(start, start + chunk)

@@ -42,6 +42,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from vaemo_dist.config import SynthConfig
+from vaemo_dist.fsutil import write_atomic
 
 FPS = 25
 SAMPLE_RATE = 16000
@@ -381,15 +382,11 @@ def build_corpus(cfg: SynthConfig, out_dir: str | Path, *, progress: bool = True
         "seed": cfg.seed,
         "config": _config_record(cfg),
     }
-    _write_atomic(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
-    _write_atomic(out / SUCCESS, json.dumps(_config_record(cfg), sort_keys=True))
+    write_atomic(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
+    write_atomic(out / SUCCESS, json.dumps(_config_record(cfg), sort_keys=True))
     return out
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def corpus_is_complete(cfg: SynthConfig, out_dir: str | Path) -> bool:

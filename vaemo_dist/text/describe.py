@@ -45,6 +45,7 @@ import webdataset as wds
 import yaml
 from tqdm import tqdm
 
+from vaemo_dist.fsutil import write_atomic
 from vaemo_dist.text import media
 from vaemo_dist.text.prompt import (
     DEFAULT_PROMPT,
@@ -438,8 +439,8 @@ def describe_shards(urls: list[str], out_dir: str | Path, describer: Any, *, cou
     write_sidecar(urls, out, {k: cache[k] for k in selected if is_done(cache.get(k), version, model)},
                   clips_per_shard, source_record={"prompt_version": version, "model": model})
     summary.elapsed_s = time.perf_counter() - start
-    _write_atomic(out / SUMMARY, json.dumps(asdict(summary), indent=2))
-    _write_atomic(out / SUCCESS, json.dumps({"prompt_version": version, "model": model, "count": count,
+    write_atomic(out / SUMMARY, json.dumps(asdict(summary), indent=2))
+    write_atomic(out / SUCCESS, json.dumps({"prompt_version": version, "model": model, "count": count,
                                              "fraction": fraction, "seed": seed, "sources": _sources(urls)},
                                             sort_keys=True))
     return summary
@@ -494,14 +495,10 @@ def write_sidecar(urls: list[str], out: Path, records: dict[str, dict[str, Any]]
             stale.unlink()
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "shards": shards,
                 "samples_per_shard": counts, "total": sum(counts), "sources": _sources(urls), **source_record}
-    _write_atomic(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
+    write_atomic(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
     return shards
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def described_is_complete(out_dir: str | Path, expected: dict[str, Any]) -> bool:

@@ -29,6 +29,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from vaemo_dist.dist import barrier
+from vaemo_dist.fsutil import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +45,6 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -91,17 +85,17 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)  # debris of an earlier crash at this step
     barrier()
     engine.save_checkpoint(str(ckpt_root), tag=TMP_PREFIX + tag, save_latest=False)
-    _write_atomic(tmp / f"vaemo_rank{rank:05d}.json", json.dumps({"step": step, **state}, indent=1))
+    write_atomic(tmp / f"vaemo_rank{rank:05d}.json", json.dumps({"step": step, **state}, indent=1))
     save_file(rng_state(), str(tmp / f"rng_rank{rank:05d}.safetensors"))
     if rank == 0:
-        _write_atomic(tmp / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+        write_atomic(tmp / "config.yaml", yaml.safe_dump(config, sort_keys=False))
     barrier()
     if rank == 0:
         if final.exists():  # the same step written again after a resume: replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(ckpt_root)
-        _write_atomic(ckpt_root / LATEST, tag)
+        write_atomic(ckpt_root / LATEST, tag)
         _prune(ckpt_root, keep_last)
     barrier()
     return final
