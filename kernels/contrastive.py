@@ -26,7 +26,7 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
-from kernels.reference import gather_with_grad
+from kernels.reference import gather_global
 
 # Rows x columns per logits tile. The whole embedding (padded to a power of two) is held per tile,
 # which suits the E = 128..512 of contrastive heads.
@@ -225,11 +225,5 @@ def contrastive_loss(
         raise ValueError(f"a and v must both be [n, E], got {tuple(a.shape)} and {tuple(v.shape)}")
     if not torch.is_tensor(logit_scale):
         logit_scale = torch.tensor(float(logit_scale), device=a.device)
-    rank, world = 0, 1
-    if dist.is_available() and dist.is_initialized():
-        rank, world = dist.get_rank(group), dist.get_world_size(group)
-    if world > 1:
-        all_a, all_v = gather_with_grad(a, group), gather_with_grad(v, group)
-    else:
-        all_a, all_v = a, v
-    return _FusedInfoNCE.apply(a, v, all_a, all_v, logit_scale, rank * a.shape[0], block_m, block_n)
+    all_a, all_v, offset = gather_global(a, v, group)
+    return _FusedInfoNCE.apply(a, v, all_a, all_v, logit_scale, offset, block_m, block_n)

@@ -63,8 +63,9 @@ def gather_with_grad(x: torch.Tensor, group: dist.ProcessGroup | None = None) ->
 
 
 def gather_global(a: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Both embeddings over the global batch (with gradient) and this rank's labels into it."""
+                  ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Both embeddings over the global batch (with gradient), and where this rank's rows start in it
+    (the label of local row i is i + offset)."""
     rank, world = 0, 1
     if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(group), dist.get_world_size(group)
@@ -72,7 +73,7 @@ def gather_global(a: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup | N
         a_all, v_all = gather_with_grad(a, group), gather_with_grad(v, group)
     else:
         a_all, v_all = a, v
-    return a_all, v_all, torch.arange(a.shape[0], device=a.device) + rank * a.shape[0]
+    return a_all, v_all, rank * a.shape[0]
 
 
 def contrastive_loss(
@@ -88,7 +89,8 @@ def contrastive_loss(
     offset by rank * n_local. The mean of this loss over ranks equals the single-process loss over
     the global batch. Assumes the same n_local on every rank.
     """
-    all_a, all_v, labels = gather_global(a, v, group)
+    all_a, all_v, offset = gather_global(a, v, group)
+    labels = torch.arange(a.shape[0], device=a.device) + offset
     logits_a2v = logit_scale * a @ all_v.T
     logits_v2a = logit_scale * v @ all_a.T
     return (F.cross_entropy(logits_a2v, labels) + F.cross_entropy(logits_v2a, labels)) / 2
@@ -115,7 +117,8 @@ def contrastive_loss_chunked(
     logits matmul per block in the backward.
     """
     n = a.shape[0]
-    all_a, all_v, labels = gather_global(a, v, group)
+    all_a, all_v, offset = gather_global(a, v, group)
+    labels = torch.arange(a.shape[0], device=a.device) + offset
     total = a.new_zeros(())
     for start in range(0, n, chunk):
         rows = slice(start, start + chunk)

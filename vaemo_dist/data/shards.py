@@ -22,8 +22,10 @@ import os
 import random
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
+from webdataset import TarWriter
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from vaemo_dist.data import storage
@@ -173,3 +175,40 @@ def iter_slot(
             raise ShardError(f"slot {slot}/{n_slots} read no samples in epoch {epoch} "
                              f"from {len(plan)} shards")
         epoch, first_shard = epoch + 1, 0
+
+
+class ShardSetWriter:
+    """Write samples into `shard-000000.tar`, `shard-000001.tar`, ... of a local folder, at most
+    `per_shard` samples each. A shard is written under a temporary name and renamed when complete,
+    so a shard name only ever points at a whole tar. Fixed mtime and no re-encoding: the same samples
+    give byte-identical shards."""
+
+    def __init__(self, out: Path | str, per_shard: int) -> None:
+        self.out, self.per_shard = Path(out), per_shard
+        self.shards: list[str] = []
+        self.counts: list[int] = []
+        self._writer: TarWriter | None = None
+        self._tmp: Path | None = None
+
+    def write(self, sample: dict[str, Any]) -> None:
+        if not self.counts or self.counts[-1] >= self.per_shard:
+            self._close_shard()
+            self.shards.append(f"shard-{len(self.shards):06d}.tar")
+            self.counts.append(0)
+            self._tmp = self.out / f".{self.shards[-1]}.tmp-{os.getpid()}"
+            self._writer = TarWriter(str(self._tmp), encoder=False, mtime=0.0)
+        self._writer.write(sample)
+        self.counts[-1] += 1
+
+    def _close_shard(self) -> None:
+        if self._writer is not None and self._tmp is not None:
+            self._writer.close()
+            os.replace(self._tmp, self.out / self.shards[-1])
+            self._writer = None
+
+    def close(self) -> None:
+        """Publish the last shard and remove shards of an earlier, larger build of this folder."""
+        self._close_shard()
+        for stale in self.out.glob("shard-*.tar"):
+            if stale.name not in self.shards:
+                stale.unlink()

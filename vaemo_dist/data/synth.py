@@ -38,10 +38,10 @@ from typing import Any
 
 import av
 import numpy as np
-import webdataset as wds
 from tqdm import tqdm
 
 from vaemo_dist.config import SynthConfig
+from vaemo_dist.data.shards import ShardSetWriter
 from vaemo_dist.fsutil import write_atomic
 
 FPS = 25
@@ -55,10 +55,6 @@ CLASS_NAMES = ["neutral", "happy", "sad", "angry", "fearful", "surprised", "disg
 
 def class_name(label: int) -> str:
     return CLASS_NAMES[label] if label < len(CLASS_NAMES) else f"class-{label}"
-
-
-def shard_name(index: int) -> str:
-    return f"shard-{index:06d}.tar"
 
 
 def clip_key(index: int) -> str:
@@ -336,34 +332,14 @@ def build_corpus(cfg: SynthConfig, out_dir: str | Path, *, progress: bool = True
     if workers is None:
         workers = (os.cpu_count() or 1) if cfg.clips >= 32 else 1
 
-    shards: list[str] = []
-    counts: list[int] = []
-    writer: wds.TarWriter | None = None
-    tmp: Path | None = None
-
-    def close_shard() -> None:
-        if writer is not None and tmp is not None:
-            writer.close()
-            os.replace(tmp, out / shards[-1])  # a shard name only ever points at a complete tar
-
+    shard_set = ShardSetWriter(out, cfg.clips_per_shard)
     bar = tqdm(total=cfg.clips, desc=f"synth {out.name}", unit="clip", disable=not progress)
-    for i, sample in enumerate(_clips(cfg, workers)):
-        if i % cfg.clips_per_shard == 0:
-            close_shard()
-            shards.append(shard_name(len(shards)))
-            counts.append(0)
-            tmp = out / f".{shards[-1]}.tmp-{os.getpid()}"
-            # Fixed mtime and no re-encoding: the same config gives byte-identical shards.
-            writer = wds.TarWriter(str(tmp), encoder=False, mtime=0.0)
-        writer.write(sample)
-        counts[-1] += 1
+    for sample in _clips(cfg, workers):
+        shard_set.write(sample)
         bar.update(1)
-    close_shard()
+    shard_set.close()
     bar.close()
-
-    for stale in out.glob("shard-*.tar"):
-        if stale.name not in shards:
-            stale.unlink()
+    shards, counts = shard_set.shards, shard_set.counts
     labels = clip_labels(cfg)
     manifest = {
         "shards": shards,

@@ -41,10 +41,10 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
-import webdataset as wds
 import yaml
 from tqdm import tqdm
 
+from vaemo_dist.data.shards import ShardSetWriter
 from vaemo_dist.fsutil import write_atomic
 from vaemo_dist.text import media
 from vaemo_dist.text.prompt import (
@@ -462,37 +462,19 @@ def desc_record(record: dict[str, Any]) -> dict[str, Any]:
 def write_sidecar(urls: list[str], out: Path, records: dict[str, dict[str, Any]], clips_per_shard: int,
                   source_record: dict[str, Any]) -> list[str]:
     """Copy the media of the described clips into `out`'s shards, each with its <key>.desc.json."""
-    shards: list[str] = []
-    counts: list[int] = []
-    writer: wds.TarWriter | None = None
-    tmp: Path | None = None
-
-    def close() -> None:
-        if writer is not None and tmp is not None:
-            writer.close()
-            os.replace(tmp, out / shards[-1])  # a shard name only ever points at a complete tar
-
+    shard_set = ShardSetWriter(out, clips_per_shard)
     written: set[str] = set()
     for sample in iter_samples(urls) if records else ():
         key = sample["__key__"]
         if key not in records or key in written:
             continue
-        if not counts or counts[-1] >= clips_per_shard:
-            close()
-            shards.append(f"shard-{len(shards):06d}.tar")
-            counts.append(0)
-            tmp = out / f".{shards[-1]}.tmp-{os.getpid()}"
-            writer = wds.TarWriter(str(tmp), encoder=False, mtime=0.0)
         entry = {k: v for k, v in sample.items() if not k.startswith("__") and k != DESC_EXT}
         entry["__key__"] = key
         entry[DESC_EXT] = json.dumps(desc_record(records[key]), ensure_ascii=False, sort_keys=True).encode()
-        writer.write(entry)
+        shard_set.write(entry)
         written.add(key)
-        counts[-1] += 1
-    close()
-    for stale in out.glob("shard-*.tar"):
-        if stale.name not in shards:
-            stale.unlink()
+    shard_set.close()
+    shards, counts = shard_set.shards, shard_set.counts
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "shards": shards,
                 "samples_per_shard": counts, "total": sum(counts), "sources": _sources(urls), **source_record}
     write_atomic(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
