@@ -98,6 +98,14 @@ class DataConfig:
     s3_endpoint: str = ""  # S3 endpoint URL; "" = AWS_ENDPOINT_URL or AWS. Credentials: AWS env/profile
     io_retries: int = 10  # botocore attempts per storage request (then reopen-and-seek with backoff)
     log_keys: str = ""  # debug: a folder; each rank appends the keys it trains on to keys-rank<R>.txt
+    # Global batch (all data-parallel ranks x grad_accum); 0: not set. When set, it must equal
+    # batch_size x grad_accum x data-parallel size, checked before any process group starts.
+    global_batch_size: int = 0
+    decode_timeout_s: float = 60.0  # one clip's decode longer than this is skipped as a hang
+    # Clips shorter than min_clip_s are skipped; a clip shorter than the sampled window (but not than
+    # this) repeats its last frame.
+    min_clip_s: float = 0.5
+    max_clip_s: float = 3600.0  # clips longer than this are skipped before decoding
 
 
 @dataclass
@@ -169,7 +177,10 @@ class TrainConfig:
     out_dir: str = "runs"
     run_name: str = "stage1-tiny"
     resume: str = ""  # "", "latest", or a checkpoint folder
-    dist_timeout_s: int = 600
+    dist_timeout_s: int = 600  # collectives that wait longer than this fail (a dead or hung peer)
+    # A step whose loss or gradient is not finite is skipped and counted; this many in a row stop
+    # the run with an error.
+    max_nonfinite_steps: int = 5
 
 
 @dataclass
@@ -185,6 +196,20 @@ class WandbConfig:
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: online iff a key is set
     project: str = "vaemo"
     entity: str = ""
+
+
+@dataclass
+class EvalConfig:
+    """Online evaluation during pretraining (docs/scaling.md): every `every` steps, on held-out clips."""
+
+    every: int = 0  # steps between evaluations; 0: off
+    # Labelled held-out clips. "synthetic": a corpus like data.synth with another seed, built on
+    # first use next to it; otherwise shards as in data.shards (labels from their json).
+    shards: str = "synthetic"
+    clips: int = 64  # held-out clips used (probe: half fit, half scored; retrieval and rec loss: all)
+    batch_size: int = 16
+    pictures: int = 4  # clips shown in the reconstruction PNG; 0: no pictures
+    probe_l2: float = 1e-2  # ridge penalty of the closed-form linear probe
 
 
 @dataclass
@@ -223,6 +248,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     stage2: Stage2Config = field(default_factory=Stage2Config)
 
     def to_dict(self) -> dict[str, Any]:
@@ -407,6 +433,15 @@ def validate(cfg: Config) -> None:
     _check(cfg.data.dali_threads >= 0, "data.dali_threads", "must be >= 0")
     _check(cfg.data.io_retries >= 1, "data.io_retries", "must be >= 1")
     _check(0.0 <= cfg.data.max_skip_fraction <= 1.0, "data.max_skip_fraction", "must be in [0, 1]")
+    _check(cfg.data.global_batch_size >= 0, "data.global_batch_size", "must be >= 0 (0: not set)")
+    _check(cfg.data.decode_timeout_s > 0, "data.decode_timeout_s", "must be > 0")
+    _check(0.0 <= cfg.data.min_clip_s < cfg.data.max_clip_s, "data.min_clip_s",
+           f"{cfg.data.min_clip_s} must be >= 0 and below data.max_clip_s ({cfg.data.max_clip_s})")
+    _check(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
+    e = cfg.eval
+    _check(e.every >= 0, "eval.every", "must be >= 0 (0: off)")
+    _check(e.clips >= 4 and e.batch_size >= 1 and e.pictures >= 0, "eval",
+           "clips >= 4, batch_size >= 1, pictures >= 0")
     _check(len(cfg.optim.betas) == 2, "optim.betas", "needs two values")
     s = cfg.data.synth
     _check(s.clips >= 1 and s.clips_per_shard >= 1 and s.classes >= 2, "data.synth",
@@ -424,6 +459,21 @@ def validate(cfg: Config) -> None:
         shards = cfg.data.shards
         _check(shards != "synthetic" and "," not in shards and "://" not in shards, "data.shards",
                f"{shards!r}: with stage2.describe_synthetic it names the local folder of the described set")
+
+
+def validate_world(cfg: Config, world_size: int) -> None:
+    """Checks that need the number of processes (WORLD_SIZE, known before the process group starts)."""
+    tp = cfg.parallel.tensor
+    _check(world_size % tp == 0, "parallel.tensor", f"{tp} must divide the world size ({world_size})")
+    gb, accum, micro = cfg.data.global_batch_size, cfg.train.grad_accum, cfg.data.batch_size
+    if gb:
+        dp = world_size // tp
+        _check(gb % dp == 0, "data.global_batch_size",
+               f"{gb} is not divisible by the data-parallel size {dp} (world {world_size} / tensor {tp})")
+        hint = f"; set data.batch_size={gb // dp // accum}" if (gb // dp) % accum == 0 else ""
+        _check(gb == micro * accum * dp, "data.global_batch_size",
+               f"{gb} != data.batch_size ({micro}) x train.grad_accum ({accum}) x data-parallel size "
+               f"({dp}) = {micro * accum * dp}{hint}")
 
 
 def _check(ok: bool, key: str, why: str) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from vaemo_dist.config import Config, ConfigError, DataConfig, load_config
+from vaemo_dist.config import Config, ConfigError, DataConfig, load_config, validate_world
 
 log = logging.getLogger("vaemo")
 
@@ -61,6 +61,7 @@ def run_stage(name: str, build: Callable[[Config, Any], tuple[torch.nn.Module, A
         cfg = load_config(args.config, args.overrides)
         if args.resume is not None:
             cfg.train.resume = args.resume
+        validate_world(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)
