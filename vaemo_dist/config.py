@@ -207,6 +207,9 @@ class EvalConfig:
     # first use next to it; otherwise shards as in data.shards (labels from their json).
     shards: str = "synthetic"
     clips: int = 64  # held-out clips used (probe: half fit, half scored; retrieval and rec loss: all)
+    # Synthetic held-out classes; 0: as data.synth. More classes (e.g. 32) make neighbouring classes
+    # close, so the probe does not saturate at chance-free 100% on the easy 4-class set.
+    classes: int = 0
     batch_size: int = 16
     pictures: int = 4  # clips shown in the reconstruction PNG; 0: no pictures
     probe_l2: float = 1e-2  # ridge penalty of the closed-form linear probe

@@ -8,6 +8,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -66,11 +67,20 @@ def run_stage(name: str, build: Callable[[Config, Any], tuple[torch.nn.Module, A
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)
 
-    exit_code = 0
+    from vaemo_dist.watchdog import PeerWatch, describe_failure
+
+    exit_code, watch = 0, None
     try:
         info = dist.init_distributed(cfg.train.dist_timeout_s, cfg.parallel.tensor)
+        if info.world_size > 1:
+            ckpt_root = Path(cfg.train.out_dir) / cfg.train.run_name / "checkpoints"
+            watch = PeerWatch(info.rank, info.world_size, ckpt_root).start()
         if info.local_rank == 0:  # once per node
             prepare_synthetic(cfg.data)
+            if cfg.eval.every:
+                from vaemo_dist.eval.online import prepare_online_eval
+
+                prepare_online_eval(cfg)
             if prepare is not None:
                 prepare(cfg)
         dist.barrier()  # the corpus is complete on this node before anyone reads it
@@ -88,10 +98,15 @@ def run_stage(name: str, build: Callable[[Config, Any], tuple[torch.nn.Module, A
         model = parallelize(model, cfg.parallel)
         cost = account(cfg.model, cfg.inputs)
         final = Trainer(cfg, model, compute_loss, urls, info, flops_per_sample=cost.train_flops,
-                        tokens_per_sample=cost.tokens).fit()
+                        tokens_per_sample=cost.tokens, watch=watch).fit()
         if info.is_main:
             log.info("%s finished: %s", name, {k: round(v, 5) for k, v in final.items()})
-    except Exception:  # noqa: BLE001 - report and leave with a non-zero code instead of hanging peers
+    except Exception as e:  # noqa: BLE001 - report and leave with a non-zero code instead of hanging peers
         log.error("%s failed on rank %d:\n%s", name, rank, traceback.format_exc())
+        peer_trouble = describe_failure(watch, e)
+        if peer_trouble:
+            log.error(peer_trouble)
         exit_code = 1
+    if watch is not None:
+        watch.stop()  # peers finishing a moment earlier is not a failure
     dist.shutdown(exit_code)

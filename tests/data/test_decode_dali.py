@@ -4,6 +4,7 @@ import dataclasses
 import itertools
 import json
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from vaemo_dist.data.decode_dali import DaliDecoder, prepare_sample  # noqa: E40
 from vaemo_dist.data.decode_pyav import decode_sample  # noqa: E402
 from vaemo_dist.data.loader import BatchLoader, DataState, PendingBatch, build_loader  # noqa: E402
 from vaemo_dist.data.synth import build_corpus, encode_audio, encode_video, synth_audio, synth_video  # noqa: E402
-from vaemo_dist.data.types import DecodeError  # noqa: E402
+from vaemo_dist.data.types import DecodeError, DecodeLimits  # noqa: E402
 
 DB_PER_NEPER = 10.0 / math.log(10.0)
 
@@ -103,19 +104,23 @@ def test_parity_with_crop_downscale_and_short_clip():
 def test_bad_samples_are_refused_before_dali_with_reasons():
     inputs = small_inputs()
     good = av_sample("good")
-    cases = {
-        "truncated": ({**good, "webm": good["webm"][: len(good["webm"]) // 2]}, "video truncated"),
-        "garbage": ({**good, "webm": b"\x1aE\xdf\xa3garbage" * 30}, "video"),
-        "no-audio": ({k: v for k, v in good.items() if k != "flac"}, "no audio"),
-        "bad-audio": ({**good, "flac": b"fLaC" + b"\x00" * 50}, "audio"),
-        "rate": (av_sample("rate", rate=8000), "sample rate 8000"),
-        "short-audio": (av_sample("sa", seconds=0.5), "audio truncated"),
-        "h264-on-cpu": (av_sample("h", codec="h264"), "data.decoder=pyav"),
-        "bad-json": ({**good, "json": b"{not json"}, "json"),
+    half = good["webm"][: len(good["webm"]) // 2]
+    cases = {  # name: (sample, reason, kind)
+        "truncated": ({**good, "webm": half}, "video truncated", "truncated"),
+        "garbage": ({**good, "webm": b"\x1aE\xdf\xa3garbage" * 30}, "video", "corrupt"),
+        "empty": ({**good, "webm": b""}, "empty", "empty"),
+        "no-audio": ({k: v for k, v in good.items() if k != "flac"}, "no audio", "no_audio"),
+        "no-video": ({k: v for k, v in good.items() if k != "webm"}, "no video", "no_video"),
+        "bad-audio": ({**good, "flac": b"fLaC" + b"\x00" * 50}, "audio", "corrupt"),
+        "rate": (av_sample("rate", rate=8000), "sample rate 8000", "sample_rate"),
+        "short-audio": (av_sample("sa", seconds=0.5), "audio truncated", "truncated"),
+        "h264-on-cpu": (av_sample("h", codec="h264"), "data.decoder=pyav", "codec"),
+        "bad-json": ({**good, "json": b"{not json"}, "json", "metadata"),
     }
-    for name, (sample, reason) in cases.items():
-        with pytest.raises(DecodeError, match=reason):
+    for name, (sample, reason, kind) in cases.items():
+        with pytest.raises(DecodeError, match=reason) as info:
             prepare_sample({**sample, "__key__": name}, inputs, gpu=False)
+        assert info.value.kind == kind, (name, info.value.kind, info.value.reason)
     # H.264 is fine for the GPU backend (NVDEC): the probe passes it.
     assert prepare_sample(av_sample("h", codec="h264"), inputs, gpu=True).meta["codec"] == "h264"
 
@@ -135,6 +140,36 @@ def test_a_pipeline_that_raises_is_rebuilt_and_only_the_culprit_is_lost():
     assert torch.allclose(out.video[[0, 2]], reference.video[[0, 2]])
     again = decoder.decode(good)  # the rebuilt pipeline works
     assert torch.equal(again.video, reference.video) and torch.equal(again.audio, reference.audio)
+
+
+@pytest.mark.parametrize("json_length", [True, False], ids=["json", "container"])
+def test_clip_length_limits_before_demuxing(json_length):
+    inputs = small_inputs()
+    limits = DecodeLimits(min_clip_s=0.5, max_clip_s=2.0)
+
+    def sample(key, n_frames):
+        s = av_sample(key, n_frames=n_frames, width=32, height=32)
+        if not json_length:  # the Matroska header's duration instead
+            s["json"] = json.dumps({"label": 1}).encode()
+        return s
+
+    for key, n_frames, kind, text in [("tiny", 3, "too_short", "0.12 s long, shorter than data.min_clip_s"),
+                                      ("long", 60, "too_long", "2.4 s long, longer than data.max_clip_s")]:
+        with pytest.raises(DecodeError, match=f"{key}: clip is {text}") as info:
+            prepare_sample(sample(key, n_frames), inputs, gpu=False, limits=limits)
+        assert info.value.kind == kind
+    assert prepare_sample(sample("ok", 30), inputs, gpu=False, limits=limits).frame_indices == [8, 12, 16, 20]
+
+
+def test_a_probe_past_the_time_limit_is_abandoned(monkeypatch):
+    import vaemo_dist.data.decode_dali as decode_dali
+
+    slow = decode_dali._prepare
+    monkeypatch.setattr(decode_dali, "_prepare", lambda *a: time.sleep(10.0) or slow(*a))
+    t0 = time.monotonic()
+    with pytest.raises(DecodeError, match="k: abandoned after 0.2 s") as info:
+        prepare_sample(av_sample("k"), small_inputs(), gpu=False, limits=DecodeLimits(timeout_s=0.2))
+    assert info.value.kind == "timeout" and time.monotonic() - t0 < 5.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,7 +213,8 @@ def test_dali_loader_batches_skips_and_names(vp9_shards):
     assert batches[0].video.dtype == torch.float32 and batches[0].label.dtype == torch.long
     keys = [k for b in batches for k in b.keys]
     assert "x-good" in keys and "x-truncated" not in keys and "x-noaudio" not in keys
-    assert state.totals()["decode"] == 2
+    totals = state.totals()
+    assert totals["decode"] == 2 and totals["decode/truncated"] == 1 and totals["decode/empty"] == 1
     assert any("x-truncated" in line and "truncated" in line for line in state.recent_bad)
 
 
@@ -205,4 +241,6 @@ def test_late_failures_keep_the_batch_size_and_are_counted(vp9_shards):
     loader = BatchLoader([pending], dali_cfg(0), inputs, 0)
     (batch,) = list(loader)
     assert len(batch) == 3 and batch.video.shape[0] == 3 and batch.keys[2].endswith("#repeat")
-    assert batch.state["counts"]["decode"] == 2 and any("hopeless" in b for b in batch.state["bad"])
+    # Counted by PyAV's verdict on the media (garbage FLAC), named with its shard.
+    assert batch.state["counts"]["decode"] == 2 and batch.state["counts"]["decode/corrupt"] == 1
+    assert any(b.startswith(f"hopeless ({items[1].url}): DALI") for b in batch.state["bad"])

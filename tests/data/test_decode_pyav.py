@@ -1,5 +1,8 @@
 import json
 import math
+import pickle
+import signal
+import time
 
 import numpy as np
 import pytest
@@ -10,7 +13,7 @@ from vaemo_dist.config import InputConfig
 from vaemo_dist.data.audio import LOG_FLOOR
 from vaemo_dist.data.decode_pyav import decode_sample, sample_indices
 from vaemo_dist.data.synth import encode_audio, encode_video
-from vaemo_dist.data.types import Clip, DecodeError
+from vaemo_dist.data.types import DECODE_KINDS, Clip, DecodeError, DecodeLimits
 
 INPUTS = InputConfig()  # 16 frames, stride 4, 160 px, 256 x 128 log-mel
 SR = 16000
@@ -169,38 +172,53 @@ def _without(sample: dict, name: str) -> dict:
     return {k: v for k, v in sample.items() if k != name}
 
 
-BAD_CASES = {
-    "no video": (lambda s: _without(s, "mp4"), "no video"),
-    "no audio": (lambda s: _without(s, "flac"), "no audio"),
-    "empty video": (lambda s: {**s, "mp4": b""}, "empty"),
-    "empty audio": (lambda s: {**s, "flac": b""}, "empty"),
-    "garbage video": (lambda s: {**s, "mp4": b"\x00garbage" * 100}, "video"),
-    "garbage audio": (lambda s: {**s, "flac": b"fLaC-not-really" * 50}, "audio"),
-    "truncated video bytes": (lambda s: {**s, "mp4": s["mp4"][: len(s["mp4"]) // 2]}, "video"),
-    "truncated audio bytes": (lambda s: {**s, "flac": s["flac"][: len(s["flac"]) // 3]}, "audio"),
-    "video is text": (lambda s: {**s, "mp4": "not bytes"}, "not bytes"),
-    "audio holds video": (lambda s: {**s, "flac": s["mp4"]}, "no audio stream"),
-    "video holds audio": (lambda s: {**s, "mp4": s["flac"]}, "no video stream"),
-    "unparsable json": (lambda s: {**s, "json": b"{'frames': 80,"}, "unparsable json"),
-    "json not an object": (lambda s: {**s, "json": b"[1, 2]"}, "expected an object"),
-    "json bad label": (lambda s: {**s, "json": b'{"label": "happy"}'}, "label"),
-    "json bad frames": (lambda s: {**s, "json": b'{"frames": 2.5}'}, "frames"),
+BAD_CASES = {  # name: (corruption, words of the reason, kind)
+    "no video": (lambda s: _without(s, "mp4"), "no video", "no_video"),
+    "no audio": (lambda s: _without(s, "flac"), "no audio", "no_audio"),
+    "empty video": (lambda s: {**s, "mp4": b""}, "empty", "empty"),
+    "empty audio": (lambda s: {**s, "flac": b""}, "empty", "empty"),
+    "garbage video": (lambda s: {**s, "mp4": b"\x00garbage" * 100}, "video", "corrupt"),
+    "garbage audio": (lambda s: {**s, "flac": b"fLaC-not-really" * 50}, "audio", "corrupt"),
+    # Cut before its index (moov): FFmpeg says "invalid data" as for garbage; the box walk knows better.
+    "truncated video bytes": (lambda s: {**s, "mp4": s["mp4"][: len(s["mp4"]) // 2]}, "cut short",
+                              "truncated"),
+    "garbage after the mp4 header": (lambda s: {**s, "mp4": s["mp4"][:32] + b"\x00garbage" * 100}, "video",
+                                     "corrupt"),
+    "truncated audio bytes": (lambda s: {**s, "flac": s["flac"][: len(s["flac"]) // 3]}, "audio truncated",
+                              "truncated"),
+    "video is text": (lambda s: {**s, "mp4": "not bytes"}, "not bytes", "corrupt"),
+    "audio holds video": (lambda s: {**s, "flac": s["mp4"]}, "no audio stream", "no_audio"),
+    "video holds audio": (lambda s: {**s, "mp4": s["flac"]}, "no video stream", "no_video"),
+    "unparsable json": (lambda s: {**s, "json": b"{'frames': 80,"}, "unparsable json", "metadata"),
+    "json not an object": (lambda s: {**s, "json": b"[1, 2]"}, "expected an object", "metadata"),
+    "json bad label": (lambda s: {**s, "json": b'{"label": "happy"}'}, "label", "metadata"),
+    "json bad frames": (lambda s: {**s, "json": b'{"frames": 2.5}'}, "frames", "metadata"),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_CASES))
 def test_bad_input_raises_decode_error_naming_the_key(good, case):
-    corrupt, reason = BAD_CASES[case]
+    corrupt, reason, kind = BAD_CASES[case]
     with pytest.raises(DecodeError) as info:
         decode_sample(corrupt({**good, "__key__": "bad-clip-7"}), INPUTS)
     assert info.value.key == "bad-clip-7" and "bad-clip-7" in str(info.value)
     assert reason in info.value.reason, info.value.reason
+    assert info.value.kind == kind, (info.value.kind, info.value.reason)
+
+
+def test_decode_error_kinds_are_fixed_and_survive_pickling():
+    e = pickle.loads(pickle.dumps(DecodeError("k", "why", kind="too_long")))
+    assert (e.key, e.reason, e.kind, str(e)) == ("k", "why", "too_long", "k: why")
+    assert DecodeError("k", "why").kind == "other" and set(DECODE_KINDS) >= {"timeout", "truncated"}
+    with pytest.raises(ValueError, match="unknown decode error kind"):
+        DecodeError("k", "why", kind="bad")
 
 
 def test_fewer_frames_than_promised_is_truncation():
     sample = make_sample(key="short-stream", n_frames=20, meta={"frames": 80, "duration": 0.8})
-    with pytest.raises(DecodeError, match="short-stream: video truncated: decoded 20 frames but 80"):
+    with pytest.raises(DecodeError, match="short-stream: video truncated: decoded 20 frames but 80") as info:
         decode_sample(sample, INPUTS)
+    assert info.value.kind == "truncated"
     # A couple of frames short of the promise is tolerated (edge padding), not an error.
     assert decode_sample(make_sample(n_frames=78, meta={"frames": 80}), INPUTS).video.shape[1] == 16
 
@@ -213,8 +231,67 @@ def test_shorter_audio_than_promised_is_truncation():
 
 def test_other_sample_rate_is_refused_for_now():
     sample = make_sample(key="8k", audio_rate=8000, meta={"sample_rate": 8000})
-    with pytest.raises(DecodeError, match="8000 Hz.*resampling"):
+    with pytest.raises(DecodeError, match="8000 Hz.*resampling") as info:
         decode_sample(sample, INPUTS)
+    assert info.value.kind == "sample_rate"
+
+
+# --------------------------------------------------------------------------------------------
+# Limits: clip length from metadata, decode time
+
+LIMITS = DecodeLimits(min_clip_s=0.5, max_clip_s=2.0, timeout_s=30.0)
+
+
+def _no_length_in_json(sample: dict) -> dict:
+    meta = json.loads(sample["json"])
+    del meta["frames"], meta["duration"]
+    return {**sample, "json": json.dumps(meta).encode()}
+
+
+@pytest.mark.parametrize("codec", ["h264", "vp9"])
+@pytest.mark.parametrize("json_length", [True, False], ids=["json", "container"])
+def test_clip_length_limits(codec, json_length):
+    adjust = (lambda s: s) if json_length else _no_length_in_json  # else mp4 index / Matroska duration
+    short = adjust(make_sample("tiny", n_frames=3, codec=codec))  # 0.12 s
+    long = adjust(make_sample("long", n_frames=60, codec=codec))  # 2.4 s
+    with pytest.raises(DecodeError, match="tiny: clip is 0.12 s long, shorter than data.min_clip_s") as info:
+        decode_sample(short, INPUTS, LIMITS)
+    assert info.value.kind == "too_short"
+    with pytest.raises(DecodeError, match="long: clip is 2.4 s long, longer than data.max_clip_s") as info:
+        decode_sample(long, INPUTS, LIMITS)
+    assert info.value.kind == "too_long"
+    # Between min_clip_s and the 61-frame window: edge padding, as without limits.
+    clip = decode_sample(adjust(make_sample(n_frames=30, codec=codec)), INPUTS, LIMITS)
+    assert frame_numbers(clip.video) == [0, 4, 8, 12, 16, 20, 24, 28] + [29] * 8
+    assert decode_sample(short, INPUTS).video.shape == (3, 16, 160, 160)  # no limits by default
+
+
+def test_long_audio_is_refused_before_decoding():
+    # Short video, an hour of audio would be decoded whole: the FLAC header's length refuses it.
+    sample = make_sample("long-audio", n_frames=30, wave=np.zeros(3 * SR))
+    with pytest.raises(DecodeError, match="audio is 3 s long, longer than") as info:
+        decode_sample(sample, INPUTS, LIMITS)
+    assert info.value.kind == "too_long"
+
+
+def test_a_decode_past_the_time_limit_is_abandoned(monkeypatch, good):
+    import vaemo_dist.data.decode_pyav as decode_pyav
+
+    slow = decode_pyav._decode
+
+    def sleepy(key, *args):
+        time.sleep(10.0)  # interrupted by the alarm
+        return slow(key, *args)
+
+    monkeypatch.setattr(decode_pyav, "_decode", sleepy)
+    before = signal.getsignal(signal.SIGALRM)
+    t0 = time.monotonic()
+    with pytest.raises(DecodeError, match="abandoned after 0.2 s") as info:
+        decode_sample(good, INPUTS, DecodeLimits(timeout_s=0.2))
+    assert info.value.kind == "timeout" and time.monotonic() - t0 < 5.0
+    assert signal.getsignal(signal.SIGALRM) is before and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    monkeypatch.setattr(decode_pyav, "_decode", slow)
+    assert decode_sample(good, INPUTS, DecodeLimits(timeout_s=30.0)).video.shape == (3, 16, 160, 160)
 
 
 @pytest.mark.parametrize("codec", ["h264", "vp9"])

@@ -6,6 +6,7 @@ import webdataset as wds
 from vaemo_dist.config import DataConfig, InputConfig, SynthConfig
 from vaemo_dist.data.loader import DataState, build_loader
 from vaemo_dist.data.synth import build_corpus
+from vaemo_dist.data.types import DECODE_KINDS
 
 INPUTS = InputConfig()
 INPUTS.video.frames, INPUTS.video.size = 4, 32
@@ -61,8 +62,26 @@ def test_bad_clips_are_skipped_counted_and_named(shards):
     batches = take(build_loader(shards, data_cfg(0), INPUTS, 0, 1), 10, state)  # 30 > 26 good clips
     keys = [k for b in batches for k in b.keys]
     assert "b-broken" not in keys and "d-noaudio" not in keys and "a-good" in keys
-    assert state.totals()["decode"] >= 2
-    assert any("b-broken" in line for line in state.recent_bad)
+    totals = state.totals()
+    # Once or twice each (the 10 batches reach into the second epoch).
+    assert totals["decode/corrupt"] == totals["decode/empty"] >= 1
+    assert totals["decode"] == totals["decode/corrupt"] + totals["decode/empty"]
+    assert {f"decode/{kind}" for kind in DECODE_KINDS} <= set(totals)  # zeros too: same keys on every rank
+    assert any(line.startswith("b-broken (") and "shard-000006.tar" in line for line in state.recent_bad)
+
+
+def test_checkpoints_without_per_kind_counts_still_resume(shards):
+    cfg = data_cfg(0)
+    state = DataState(0, 1)
+    take(build_loader(shards, cfg, INPUTS, 0, 1), 4, state)
+    old = state.to_dict()
+    old["counts"] = {w: {k: v for k, v in c.items() if "/" not in k} for w, c in old["counts"].items()}
+    resumed = DataState.from_dict(old)
+    assert resumed.totals()["decode/corrupt"] == 0 and resumed.totals()["decode"] == state.totals()["decode"]
+    take(build_loader(shards, cfg, INPUTS, 0, 1, resume=resumed), 6, resumed)
+    totals = resumed.totals()  # skips before the resume have no kind, later ones do
+    by_kind = sum(totals[f"decode/{kind}"] for kind in DECODE_KINDS)
+    assert totals["decode"] == by_kind + state.totals()["decode"]
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -82,16 +101,37 @@ def test_resume_with_another_layout_is_refused(shards):
         build_loader(shards, data_cfg(2), INPUTS, 0, 1, resume=DataState(1, 1))
 
 
+def log_cfg(tmp_path) -> DataConfig:
+    return DataConfig(shards="unused", batch_size=3, num_workers=2, shuffle_seed=5,
+                      log_keys=str(tmp_path / "k"))
+
+
 def test_log_keys_records_what_the_trainer_got_across_a_resume(shards, tmp_path):
-    cfg = DataConfig(shards="unused", batch_size=3, num_workers=2, shuffle_seed=5,
-                     log_keys=str(tmp_path / "k"))
+    cfg = log_cfg(tmp_path)
     state = DataState(2, 1)
     first = take(build_loader(shards, cfg, INPUTS, 0, 1), 3, state)
     resumed = take(build_loader(shards, cfg, INPUTS, 0, 1, resume=DataState.from_dict(state.to_dict())), 5)
-    logged = (tmp_path / "k" / "keys-rank0.txt").read_text().split()
-    assert logged == [k for b in first + resumed for k in b.keys]
+    text = (tmp_path / "k" / "keys-rank0.txt").read_text()
+    assert [line.split(" ") for line in text.splitlines()] == [b.keys for b in first + resumed]  # per batch
+    logged = text.split()
     # 8 batches x 3 = 24 samples of an epoch of 26 good clips: nothing repeated, nothing skipped.
     assert len(logged) == len(set(logged)) == 24
+
+
+def test_log_keys_drops_batches_after_the_checkpoint_on_resume(shards, tmp_path):
+    cfg = log_cfg(tmp_path)
+    path = tmp_path / "k" / "keys-rank0.txt"
+    state = DataState(2, 1)
+    crashed = iter(build_loader(shards, cfg, INPUTS, 0, 1))
+    first = take(crashed, 3, state)
+    checkpoint = DataState.from_dict(state.to_dict())  # saved after 3 batches...
+    take(crashed, 2, state)  # ...then 2 more handed out (prefetched, or trained) before a crash
+    assert len(path.read_text().splitlines()) == 5
+    resumed = take(build_loader(shards, cfg, INPUTS, 0, 1, resume=checkpoint), 4)
+    assert [line.split() for line in path.read_text().splitlines()] == [b.keys for b in first + resumed]
+    # A fresh start (no resume) starts a fresh file.
+    again = take(build_loader(shards, cfg, INPUTS, 0, 1), 1)
+    assert path.read_text().split() == again[0].keys
 
 
 def test_auto_decoder_is_pyav_without_a_gpu(shards):

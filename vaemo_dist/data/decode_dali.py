@@ -7,15 +7,19 @@ The work is split in two, so that DataLoader workers stay cheap and the GPU does
    the frame count the json promises), and compute everything sample-specific exactly as
    `decode_pyav` does: the frame indices of the centred window (`sample_indices`, edge padding),
    the centre square crop, and where the audio window starts. A bad sample raises `DecodeError`
-   here, where it is counted and named like on the PyAV path. DALI itself cannot be trusted to
-   refuse bad input: a truncated VP9 stream decodes to padded frames without an error.
+   (with the same kinds and `DecodeLimits` as the PyAV path: clip length from metadata before
+   demuxing, the per-sample time limit) here, where it is counted and named like on the PyAV path.
+   DALI itself cannot be trusted to refuse bad input: a truncated VP9 stream decodes to padded
+   frames without an error.
 2. `DaliDecoder.decode` (main process): one DALI pipeline fed through `external_source` with the
    bytes and the per-sample arguments; video decode (`mixed` on a GPU, `cpu` without one), crop,
    antialiased bilinear resize, normalisation to [3, T, S, S]; audio decode (CPU; DALI has no GPU
    audio decoder), crop/zero-pad to the window, then on the GPU: spectrogram (nfft, window, hop of
    `audio.mel_spec_params`), Slaney mel filter bank, natural log with a floor, normalisation.
    If DALI raises anyway, the pipeline is dead: it is rebuilt and the batch retried one sample at
-   a time, so only the culprit is lost (and then decoded by PyAV as a fallback).
+   a time, so only the culprit is lost (and then decoded by PyAV as a fallback, under the same
+   limits; the failure's kind is PyAV's). The DALI run itself has no time limit: it is C++ that a
+   signal handler cannot interrupt.
 
 Without a GPU the same graph runs on DALI's CPU backend (`device_id=None`), which decodes VP9,
 VP8 and MJPEG only: that is what the tests exercise, against the PyAV path.
@@ -23,7 +27,6 @@ VP8 and MJPEG only: that is what the tests exercise, against the PyAV path.
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import os
@@ -39,14 +42,18 @@ from vaemo_dist.data.audio import mel_spec_params
 from vaemo_dist.data.decode_pyav import (
     AUDIO_FIELDS,
     MIN_DECODED_FRACTION,
+    NO_LIMITS,
     VIDEO_FIELDS,
     _field,
     _optional_int,
     _read_json,
     decode_sample,
+    guarded,
+    media_seconds,
+    open_container,
     sample_indices,
 )
-from vaemo_dist.data.types import DecodeError
+from vaemo_dist.data.types import DecodeError, DecodeLimits
 
 log = logging.getLogger(__name__)
 
@@ -84,18 +91,19 @@ class Prepared:
     raw: dict[str, Any] = field(default_factory=dict)  # the sample's fields, for the PyAV fallback
 
 
-def prepare_sample(sample: dict[str, Any], inputs: InputConfig, gpu: bool) -> Prepared:
-    """Validate a WebDataset sample and compute its per-sample DALI arguments; raises DecodeError."""
+def prepare_sample(sample: dict[str, Any], inputs: InputConfig, gpu: bool,
+                   limits: DecodeLimits | None = None) -> Prepared:
+    """Validate a WebDataset sample and compute its per-sample DALI arguments; raises DecodeError.
+
+    `limits` (default: none) as for `decode_pyav.decode_sample`: clip length and probe time.
+    """
     key = str(sample.get("__key__", "<no key>"))
-    try:
-        return _prepare(key, sample, inputs, gpu)
-    except DecodeError:
-        raise
-    except Exception as e:  # anything FFmpeg or json raise means "this sample is bad"
-        raise DecodeError(key, f"undecodable sample ({type(e).__name__}: {e})") from e
+    limits = limits or NO_LIMITS
+    return guarded(key, limits, lambda: _prepare(key, sample, inputs, gpu, limits))
 
 
-def _prepare(key: str, sample: dict[str, Any], inputs: InputConfig, gpu: bool) -> Prepared:
+def _prepare(key: str, sample: dict[str, Any], inputs: InputConfig, gpu: bool,
+             limits: DecodeLimits) -> Prepared:
     meta = _read_json(key, sample.get("json"))
     video = _field(key, sample, VIDEO_FIELDS, "video")
     audio = _field(key, sample, AUDIO_FIELDS, "audio")
@@ -103,28 +111,31 @@ def _prepare(key: str, sample: dict[str, Any], inputs: InputConfig, gpu: bool) -
     label = _optional_int(key, meta, "label")
     v, a = inputs.video, inputs.audio
 
-    codec, width, height, fps, packets = _probe_video(key, video)
+    codec, width, height, fps, packets = _probe_video(key, video, promised, limits)
     allowed = GPU_VIDEO_CODECS if gpu else CPU_VIDEO_CODECS
     if codec not in allowed:
         where = "GPU" if gpu else "CPU (no GPU here)"
         raise DecodeError(key, f"video codec {codec} is not decodable by DALI on {where}; "
-                               f"supported: {sorted(allowed)} (use data.decoder=pyav)")
+                               f"supported: {sorted(allowed)} (use data.decoder=pyav)", kind="codec")
     # The same frame count decode_pyav works from: json first, else what the stream holds.
     total = promised or packets
     if packets < MIN_DECODED_FRACTION * total:
-        raise DecodeError(key, f"video truncated: {packets} frames in the stream but {total} were promised")
+        raise DecodeError(key, f"video truncated: {packets} frames in the stream but {total} were promised",
+                          kind="truncated")
     indices = [min(i, packets - 1) for i in sample_indices(total, v.frames, v.stride)]
 
-    rate, audio_codec, n_audio = _probe_audio(key, audio)
+    rate, audio_codec, n_audio = _probe_audio(key, audio, limits)
     if rate != a.sample_rate:
-        raise DecodeError(key, f"audio: sample rate {rate} Hz, expected {a.sample_rate} Hz")
+        raise DecodeError(key, f"audio: sample rate {rate} Hz, expected {a.sample_rate} Hz "
+                               "(resampling is not implemented yet)", kind="sample_rate")
     if audio_codec not in AUDIO_CODECS:
         raise DecodeError(key, f"audio codec {audio_codec} is not decodable by DALI; "
-                               f"supported: {sorted(AUDIO_CODECS)}")
+                               f"supported: {sorted(AUDIO_CODECS)}", kind="codec")
     duration = meta.get("duration")
     promised_audio = duration * rate if isinstance(duration, (int, float)) and duration > 0 else 0
     if n_audio < MIN_DECODED_FRACTION * promised_audio:
-        raise DecodeError(key, f"audio truncated: {n_audio} samples but {promised_audio:.0f} were promised")
+        raise DecodeError(key, f"audio truncated: {n_audio} samples but {promised_audio:.0f} were promised",
+                          kind="truncated")
 
     side = min(width, height)
     centre_s = (indices[0] + indices[-1] + 1) / 2.0 / fps  # as decode_pyav: frame i spans [i, i+1)/fps
@@ -144,47 +155,58 @@ def _prepare(key: str, sample: dict[str, Any], inputs: InputConfig, gpu: bool) -
     )
 
 
-def _open(key: str, data: bytes, what: str) -> av.container.InputContainer:
-    try:
-        return av.open(io.BytesIO(data), mode="r")
-    except (av.FFmpegError, ValueError, OSError) as e:
-        raise DecodeError(key, f"{what}: cannot open container ({type(e).__name__}: {e})") from e
-
-
-def _probe_video(key: str, data: bytes) -> tuple[str, int, int, float, int]:
+def _probe_video(key: str, data: bytes, promised: int | None,
+                 limits: DecodeLimits) -> tuple[str, int, int, float, int]:
     """(codec, width, height, fps, frames in the stream), reading packets but decoding nothing."""
-    with _open(key, data, "video") as container:
+    with open_container(key, data, "video") as container:
         if not container.streams.video:
-            raise DecodeError(key, "video: container has no video stream")
+            raise DecodeError(key, "video: container has no video stream", kind="no_video")
         stream = container.streams.video[0]
         ctx = stream.codec_context
         fps = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
+        # Length from the json or the container before reading the packets, as decode_pyav does.
+        seconds = media_seconds(container, stream, promised or stream.frames or None, fps)
+        if seconds is not None:
+            limits.check_length(key, seconds)
+        max_packets, packets = limits.max_clip_s * fps, 0
         try:
-            packets = sum(1 for p in container.demux(stream) if p.size)
+            for p in container.demux(stream):
+                if p.size:
+                    packets += 1
+                    if packets > max_packets:  # no length metadata: stop reading once too long
+                        limits.check_length(key, packets / fps)
         except av.FFmpegError as e:
-            raise DecodeError(key, f"video: unreadable stream ({type(e).__name__}: {e})") from e
+            raise DecodeError(key, f"video: unreadable stream ({type(e).__name__}: {e})",
+                              kind="corrupt") from e
         codec = stream.codec.canonical_name
         width, height = ctx.width, ctx.height
     if packets == 0 or width <= 0 or height <= 0:
-        raise DecodeError(key, "video: no decodable frames")
+        raise DecodeError(key, "video: no decodable frames", kind="corrupt")
+    if seconds is None:
+        limits.check_length(key, packets / fps)
     return codec, width, height, fps, packets
 
 
-def _probe_audio(key: str, data: bytes) -> tuple[int, str, int]:
+def _probe_audio(key: str, data: bytes, limits: DecodeLimits) -> tuple[int, str, int]:
     """(sample rate, codec, samples in the stream) from the packets' durations."""
-    with _open(key, data, "audio") as container:
+    with open_container(key, data, "audio") as container:
         if not container.streams.audio:
-            raise DecodeError(key, "audio: container has no audio stream")
+            raise DecodeError(key, "audio: container has no audio stream", kind="no_audio")
         stream = container.streams.audio[0]
         rate = stream.rate or stream.codec_context.sample_rate
+        seconds = media_seconds(container, stream, None, 0.0)
+        if seconds is not None:  # only the upper bound: short audio is truncation (checked later)
+            limits.check_length(key, seconds, "audio", minimum=False)
         try:
             ticks = sum(p.duration or 0 for p in container.demux(stream) if p.size)
         except av.FFmpegError as e:
-            raise DecodeError(key, f"audio: unreadable stream ({type(e).__name__}: {e})") from e
+            raise DecodeError(key, f"audio: unreadable stream ({type(e).__name__}: {e})",
+                              kind="corrupt") from e
         codec = stream.codec.canonical_name
         samples = int(ticks * stream.time_base * rate) if stream.time_base else 0
     if samples <= 0:
-        raise DecodeError(key, "audio: no decodable samples")
+        raise DecodeError(key, "audio: no decodable samples", kind="corrupt")
+    limits.check_length(key, samples / rate, "audio", minimum=False)
     return rate, codec, samples
 
 
@@ -263,8 +285,9 @@ class DaliDecoder:
     """Owns the DALI pipeline of this process and turns lists of `Prepared` into tensors."""
 
     def __init__(self, inputs: InputConfig, max_batch: int, device_id: int | None = None,
-                 threads: int = 0) -> None:
+                 threads: int = 0, limits: DecodeLimits | None = None) -> None:
         self.inputs, self.max_batch, self.device_id = inputs, max_batch, device_id
+        self.limits = limits or NO_LIMITS  # for the PyAV fallback
         self.threads = threads or default_threads()
         self.device = torch.device("cuda", device_id) if device_id is not None else torch.device("cpu")
         self.rebuilds = 0
@@ -324,9 +347,10 @@ class DaliDecoder:
                 self._rebuild()
                 reason = _first_line(e)
                 try:  # DALI refused what the probe passed: let the CPU decoder have a go
-                    clip = decode_sample(it.raw, self.inputs)
+                    clip = decode_sample(it.raw, self.inputs, self.limits)
                 except DecodeError as pe:
-                    failed.append(DecodeError(it.key, f"DALI: {reason}; PyAV: {pe.reason}"))
+                    # PyAV's verdict says what is wrong with the media; DALI's message rarely does.
+                    failed.append(DecodeError(it.key, f"DALI: {reason}; PyAV: {pe.reason}", kind=pe.kind))
                     continue
                 v, a = clip.video[None].to(self.device), clip.audio[None].to(self.device)
                 fallback.append(it.key)

@@ -9,14 +9,18 @@ Audio: decoded to float32, channels averaged to mono, and the `log_mel` window (
 samples that gives `inputs.audio.frames` frames) is centred on the sampled video window so the
 two modalities cover the same moment.
 
-Every failure comes out as `DecodeError(key, reason)`, so the loader can skip and count it.
+Every failure comes out as `DecodeError(key, reason, kind)`, so the loader can skip and count it
+by kind. `DecodeLimits` (from `data.min_clip_s`, `data.max_clip_s`, `data.decode_timeout_s`) bounds
+the work: clip length is checked against the container's metadata before decoding, and a sample
+that takes longer than the time limit is abandoned (`timeout.deadline`).
 """
 
 from __future__ import annotations
 
 import io
 import json
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import av
 import numpy as np
@@ -25,7 +29,8 @@ import torch.nn.functional as F
 
 from vaemo_dist.config import AudioInput, InputConfig, VideoInput
 from vaemo_dist.data.audio import fit_length, log_mel, mel_spec_params, normalise_log_mel
-from vaemo_dist.data.types import Clip, DecodeError
+from vaemo_dist.data.timeout import DeadlineExceeded, deadline
+from vaemo_dist.data.types import Clip, DecodeError, DecodeLimits
 
 VIDEO_FIELDS = ("mp4", "webm", "mkv", "mov", "avi")
 AUDIO_FIELDS = ("flac", "wav")
@@ -40,15 +45,37 @@ THREADED_DECODE_PIXELS = 320 * 240
 # the same pixels as DALI's decoder (measured: identical on VP9 test clips) for ~5% more decode time.
 _SWS = av.video.reformatter.Interpolation
 RGB_CONVERSION = _SWS.BILINEAR | _SWS.FULL_CHR_H_INT | _SWS.ACCURATE_RND
+NO_LIMITS = DecodeLimits()
+# Top-level box types of ISO BMFF files (mp4, mov, m4a): used to tell a cut-short mp4 from garbage.
+_BMFF_TOP_BOXES = frozenset({b"ftyp", b"styp", b"moov", b"mdat", b"moof", b"mfra", b"free", b"skip", b"wide",
+                             b"pnot", b"uuid", b"sidx", b"meta", b"pdin", b"prft", b"emsg"})
+
+T = TypeVar("T")
 
 
-def decode_sample(sample: dict[str, Any], inputs: InputConfig) -> Clip:
-    """Decode a WebDataset sample dict into a Clip; raises only DecodeError on bad input."""
+NO_LIMITS = DecodeLimits()  # for callers outside the data loader (pretrained.py)
+
+def decode_sample(sample: dict[str, Any], inputs: InputConfig, limits: DecodeLimits | None = None) -> Clip:
+    """Decode a WebDataset sample dict into a Clip; raises only DecodeError on bad input.
+
+    `limits` (default: none) bounds clip length and decode time; the loader passes the data config's.
+    """
     key = str(sample.get("__key__", "<no key>"))
+    limits = limits or NO_LIMITS
+    return guarded(key, limits, lambda: _decode(key, sample, inputs, limits))
+
+
+def guarded(key: str, limits: DecodeLimits, work: Callable[[], T]) -> T:
+    """Run one sample's decode (or probe) under `limits.timeout_s`, turning every failure into a
+    DecodeError with a kind: the single wrapper both decoders use."""
     try:
-        return _decode(key, sample, inputs)
+        with deadline(limits.timeout_s):
+            return work()
     except DecodeError:
         raise
+    except DeadlineExceeded as e:
+        raise DecodeError(key, f"abandoned after {limits.timeout_s:g} s (data.decode_timeout_s): "
+                               "decoding hung or was too slow", kind="timeout") from e
     except Exception as e:  # anything FFmpeg, numpy or torch raise means "this sample is bad"
         raise DecodeError(key, f"undecodable sample ({type(e).__name__}: {e})") from e
 
@@ -63,20 +90,20 @@ def sample_indices(total: int, frames: int, stride: int) -> list[int]:
     return [min(start + i * stride, total - 1) for i in range(frames)]
 
 
-def _decode(key: str, sample: dict[str, Any], inputs: InputConfig) -> Clip:
+def _decode(key: str, sample: dict[str, Any], inputs: InputConfig, limits: DecodeLimits) -> Clip:
     meta = _read_json(key, sample.get("json"))
     video_data = _field(key, sample, VIDEO_FIELDS, "video")
     audio_data = _field(key, sample, AUDIO_FIELDS, "audio")
     promised = _optional_int(key, meta, "frames")
     label = _optional_int(key, meta, "label")
 
-    frames, indices, fps, total = _decode_video(key, video_data, inputs.video, promised)
+    frames, indices, fps, total = _decode_video(key, video_data, inputs.video, promised, limits)
     video = _video_tensor(frames, inputs.video)
 
     duration = float(meta.get("duration") or total / fps)
     # Centre of the sampled video window, in seconds (frame i spans [i, i + 1) / fps).
     centre_s = (indices[0] + indices[-1] + 1) / 2.0 / fps
-    wave = _decode_audio(key, audio_data, inputs.audio, meta.get("duration"))
+    wave = _decode_audio(key, audio_data, inputs.audio, meta.get("duration"), limits)
     audio = _audio_tensor(wave, inputs.audio, centre_s)
 
     return Clip(
@@ -97,11 +124,12 @@ def _field(key: str, sample: dict[str, Any], names: tuple[str, ...], what: str) 
         if name in sample and sample[name] is not None:
             data = sample[name]
             if not isinstance(data, (bytes, bytearray, memoryview)):
-                raise DecodeError(key, f"{what} field '{name}' holds {type(data).__name__}, not bytes")
+                raise DecodeError(key, f"{what} field '{name}' holds {type(data).__name__}, not bytes",
+                                  kind="corrupt")
             if len(data) == 0:
-                raise DecodeError(key, f"{what} field '{name}' is empty (zero-length)")
+                raise DecodeError(key, f"{what} field '{name}' is empty (zero-length)", kind="empty")
             return bytes(data)
-    raise DecodeError(key, f"no {what} (expected one of the fields {', '.join(names)})")
+    raise DecodeError(key, f"no {what} (expected one of the fields {', '.join(names)})", kind=f"no_{what}")
 
 
 def _read_json(key: str, raw: Any) -> dict[str, Any]:
@@ -112,9 +140,9 @@ def _read_json(key: str, raw: Any) -> dict[str, Any]:
     try:
         meta = json.loads(bytes(raw).decode("utf-8") if not isinstance(raw, str) else raw)
     except (ValueError, TypeError) as e:
-        raise DecodeError(key, f"unparsable json ({e})") from e
+        raise DecodeError(key, f"unparsable json ({e})", kind="metadata") from e
     if not isinstance(meta, dict):
-        raise DecodeError(key, f"json is a {type(meta).__name__}, expected an object")
+        raise DecodeError(key, f"json is a {type(meta).__name__}, expected an object", kind="metadata")
     return meta
 
 
@@ -123,30 +151,81 @@ def _optional_int(key: str, meta: dict[str, Any], name: str) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
-        raise DecodeError(key, f"json '{name}' should be an integer, got {value!r}")
+        raise DecodeError(key, f"json '{name}' should be an integer, got {value!r}", kind="metadata")
     return int(value)
+
+
+# --------------------------------------------------------------------------------------------
+# Containers
+
+
+def open_container(key: str, data: bytes, what: str) -> av.container.InputContainer:
+    """Open in-memory media for reading; DecodeError `truncated` or `corrupt` if FFmpeg cannot."""
+    try:
+        return av.open(io.BytesIO(data), mode="r")
+    except (av.FFmpegError, ValueError, OSError) as e:
+        cut = isinstance(e, av.EOFError) or _bmff_cut_short(data)
+        raise DecodeError(key, f"{what}: cannot open container{' (cut short)' if cut else ''} "
+                               f"({type(e).__name__}: {e})", kind="truncated" if cut else "corrupt") from e
+
+
+def _bmff_cut_short(data: bytes) -> bool:
+    """Whether `data` is a well-formed run of mp4 boxes whose last box runs past the end.
+
+    FFmpeg reports an mp4 cut before its index (moov) exactly like garbage ("Invalid data"); the box
+    structure tells them apart: truncation keeps every box header intact up to the cut.
+    """
+    pos = 0
+    while pos + 8 <= len(data):
+        size = int.from_bytes(data[pos : pos + 4], "big")
+        if data[pos + 4 : pos + 8] not in _BMFF_TOP_BOXES:
+            return False  # not a top-level box: the bytes are broken (or not mp4), not missing
+        if size == 1:  # 64-bit size after the type
+            if pos + 16 > len(data):
+                return True
+            size = int.from_bytes(data[pos + 8 : pos + 16], "big")
+        elif size == 0:  # the box runs to the end of the file: nothing can be missing
+            return False
+        if size < 8:
+            return False
+        pos += size
+    return pos != len(data) and pos > 0
+
+
+def media_seconds(container: av.container.InputContainer, stream: av.stream.Stream, frames: int | None,
+                  fps: float) -> float | None:
+    """A stream's length in seconds from what is known without decoding: a frame count (the json's
+    or the container's), else the stream's duration, else the container's; None if nothing says."""
+    if frames and fps > 0:
+        return frames / fps
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    if container.duration and container.duration > 0:
+        return container.duration / av.time_base
+    return None
 
 
 # --------------------------------------------------------------------------------------------
 # Video
 
 
-def _decode_video(key: str, data: bytes, cfg: VideoInput,
-                  promised: int | None) -> tuple[list[np.ndarray], list[int], float, int]:
+def _decode_video(key: str, data: bytes, cfg: VideoInput, promised: int | None,
+                  limits: DecodeLimits = NO_LIMITS) -> tuple[list[np.ndarray], list[int], float, int]:
     """Decode just the frames the window needs. Returns (rgb frames, indices, fps, total frames)."""
-    try:
-        container = av.open(io.BytesIO(data), mode="r")
-    except (av.FFmpegError, ValueError, OSError) as e:
-        raise DecodeError(key, f"video: cannot open container ({type(e).__name__}: {e})") from e
-    with container:
+    with open_container(key, data, "video") as container:
         if not container.streams.video:
-            raise DecodeError(key, "video: container has no video stream")
+            raise DecodeError(key, "video: container has no video stream", kind="no_video")
         stream = container.streams.video[0]
         if stream.codec_context.width * stream.codec_context.height >= THREADED_DECODE_PIXELS:
             stream.thread_type = "AUTO"  # frame + slice threads where the codec supports them
         fps = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
         # Frame count: json first (cheap and the contract), then the container's index.
         total = promised or stream.frames or None
+        seconds = media_seconds(container, stream, total, fps)
+        if seconds is not None:  # before decoding anything: never decode hours of video to skip them
+            limits.check_length(key, seconds)
+        # Without any length metadata the whole stream is decoded: stop once it is too long.
+        max_frames = limits.max_clip_s * fps
         indices = sample_indices(total, cfg.frames, cfg.stride) if total else None
         wanted = set(indices) if indices else None
         last_needed = max(indices) if indices else None
@@ -162,21 +241,25 @@ def _decode_video(key: str, data: bytes, cfg: VideoInput,
                 decoded += 1
                 if last_needed is not None and decoded > last_needed:
                     break  # nothing after the window is needed
+                if decoded > max_frames:
+                    limits.check_length(key, decoded / fps)
         except av.FFmpegError as e:
             if decoded == 0:
-                raise DecodeError(key, f"video: decoding failed ({type(e).__name__}: {e})") from e
+                raise DecodeError(key, f"video: decoding failed ({type(e).__name__}: {e})",
+                                  kind="corrupt") from e
             # A broken packet mid-stream: keep what decoded, the truncation check below decides.
 
     if decoded == 0 or last_frame is None:
-        raise DecodeError(key, "video: no decodable frames")
+        raise DecodeError(key, "video: no decodable frames", kind="corrupt")
     if indices is None:  # no frame count anywhere: the whole stream was decoded
         total = decoded
+        limits.check_length(key, total / fps)
         indices = sample_indices(total, cfg.frames, cfg.stride)
     elif decoded <= max(indices):
         # The stream ended before the window did: fine if roughly as long as promised.
         if decoded < MIN_DECODED_FRACTION * total:
             raise DecodeError(
-                key, f"video truncated: decoded {decoded} frames but {total} were promised"
+                key, f"video truncated: decoded {decoded} frames but {total} were promised", kind="truncated"
             )
         kept.setdefault(decoded - 1, last_frame.to_ndarray(format="rgb24", interpolation=RGB_CONVERSION))
         indices = [min(i, decoded - 1) for i in indices]
@@ -207,47 +290,54 @@ def _video_tensor(frames: list[np.ndarray], cfg: VideoInput) -> torch.Tensor:
 # Audio
 
 
-def _decode_audio(key: str, data: bytes, cfg: AudioInput, duration: Any) -> np.ndarray:
+def _decode_audio(key: str, data: bytes, cfg: AudioInput, duration: Any,
+                  limits: DecodeLimits = NO_LIMITS) -> np.ndarray:
     """Whole audio stream as float32 mono at cfg.sample_rate."""
-    try:
-        container = av.open(io.BytesIO(data), mode="r")
-    except (av.FFmpegError, ValueError, OSError) as e:
-        raise DecodeError(key, f"audio: cannot open container ({type(e).__name__}: {e})") from e
     chunks: list[np.ndarray] = []
-    with container:
+    with open_container(key, data, "audio") as container:
         if not container.streams.audio:
-            raise DecodeError(key, "audio: container has no audio stream")
+            raise DecodeError(key, "audio: container has no audio stream", kind="no_audio")
         stream = container.streams.audio[0]
         rate = stream.rate or stream.codec_context.sample_rate
         if rate != cfg.sample_rate:
             raise DecodeError(
                 key, f"audio: sample rate {rate} Hz, expected {cfg.sample_rate} Hz "
-                "(resampling is not implemented yet)"
+                "(resampling is not implemented yet)", kind="sample_rate"
             )
+        # Only the upper bound: audio shorter than its clip is caught as truncation below.
+        seconds = media_seconds(container, stream, None, 0.0)
+        if seconds is not None:
+            limits.check_length(key, seconds, "audio", minimum=False)
+        max_samples, n = limits.max_clip_s * rate, 0  # for streams without length metadata
         to_float: av.AudioResampler | None = None  # for sample formats _float_planes does not know
         try:
             for frame in container.decode(stream):
                 planes = _float_planes(frame)
                 if planes is not None:
                     chunks.append(planes)
-                    continue
-                to_float = to_float or av.AudioResampler(format="fltp")  # same layout and rate
-                chunks.extend(f.to_ndarray() for f in to_float.resample(frame))
+                else:
+                    to_float = to_float or av.AudioResampler(format="fltp")  # same layout and rate
+                    chunks.extend(f.to_ndarray() for f in to_float.resample(frame))
+                n += frame.samples
+                if n > max_samples:
+                    limits.check_length(key, n / rate, "audio", minimum=False)
             if to_float is not None:
                 chunks.extend(f.to_ndarray() for f in to_float.resample(None))
         except av.FFmpegError as e:
             if not chunks:
-                raise DecodeError(key, f"audio: decoding failed ({type(e).__name__}: {e})") from e
+                raise DecodeError(key, f"audio: decoding failed ({type(e).__name__}: {e})",
+                                  kind="corrupt") from e
     if not chunks:
-        raise DecodeError(key, "audio: no decodable samples")
+        raise DecodeError(key, "audio: no decodable samples", kind="corrupt")
     wave = np.concatenate(chunks, axis=1).mean(axis=0, dtype=np.float32)  # [channels, n] -> mono
     if wave.size == 0:
-        raise DecodeError(key, "audio: no decodable samples")
+        raise DecodeError(key, "audio: no decodable samples", kind="corrupt")
     if isinstance(duration, (int, float)) and duration > 0:
         expected = duration * cfg.sample_rate
         if wave.size < MIN_DECODED_FRACTION * expected:
             raise DecodeError(
-                key, f"audio truncated: decoded {wave.size} samples but {expected:.0f} were promised"
+                key, f"audio truncated: decoded {wave.size} samples but {expected:.0f} were promised",
+                kind="truncated"
             )
     return wave
 

@@ -11,6 +11,9 @@ Two decoders (`data.decoder`):
 * dali: workers only probe and prepare samples (`decode_dali.prepare_sample`) and hand out
   `PendingBatch`es of bytes; the main process decodes each with one DALI pipeline (on the GPU when
   there is one). Either way a batch carries the position after its last sample, so resume is exact.
+
+Skipped clips are counted per worker, in total (`decode`) and by kind (`decode/<kind>`, the kinds of
+`types.DECODE_KINDS`); the counts travel with every batch and are saved in checkpoints.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -28,7 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from vaemo_dist.config import DataConfig, InputConfig
 from vaemo_dist.data import storage
 from vaemo_dist.data.shards import ShardTrouble, StreamPosition, iter_slot
-from vaemo_dist.data.types import Batch, DecodeError, collate
+from vaemo_dist.data.types import DECODE_KINDS, Batch, DecodeError, DecodeLimits, collate
 
 log = logging.getLogger(__name__)
 
@@ -50,17 +53,30 @@ def resolve_decoder(name: str) -> str:
     return name
 
 
-def get_decoder(name: str, gpu: bool | None = None) -> Decoder:
-    """The per-sample function a DataLoader worker runs for `data.decoder`."""
+def get_decoder(name: str, gpu: bool | None = None, limits: DecodeLimits | None = None) -> Decoder:
+    """The per-sample function a DataLoader worker runs for `data.decoder`, bound to `limits`."""
     if name not in ("pyav", "dali"):  # resolved once in the main process; workers get the result
         name = resolve_decoder(name)
     if name == "pyav":
         from vaemo_dist.data.decode_pyav import decode_sample
 
-        return decode_sample
+        return functools.partial(decode_sample, limits=limits)
     from vaemo_dist.data.decode_dali import prepare_sample
 
-    return functools.partial(prepare_sample, gpu=torch.cuda.is_available() if gpu is None else gpu)
+    return functools.partial(prepare_sample, gpu=torch.cuda.is_available() if gpu is None else gpu,
+                             limits=limits)
+
+
+def new_counts() -> dict[str, int]:
+    """A worker's cumulative counts, all zero: samples read, shards failed, clips skipped in total
+    and by kind. Every key is always present, so every rank reports the same metrics."""
+    return {"decode": 0, "shard": 0, "samples": 0, **{f"decode/{kind}": 0 for kind in DECODE_KINDS}}
+
+
+def count_skip(counts: dict[str, int], kind: str) -> None:
+    """Count one skipped clip of `kind` in a worker's counts."""
+    counts["decode"] = counts.get("decode", 0) + 1
+    counts[f"decode/{kind}"] = counts.get(f"decode/{kind}", 0) + 1
 
 
 @dataclass
@@ -79,7 +95,8 @@ class DataState:
     world_size: int
     batches: int = 0  # batches handed to the trainer so far
     workers: dict[int, StreamPosition] = field(default_factory=dict)  # logical worker -> position
-    # Counted skips, cumulative per logical worker: {"decode": n, "shard": n, "samples": n}
+    # Counted skips, cumulative per logical worker: {"decode": n, "shard": n, "samples": n,
+    # "decode/<kind>": n, ...} (see new_counts; checkpoints written before the kinds lack them).
     counts: dict[int, dict[str, int]] = field(default_factory=dict)
     recent_bad: list[str] = field(default_factory=list)  # a few "key: reason" lines for messages
 
@@ -92,7 +109,8 @@ class DataState:
         self.recent_bad = (self.recent_bad + list(s.get("bad", [])))[-10:]
 
     def totals(self) -> dict[str, int]:
-        out: dict[str, int] = {"decode": 0, "shard": 0, "samples": 0}
+        """Counts summed over workers: decode, shard, samples and decode/<kind> for every kind."""
+        out = new_counts()
         for c in self.counts.values():
             for k, v in c.items():
                 out[k] = out.get(k, 0) + v
@@ -149,8 +167,9 @@ class ClipStream(IterableDataset):
         slot = self.rank * self.n_workers + logical
         n_slots = self.world_size * self.n_workers
         start = self.resume.workers.get(logical, StreamPosition())
-        counts = dict(self.resume.counts.get(logical, {"decode": 0, "shard": 0, "samples": 0}))
-        decode = get_decoder(self.decoder, self.gpu)
+        # Old checkpoints have no per-kind counts: they start from zero.
+        counts = {**new_counts(), **self.resume.counts.get(logical, {})}
+        decode = get_decoder(self.decoder, self.gpu, DecodeLimits.from_config(self.data))
         pending = self.decoder == "dali"
 
         bad: list[str] = []
@@ -167,10 +186,10 @@ class ClipStream(IterableDataset):
             try:
                 clips.append(decode(sample, self.inputs))
             except DecodeError as e:
-                counts["decode"] += 1
+                count_skip(counts, e.kind)
                 url = storage.redact(str(sample.get("__url__", "?")))
                 bad.append(f"{e.key} ({url}): {e.reason}")
-                log.warning("skipped clip %s from %s: %s", e.key, url, e.reason)
+                log.warning("skipped clip %s from %s (%s): %s", e.key, url, e.kind, e.reason)
                 continue
             if len(clips) == self.data.batch_size:
                 state = {"worker": logical, "position": position.to_dict(), "counts": dict(counts),
@@ -183,44 +202,64 @@ class BatchLoader:
     """What `build_loader` returns: iterate it for `Batch`es.
 
     It wraps the DataLoader, decodes `PendingBatch`es with this process's DALI pipeline, and
-    (with `data.log_keys`) appends the keys of every batch handed to the trainer to
-    `<log_keys>/keys-rank<R>.txt` (R: the global rank), a debugging aid for checking that no sample
-    is lost or repeated.
+    (with `data.log_keys`) writes the keys of every batch handed to the trainer to
+    `<log_keys>/keys-rank<R>.txt` (R: the global rank), one line per batch, keys separated by
+    spaces: a debugging aid for checking that no sample is lost or repeated. The file is first cut
+    to the `resume.batches` batches the resumed run starts after (none for a fresh start): lines
+    written after the last checkpoint, for batches that were never trained on or are read again,
+    go. So across crashes and resumes it lists exactly the batches the model trained on.
     """
 
     def __init__(self, loader: Iterable[Batch | PendingBatch], data: DataConfig, inputs: InputConfig,
-                 rank: int) -> None:
+                 rank: int, resume: DataState | None = None) -> None:
         self.loader, self.data, self.inputs, self.rank = loader, data, inputs, rank
+        # A number, not the DataState: the trainer keeps updating the object it resumed from.
+        self.resume_batches = resume.batches if resume is not None else 0
         self._dali: Any = None
-        # Clips that passed the workers' probe but failed in the main process, per logical worker;
-        # added to the worker's cumulative counts so the checkpointed totals include them.
-        self._late_failures: dict[int, int] = {}
+        # Clips that passed the workers' probe but failed in the main process, per logical worker
+        # (counts by key, as in new_counts); added to the worker's cumulative counts so the
+        # checkpointed totals include them.
+        self._late_failures: dict[int, dict[str, int]] = {}
 
     def __iter__(self) -> Iterator[Batch]:
-        keys_file = None
-        if self.data.log_keys:
-            os.makedirs(self.data.log_keys, exist_ok=True)
-            # One file per process (global rank): under tensor parallelism several processes share
-            # a data-parallel rank and log the same keys.
-            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else self.rank
-            keys_file = open(os.path.join(self.data.log_keys, f"keys-rank{rank}.txt"), "a")  # noqa: SIM115
+        keys_file = self._open_keys_log() if self.data.log_keys else None
         try:
             for item in self.loader:
                 batch = self._decode(item) if isinstance(item, PendingBatch) else item
                 if keys_file is not None:
-                    keys_file.write("".join(f"{k}\n" for k in batch.keys))
+                    keys_file.write((" ".join(batch.keys) + "\n").encode())
                     keys_file.flush()
                 yield batch
         finally:
             if keys_file is not None:
                 keys_file.close()
 
+    def _open_keys_log(self) -> BinaryIO:
+        """This rank's key log, cut to its first `resume_batches` lines, open for appending."""
+        os.makedirs(self.data.log_keys, exist_ok=True)
+        # One file per process (global rank): under tensor parallelism several processes share
+        # a data-parallel rank and log the same keys.
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else self.rank
+        path = os.path.join(self.data.log_keys, f"keys-rank{rank}.txt")
+        f = open(path, "a+b")  # noqa: SIM115 (closed by __iter__)
+        f.seek(0)
+        end = lines = 0
+        while lines < self.resume_batches and (line := f.readline()):
+            end += len(line)
+            lines += 1
+        if lines < self.resume_batches:
+            log.warning("%s has %d lines but the run resumes after %d batches: it does not cover the "
+                        "whole run", path, lines, self.resume_batches)
+        f.truncate(end)  # in place: a crash here loses nothing that should stay
+        return f
+
     def _decoder(self) -> Any:
         if self._dali is None:
             from vaemo_dist.data.decode_dali import DaliDecoder
 
             device_id = torch.cuda.current_device() if torch.cuda.is_available() else None
-            self._dali = DaliDecoder(self.inputs, self.data.batch_size, device_id, self.data.dali_threads)
+            self._dali = DaliDecoder(self.inputs, self.data.batch_size, device_id, self.data.dali_threads,
+                                     limits=DecodeLimits.from_config(self.data))
         return self._dali
 
     def _decode(self, pending: PendingBatch) -> Batch:
@@ -230,11 +269,14 @@ class BatchLoader:
         labels = [items[i].label for i in out.ok]
         video, audio = out.video, out.audio
         if out.failed:
-            w = int(state["worker"])
-            self._late_failures[w] = self._late_failures.get(w, 0) + len(out.failed)
-            state["bad"] = list(state.get("bad", [])) + [f"{e.key}: {e.reason}" for e in out.failed]
+            late = self._late_failures.setdefault(int(state["worker"]), {})
+            urls = {it.key: storage.redact(it.url) for it in items}
+            lines = []
             for e in out.failed:
-                log.warning("skipped clip %s: %s", e.key, e.reason)
+                count_skip(late, e.kind)
+                lines.append(f"{e.key} ({urls.get(e.key, '?')}): {e.reason}")
+                log.warning("skipped clip %s from %s (%s): %s", e.key, urls.get(e.key, "?"), e.kind, e.reason)
+            state["bad"] = list(state.get("bad", [])) + lines
             if not out.ok:
                 raise RuntimeError(f"no clip of a batch could be decoded: {state['bad'][-len(out.failed):]}")
             # Batches keep their size (the contrastive loss gathers equal shapes over ranks): the
@@ -245,9 +287,9 @@ class BatchLoader:
             keys += [f"{keys[i]}#repeat" for i in fill]
             labels += [labels[i] for i in fill]
         if self._late_failures:
-            w = int(state["worker"])
             counts = dict(state["counts"])
-            counts["decode"] = counts.get("decode", 0) + self._late_failures.get(w, 0)
+            for name, n in self._late_failures.get(int(state["worker"]), {}).items():
+                counts[name] = counts.get(name, 0) + n
             state["counts"] = counts
         return Batch(video=video, audio=audio, keys=keys, label=torch.tensor(labels, dtype=torch.long),
                      state=state)
@@ -282,4 +324,4 @@ def build_loader(
         # restores on resume (masking depends on it).
         generator=torch.Generator().manual_seed(data.shuffle_seed),
     )
-    return BatchLoader(loader, data, inputs, rank)
+    return BatchLoader(loader, data, inputs, rank, resume)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from vaemo_dist.config import Config
+from vaemo_dist.config import Config, SynthConfig
 from vaemo_dist.objectives.stage2 import Stage2Model
 
 log = logging.getLogger(__name__)
@@ -44,9 +44,10 @@ class HeldOut:
     audio: torch.Tensor  # [N, 1, F, M]
 
 
-def load_clips(urls: list[str], cfg: Config,
-               keys: list[str] | None = None) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Decode (with the training preprocessing) the clips of `urls`, optionally only `keys`:
+def load_clips(urls: list[str], cfg: Config, keys: list[str] | None = None,
+               limit: int | None = None) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Decode (with the training preprocessing) the clips of `urls`, optionally only `keys`, and
+    at most the first `limit` of them in reading order:
     (keys, labels [N], video [N, ...], audio [N, ...]) in key order."""
     from vaemo_dist.data.decode_pyav import decode_sample
     from vaemo_dist.data.shards import read_shard
@@ -54,7 +55,11 @@ def load_clips(urls: list[str], cfg: Config,
     wanted = set(keys) if keys is not None else None
     clips = []
     for url in urls:
+        if limit is not None and len(clips) >= limit:
+            break
         for sample in read_shard(url):
+            if limit is not None and len(clips) >= limit:
+                break
             if wanted is None or sample["__key__"] in wanted:
                 clips.append(decode_sample(sample, cfg.inputs))
     clips.sort(key=lambda c: c.key)
@@ -148,15 +153,30 @@ def build_model(cfg: Config, text_dim: int, init: str | Path | None = None) -> S
     return model.eval()
 
 
+def heldout_corpus(cfg: Config, out_dir: str | Path, *, seed: int = 1, clips: int = 128,
+                   classes: int = 0, progress: bool = False) -> SynthConfig:
+    """The held-out synthetic corpus: `cfg.data.synth` drawn with another `seed`, `clips` clips and
+    `classes` classes (0: as the training corpus), built under `out_dir/corpus` on first use (reused
+    when complete; concurrent builders take turns). A clip depends only on (seed, index), so a seed
+    other than the training corpus's gives unseen clips."""
+    import dataclasses
+
+    from vaemo_dist.data.synth import ensure_corpus
+
+    synth = dataclasses.replace(cfg.data.synth, dir=str(Path(out_dir) / "corpus"), seed=seed, clips=clips,
+                                classes=classes or cfg.data.synth.classes)
+    ensure_corpus(synth, progress=progress)
+    return synth
+
+
 def prepare_heldout(cfg: Config, out_dir: str | Path, *, seed: int = 1, clips: int = 128,
                     encoder: Any = None, progress: bool = False) -> HeldOut:
     """A held-out synthetic corpus like `cfg.data.synth` but drawn with another seed, its templated
     descriptions and their embeddings (all cached under `out_dir`), decoded for `cfg.inputs`."""
-    import dataclasses
     import json
 
     from vaemo_dist.data.shards import expand_shards
-    from vaemo_dist.data.synth import class_name, ensure_corpus
+    from vaemo_dist.data.synth import class_name
     from vaemo_dist.text.describe import ensure_synthetic_described
     from vaemo_dist.text.encode import (
         EMBEDDINGS,
@@ -168,8 +188,7 @@ def prepare_heldout(cfg: Config, out_dir: str | Path, *, seed: int = 1, clips: i
     from vaemo_dist.text.synthetic import class_prompts
 
     out = Path(out_dir)
-    synth = dataclasses.replace(cfg.data.synth, dir=str(out / "corpus"), seed=seed, clips=clips)
-    ensure_corpus(synth, progress=progress)
+    synth = heldout_corpus(cfg, out, seed=seed, clips=clips, progress=progress)
     described = ensure_synthetic_described(synth.dir, out / "described", seed=seed,
                                            clips_per_shard=synth.clips_per_shard, progress=progress)
     encoder_name = cfg.stage2.text_encoder

@@ -1,10 +1,12 @@
-"""Learning-rate schedule: linear warmup, then cosine decay to `min_lr`."""
+"""The optimizer (AdamW that refuses non-finite gradients) and its learning-rate schedule: linear
+warmup, then cosine decay to `min_lr`."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.distributed as dist
 
 from vaemo_dist.config import OptimConfig
 
@@ -44,4 +46,34 @@ def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.O
             {"params": no_decay, "weight_decay": 0.0},
         ]
     # torch's AdamW, not DeepSpeed's FusedAdam: the latter JIT-compiles (~70 s) on CPU.
-    return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
+    return SkipNonFiniteAdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
+
+
+class SkipNonFiniteAdamW(torch.optim.AdamW):
+    """AdamW that leaves parameters and moments untouched when a gradient it would apply is not finite.
+
+    DeepSpeed skips such steps itself only in some modes (fp16 loss scaling; ZeRO-1/2 when it computes
+    the gradient norm); this covers the rest (ZeRO-0 fp32, no clipping, ZeRO-3). Under ZeRO each rank
+    sees only its partition, so the verdict is agreed over all ranks: everyone steps or no one does.
+    DeepSpeed calls `step` on every rank at the same accumulation boundary, which keeps the
+    all-reduce matched. `skipped_last` tells the trainer what happened.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.skipped_last = False
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001, ANN201 - torch's signature
+        params = [p for g in self.param_groups for p in g["params"]]
+        grads = [p.grad for p in params if p.grad is not None]
+        device = params[0].device if params else torch.device("cpu")
+        bad = torch.zeros((), device=device)
+        if grads:
+            bad = (~torch.isfinite(torch.nn.utils.get_total_norm(grads))).float().to(device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        self.skipped_last = bool(bad.item())
+        if self.skipped_last:
+            return None
+        return super().step(closure)

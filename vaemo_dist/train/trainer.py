@@ -7,7 +7,6 @@ that returns the loss and named float metrics.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 import deepspeed
 import torch
 
+from vaemo_dist import faults
 from vaemo_dist.config import Config
 from vaemo_dist.data.loader import DataState, build_loader
 from vaemo_dist.data.types import Batch
@@ -24,6 +24,7 @@ from vaemo_dist.model.flops import peak_tflops
 from vaemo_dist.train.checkpoint import load_checkpoint, resolve, save_checkpoint
 from vaemo_dist.train.metrics import MetricsLogger
 from vaemo_dist.train.schedule import build_optimizer, warmup_cosine
+from vaemo_dist.watchdog import PeerWatch
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +56,18 @@ def deepspeed_config(cfg: Config, dp_size: int, bf16: bool) -> dict[str, Any]:
     }
 
 
+def applied_updates(optimizer: torch.optim.Optimizer) -> int:
+    """How many updates the optimizer really applied (its own per-parameter step counters)."""
+    steps = [float(s["step"]) for s in optimizer.state.values() if "step" in s]
+    return int(max(steps)) if steps else 0
+
+
 class Trainer:
     def __init__(self, cfg: Config, model: torch.nn.Module, compute_loss: LossFn, urls: list[str],
-                 dist_info: DistInfo, flops_per_sample: float = 0.0, tokens_per_sample: int = 0) -> None:
+                 dist_info: DistInfo, flops_per_sample: float = 0.0, tokens_per_sample: int = 0,
+                 watch: PeerWatch | None = None) -> None:
         self.cfg, self.model, self.compute_loss = cfg, model, compute_loss
-        self.urls, self.dist = urls, dist_info
+        self.urls, self.dist, self.watch = urls, dist_info, watch
         self.flops_per_sample, self.tokens_per_sample = flops_per_sample, tokens_per_sample
         self.run_dir = Path(cfg.train.out_dir) / cfg.train.run_name
         self.ckpt_root = self.run_dir / "checkpoints"
@@ -76,7 +84,7 @@ class Trainer:
         torch.manual_seed(t.seed * 7919 + d.dp_rank)
         peak = peak_tflops(cfg.parallel.peak_tflops, d.device)
 
-        step, data_state = self._maybe_resume(engine)
+        step, data_state, nonfinite = self._maybe_resume(engine)
         loader = build_loader(self.urls, cfg.data, cfg.inputs, d.dp_rank, d.dp_size, resume=data_state)
         data_state = data_state or DataState(cfg.data.num_workers, d.dp_size)
         batches: Iterator[Batch] = iter(loader)
@@ -90,37 +98,68 @@ class Trainer:
                      "from step %d to %d", t.run_name, sum(p.numel() for p in self.model.parameters()),
                      d.world_size, d.tp_size, d.dp_size, d.device, "bf16" if bf16 else "fp32",
                      t.zero_stage, step, t.steps)
+        evaluator = None
+        if cfg.eval.every:
+            from vaemo_dist.eval.online import OnlineEvaluator, log_pictures
+
+            evaluator = OnlineEvaluator(cfg, d.device, dtype, self.run_dir, d.is_main)
         last: dict[str, float] = {}
         start_time = time.perf_counter()
         stop = t.stop_at or t.steps
+        in_a_row = 0
         while step < stop:
             t0 = time.perf_counter()
+            faults.at_step_start(step + 1, d.rank)
+            if self.watch is not None:
+                self.watch.step = step + 1
             sums: dict[str, float] = {}
+            optimizer.skipped_last = False
             for _ in range(t.grad_accum):
                 batch = next(batches)
                 data_state.update(batch)
                 loss, m = self.compute_loss(engine, batch.to(d.device, dtype))
-                if not math.isfinite(m["loss"]):
-                    raise TrainingError(f"non-finite loss at step {step + 1} (keys {batch.keys[:4]}...)")
+                injected = faults.poison_loss(loss, step + 1, d.rank)
+                if injected is not loss:
+                    loss, m = injected, {**m, "loss": float(injected.detach())}
                 engine.backward(loss)
                 engine.step()
                 for k, v in m.items():
                     sums[k] = sums.get(k, 0.0) + v / t.grad_accum
             step += 1
+            # A non-finite loss or gradient never reaches the weights: DeepSpeed's own overflow check
+            # or SkipNonFiniteAdamW skipped the update on every rank alike.
+            if engine.was_step_applied() and not optimizer.skipped_last:
+                in_a_row = 0
+            else:
+                nonfinite, in_a_row = nonfinite + 1, in_a_row + 1
+                log.warning("step %d skipped: non-finite loss or gradient (%d in a row, %d in all); loss %s; "
+                            "keys %s", step, in_a_row, nonfinite, m.get("loss"), batch.keys[:4])
+                if in_a_row >= t.max_nonfinite_steps:
+                    raise TrainingError(
+                        f"{in_a_row} steps in a row (up to step {step}) had a non-finite loss or gradient "
+                        f"(train.max_nonfinite_steps={t.max_nonfinite_steps}); the weights are those of step "
+                        f"{step - in_a_row}. Lower optim.lr, check the data, or resume from an earlier "
+                        "checkpoint.")
             step_time = time.perf_counter() - t0
             self._check_skips(data_state)
 
             if step % t.log_every == 0 or step == t.steps:
+                # Skip counts, in all and per kind (decode/no_audio -> skipped/no_audio); every rank
+                # has the same keys, so they ride in the same all-reduce and add up over DP ranks.
                 skips = data_state.totals()
-                sums.update(skipped_decode=skips["decode"], skipped_shards=skips["shard"])
-                last = all_reduce_mean(sums, d.device, d.dp_group)
-                last["skipped_decode"] *= d.dp_size  # counts add up over data-parallel ranks
-                last["skipped_shards"] *= d.dp_size
+                counts = {"skipped_decode": skips["decode"], "skipped_shards": skips["shard"]}
+                counts.update({"skipped/" + k[len("decode/"):]: v for k, v in skips.items()
+                               if k.startswith("decode/")})
+                last = all_reduce_mean({**sums, **counts}, d.device, d.dp_group)
+                for k in counts:
+                    last[k] = round(last[k] * d.dp_size)
                 samples_per_s = samples_per_step / step_time
                 last.update(lr=scheduler.get_last_lr()[0], step_time_s=step_time, samples_per_s=samples_per_s,
                             tokens_per_s=samples_per_s * self.tokens_per_sample,
                             grad_norm=float(engine.get_global_grad_norm() or 0.0),
                             samples_seen=step * samples_per_step,
+                            train_flops=step * samples_per_step * self.flops_per_sample,
+                            nonfinite_steps=nonfinite, optimizer_steps=applied_updates(optimizer),
                             elapsed_s=time.perf_counter() - start_time)
                 if self.flops_per_sample:
                     tflops = self.flops_per_sample * samples_per_s / d.world_size / 1e12
@@ -128,25 +167,32 @@ class Trainer:
                     if peak:
                         last["mfu"] = tflops / peak
                 metrics.log(step, last)
+            if evaluator is not None and evaluator.due(step):  # every rank: TP collectives stay matched
+                figures, pictures = evaluator.run(engine.module, step,
+                                                  train_flops=step * samples_per_step * self.flops_per_sample)
+                metrics.log(step, figures)
+                log_pictures(metrics.wandb, pictures, step)
             metrics.advance(1, {"loss": f"{last.get('loss', float('nan')):.4f}",
                                 "samples/s": f"{samples_per_step / step_time:.1f}"})
 
             if step % t.ckpt_every == 0 or step == stop:
-                save_checkpoint(engine, self.ckpt_root, step, d.rank, {"data": data_state.to_dict()},
+                save_checkpoint(engine, self.ckpt_root, step, d.rank,
+                                {"data": data_state.to_dict(), "nonfinite_steps": nonfinite},
                                 cfg.to_dict(), t.keep_last)
         metrics.close()
         return last
 
-    def _maybe_resume(self, engine: Any) -> tuple[int, DataState | None]:
+    def _maybe_resume(self, engine: Any) -> tuple[int, DataState | None, int]:
+        """(step, data position, non-finite steps so far) of the checkpoint to resume from, if any."""
         if not self.cfg.train.resume:
-            return 0, None
+            return 0, None, 0
         folder = resolve(self.cfg.train.resume, self.ckpt_root)
         if folder is None:
             log.info("no checkpoint in %s yet: starting from step 0", self.ckpt_root)
-            return 0, None
+            return 0, None, 0
         state = load_checkpoint(engine, folder, self.dist.rank)
         log.info("resumed from %s at step %d", folder, state["step"])
-        return int(state["step"]), DataState.from_dict(state["data"])
+        return int(state["step"]), DataState.from_dict(state["data"]), int(state.get("nonfinite_steps", 0))
 
     def _check_skips(self, state: DataState) -> None:
         totals = state.totals()

@@ -1,0 +1,55 @@
+"""Helpers for the fault suite: small corpora and stage-1 launches that may be meant to fail."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+# Small inputs and model: a step takes a fraction of a second on 2 cores.
+SMALL = [
+    "train.log_every=1", "train.zero_stage=1", "optim.warmup_steps=1", "optim.lr=1e-3",
+    "inputs.video.frames=8", "inputs.video.size=64", "inputs.audio.frames=128",
+    "model.depth=2", "model.decoder_depth=1", "data.batch_size=4", "data.num_workers=1",
+    "wandb.mode=disabled",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stage1_command(run_dir: Path, shards: str | Path, nproc: int, *extra: str) -> list[str]:
+    """`deepspeed --num_gpus nproc launchers/stage1.py ...` (or the launcher alone for one process)."""
+    launcher = ([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port",
+                 str(free_port())] if nproc > 1 else [sys.executable])
+    return [*launcher, "launchers/stage1.py", "--config", "configs/stage1/tiny.yaml", *SMALL,
+            f"data.shards={shards}", f"train.out_dir={run_dir.parent}", f"train.run_name={run_dir.name}",
+            *extra]
+
+
+def run_env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **extra}
+    env.pop("WANDB_API_KEY", None)
+    env.pop("VAEMO_FAULTS", None)
+    env.update(extra)
+    return env
+
+
+def run_stage1(run_dir: Path, shards: str | Path, nproc: int, *extra: str, faults: str = "",
+               env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    full_env = run_env(**(env or {}))
+    if faults:
+        full_env["VAEMO_FAULTS"] = faults
+    return subprocess.run(stage1_command(run_dir, shards, nproc, *extra), cwd=REPO, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def output(proc: subprocess.CompletedProcess) -> str:
+    return proc.stdout + proc.stderr

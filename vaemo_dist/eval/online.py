@@ -1,0 +1,323 @@
+"""Online evaluation during pretraining: cheap figures on held-out labelled clips every `eval.every` steps.
+
+* Probe (`eval/probe_uar`, `eval/probe_war`): features are the mean-pooled encoder tokens of each
+  modality, concatenated ([video_pooled, audio_pooled], every token visible, `VAEmoModel.encode`);
+  a closed-form ridge regression onto one-hot labels (features standardised on the fit half,
+  penalty `eval.probe_l2` on the mean squared error) is fitted on one half of the clips and scored
+  on the other. The halves are fixed: within each class, clips ordered by a hash of their key
+  alternate between the two, so the split never changes between evaluations or runs.
+* Retrieval (`eval/r1_v2a`, `eval/r1_a2v`): recall@1 of each clip's video embedding among the audio
+  embeddings of all held-out clips, and the reverse (the contrastive heads, every token visible).
+* Validation reconstruction (`eval/rec_video`, `eval/rec_audio`, and `eval/rec_loss` =
+  loss.video_weight * rec_video + loss.audio_weight * rec_audio): the training forward and the
+  stage-1 masked MSE, with masks drawn from a dedicated generator seeded identically at every
+  evaluation, so the figures compare across steps and the training RNG stream is not touched.
+* Pictures: on the main rank, a PNG of input / masked / reconstruction of the first
+  `eval.pictures` clips (`vaemo_dist/eval/pictures.py`) under `<run>/pictures/`.
+
+Every rank runs the same evaluation on the same clips, so collectives inside the model (tensor
+parallelism, ZeRO-3 gathers) stay matched; only the main rank writes files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vaemo_dist.config import Config
+from vaemo_dist.eval.metrics import classification_metrics
+from vaemo_dist.model.vaemo import ModelOutput, VAEmoModel
+from vaemo_dist.objectives.stage1 import masked_mse
+
+log = logging.getLogger(__name__)
+
+METRIC_NAMES = ("eval/probe_uar", "eval/probe_war", "eval/r1_v2a", "eval/r1_a2v", "eval/rec_loss",
+                "eval/rec_video", "eval/rec_audio")
+PICTURES_DIR = "pictures"
+MASK_SEED = 0x5EED  # offset of the validation masks' seed from train.seed
+
+
+# --------------------------------------------------------------------------------------------
+# Held-out clips
+
+
+def heldout_seed(cfg: Config) -> int:
+    """The synthetic held-out corpus's seed: never the training corpus's, so its clips are unseen."""
+    return cfg.data.synth.seed + 1
+
+
+def heldout_dir(cfg: Config) -> Path:
+    """Where the synthetic held-out corpus lives: next to `data.synth.dir`, named by seed and size."""
+    synth = Path(cfg.data.synth.dir)
+    classes = cfg.eval.classes or cfg.data.synth.classes
+    return synth.parent / f"{synth.name}-heldout" / f"seed{heldout_seed(cfg)}-{cfg.eval.clips}-c{classes}"
+
+
+def prepare_online_eval(cfg: Config, progress: bool = False) -> None:
+    """Build the synthetic held-out corpus if online evaluation needs it and it is not there yet.
+    Call once per node (local rank 0) before training; concurrent builders take turns on a lock."""
+    if cfg.eval.every <= 0 or cfg.eval.shards != "synthetic":
+        return
+    from vaemo_dist.text.retrieval import heldout_corpus
+
+    heldout_corpus(cfg, heldout_dir(cfg), seed=heldout_seed(cfg), clips=cfg.eval.clips,
+                   classes=cfg.eval.classes, progress=progress)
+
+
+def load_online_heldout(cfg: Config) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(keys, labels [N] (-1 unknown), video [N, ...], audio [N, ...]) of the first `eval.clips`
+    held-out clips, decoded with the training preprocessing, in key order."""
+    from vaemo_dist.data.shards import expand_shards
+    from vaemo_dist.text.retrieval import heldout_corpus, load_clips
+
+    e = cfg.eval
+    if e.shards == "synthetic":
+        synth = heldout_corpus(cfg, heldout_dir(cfg), seed=heldout_seed(cfg), clips=e.clips,
+                               classes=e.classes)  # no-op if built
+        urls = expand_shards(synth.dir)
+    else:
+        urls = expand_shards(e.shards)
+    return load_clips(urls, cfg, limit=e.clips)
+
+
+# --------------------------------------------------------------------------------------------
+# Probe and retrieval (plain functions of features, so they can be checked on their own)
+
+
+def probe_split(keys: Sequence[str], labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Fixed, class-stratified halves (fit, score) of the labelled clips (label >= 0): within each
+    class, clips ordered by CRC32 of their key go alternately to fit and score. Depends only on keys
+    and labels, not on the order the clips were read in."""
+    labels = np.asarray(labels)
+    fit: list[int] = []
+    score: list[int] = []
+    for c in np.unique(labels[labels >= 0]):
+        members = sorted(np.flatnonzero(labels == c), key=lambda i: (zlib.crc32(keys[i].encode()), keys[i]))
+        fit.extend(members[0::2])
+        score.extend(members[1::2])
+    return np.array(sorted(fit), dtype=np.int64), np.array(sorted(score), dtype=np.int64)
+
+
+def ridge_probe(x_fit: np.ndarray, y_fit: np.ndarray, x_test: np.ndarray, num_classes: int,
+                l2: float) -> np.ndarray:
+    """Predicted classes of x_test from a ridge regression onto one-hot labels fitted on (x_fit, y_fit):
+    minimises mean ||z W + b - onehot||^2 + l2 ||W||^2 over standardised features z (b unpenalised)."""
+    x = np.asarray(x_fit, dtype=np.float64)
+    mean, std = x.mean(axis=0), np.maximum(x.std(axis=0), 1e-6)
+    z = (x - mean) / std
+    target = np.eye(num_classes)[np.asarray(y_fit, dtype=np.int64)]
+    bias = target.mean(axis=0)  # z is centred, so the unpenalised bias decouples from W
+    centred = target - bias
+    n, d = z.shape
+    if n <= d:  # dual form: an n x n system (the usual case, few clips and wide features)
+        gram = z @ z.T / n + l2 * np.eye(n)
+        weight = z.T @ _solve(gram, centred / n)
+    else:
+        gram = z.T @ z / n + l2 * np.eye(d)
+        weight = _solve(gram, z.T @ centred / n)
+    scores = ((np.asarray(x_test, dtype=np.float64) - mean) / std) @ weight + bias
+    return scores.argmax(axis=1)
+
+
+def _solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    try:
+        return np.linalg.solve(a, b)
+    except np.linalg.LinAlgError:  # l2 = 0 with collinear features: least squares instead
+        return np.linalg.lstsq(a, b, rcond=None)[0]
+
+
+def probe_scores(features: np.ndarray, labels: np.ndarray, keys: Sequence[str],
+                 l2: float) -> tuple[float, float]:
+    """(UAR, WAR) of the ridge probe on the fixed split; NaN when the clips cannot support a probe
+    (fewer than two classes with a clip in each half)."""
+    labels = np.asarray(labels)
+    fit, score = probe_split(keys, labels)
+    if len(score) == 0 or len(np.unique(labels[fit])) < 2:
+        return float("nan"), float("nan")
+    num_classes = int(labels.max()) + 1
+    pred = ridge_probe(features[fit], labels[fit], features[score], num_classes, l2)
+    m = classification_metrics(labels[score], pred, num_classes)
+    return float(m["uar"]), float(m["war"])
+
+
+def recall_at_1(query: torch.Tensor, keys: torch.Tensor) -> float:
+    """Share of rows i whose most similar row of `keys` is row i (ties go to the lower index, so
+    collapsed embeddings score 1/N, not 1)."""
+    hit = (query.float() @ keys.float().T).argmax(dim=1)
+    return (hit == torch.arange(query.shape[0])).float().mean().item()
+
+
+# --------------------------------------------------------------------------------------------
+# The evaluator
+
+
+def unwrap_vaemo(model: torch.nn.Module) -> VAEmoModel:
+    """The VAEmoModel inside a DeepSpeed engine (`.module`) and/or a stage-2 model (`.vaemo`)."""
+    inner: Any = model
+    for _ in range(3):
+        if isinstance(inner, VAEmoModel):
+            return inner
+        for name in ("module", "vaemo"):
+            if getattr(inner, name, None) is not None:
+                inner = getattr(inner, name)
+                break
+    if not isinstance(inner, VAEmoModel):
+        raise TypeError(f"online evaluation needs a VAEmoModel (or a wrapper of one), "
+                        f"got {type(model).__name__}")
+    return inner
+
+
+class OnlineEvaluator:
+    """Loads the held-out clips once (CPU tensors) and evaluates a model on them with `run`."""
+
+    def __init__(self, cfg: Config, device: torch.device, dtype: torch.dtype, run_dir: str | Path,
+                 is_main: bool) -> None:
+        self.cfg, self.device, self.dtype, self.is_main = cfg, torch.device(device), dtype, is_main
+        self.pictures_dir = Path(run_dir) / PICTURES_DIR
+        self.mask_seed = cfg.train.seed + MASK_SEED
+        start = time.perf_counter()
+        self.keys, self.labels, self.video, self.audio = load_online_heldout(cfg)
+        if len(self.keys) < 2:
+            raise ValueError(f"online evaluation found {len(self.keys)} held-out clips in "
+                             f"eval.shards={cfg.eval.shards!r}; it needs at least 2")
+        if is_main:
+            labelled = int((self.labels >= 0).sum())
+            log.info("online evaluation every %d steps on %d held-out clips (%d labelled), loaded in %.1fs",
+                     cfg.eval.every, len(self.keys), labelled, time.perf_counter() - start)
+
+    def due(self, step: int) -> bool:
+        """Whether `run` is meant for this step (eval.every > 0 and step a multiple of it)."""
+        every = self.cfg.eval.every
+        return every > 0 and step > 0 and step % every == 0
+
+    def picture_path(self, step: int) -> Path:
+        return self.pictures_dir / f"recon_step{step:08d}.png"
+
+    def run(self, model: torch.nn.Module, step: int,
+            train_flops: float | None = None) -> tuple[dict[str, float], list[Path]]:
+        """Evaluate `model` (a VAEmoModel, possibly inside a DeepSpeed engine or a stage-2 model) on
+        the held-out clips: the metrics (METRIC_NAMES, `eval/time_s`, and `train_flops` when given)
+        and the PNGs written (main rank only). Every rank must call it at the same step. The model's
+        train/eval modes and the global RNG states are as they were afterwards."""
+        start = time.perf_counter()
+        vaemo = unwrap_vaemo(model)
+        modes = [(m, m.training) for m in vaemo.modules()]
+        # fork_rng: whatever the model might draw from the global generators is given back afterwards.
+        cuda = []
+        if self.device.type == "cuda":
+            cuda = [self.device.index if self.device.index is not None else torch.cuda.current_device()]
+        vaemo.eval()
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+                features, video_emb, audio_emb = self._embed(vaemo)
+                rec_video, rec_audio, shown = self._reconstruct(vaemo)
+        finally:
+            for m, mode in modes:  # per module: a stage-2 model may keep frozen parts in eval mode
+                m.training = mode
+
+        uar, war = probe_scores(features.numpy(), self.labels.numpy(), self.keys, self.cfg.eval.probe_l2)
+        w = self.cfg.loss
+        metrics = {
+            "eval/probe_uar": uar,
+            "eval/probe_war": war,
+            "eval/r1_v2a": recall_at_1(video_emb, audio_emb),
+            "eval/r1_a2v": recall_at_1(audio_emb, video_emb),
+            "eval/rec_loss": w.video_weight * rec_video + w.audio_weight * rec_audio,
+            "eval/rec_video": rec_video,
+            "eval/rec_audio": rec_audio,
+        }
+        paths: list[Path] = []
+        if shown is not None:
+            from vaemo_dist.eval.pictures import save_reconstruction_grid
+
+            video, audio, out = shown
+            n = video.shape[0]
+            paths.append(save_reconstruction_grid(
+                video, audio, out, self.cfg.inputs, self.picture_path(step), max_clips=n,
+                norm_pix=self.cfg.model.norm_pix_loss, keys=self.keys[:n], labels=self.labels[:n].tolist(),
+                title=f"step {step}: held-out reconstructions"))
+        metrics["eval/time_s"] = time.perf_counter() - start
+        if train_flops is not None:
+            metrics["train_flops"] = float(train_flops)
+        return metrics, paths
+
+    def _batches(self) -> Any:
+        bs = self.cfg.eval.batch_size
+        for i in range(0, len(self.keys), bs):
+            yield (self.video[i : i + bs].to(self.device, self.dtype),
+                   self.audio[i : i + bs].to(self.device, self.dtype))
+
+    def _embed(self, vaemo: VAEmoModel) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        feats, v_emb, a_emb = [], [], []
+        for video, audio in self._batches():
+            enc = vaemo.encode(video, audio)
+            feats.append(torch.cat([enc.video_pooled, enc.audio_pooled], dim=1).float().cpu())
+            v_emb.append(enc.video_emb.float().cpu())
+            a_emb.append(enc.audio_emb.float().cpu())
+        return torch.cat(feats), torch.cat(v_emb), torch.cat(a_emb)
+
+    def _reconstruct(
+        self, vaemo: VAEmoModel
+    ) -> tuple[float, float, tuple[torch.Tensor, torch.Tensor, ModelOutput] | None]:
+        """Validation reconstruction losses (means over every masked patch of every clip), and the
+        inputs and outputs of the first `eval.pictures` clips on the main rank."""
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(self.mask_seed)  # the same masks at every evaluation
+        want = self.cfg.eval.pictures if self.is_main else 0
+        sums = torch.zeros(2, dtype=torch.float64)
+        kept: list[tuple[torch.Tensor, torch.Tensor, ModelOutput]] = []
+        held = 0
+        for video, audio in self._batches():
+            out = vaemo(video, audio, generator=generator)
+            b = video.shape[0]
+            # Every clip masks the same number of tokens, so batch means weighted by size give the mean.
+            losses = torch.stack([masked_mse(out.video_pred, out.video_target, out.video_mask),
+                                  masked_mse(out.audio_pred, out.audio_target, out.audio_mask)])
+            sums += b * losses.double().cpu()
+            if held < want:
+                n = min(b, want - held)
+                kept.append((video[:n].float().cpu(), audio[:n].float().cpu(), _head(out, n)))
+                held += n
+        rec_video, rec_audio = (sums / len(self.keys)).tolist()
+        if not kept:
+            return rec_video, rec_audio, None
+        video = torch.cat([k[0] for k in kept])
+        audio = torch.cat([k[1] for k in kept])
+        return rec_video, rec_audio, (video, audio, _concat([k[2] for k in kept]))
+
+
+def _head(out: ModelOutput, n: int) -> ModelOutput:
+    """The first n clips of a model output, on the CPU, floating tensors in float32."""
+    fields = {}
+    for f in dataclasses.fields(out):
+        t = getattr(out, f.name).detach()
+        t = t if t.dim() == 0 else t[:n]
+        fields[f.name] = (t.float() if t.is_floating_point() else t).cpu()
+    return ModelOutput(**fields)
+
+
+def _concat(outs: list[ModelOutput]) -> ModelOutput:
+    if len(outs) == 1:
+        return outs[0]
+    fields = {}
+    for f in dataclasses.fields(ModelOutput):
+        parts = [getattr(o, f.name) for o in outs]
+        fields[f.name] = parts[0] if parts[0].dim() == 0 else torch.cat(parts)
+    return ModelOutput(**fields)
+
+
+def log_pictures(wandb_run: Any, paths: Sequence[Path], step: int) -> None:
+    """Send the reconstruction PNGs to a wandb run (`MetricsLogger.wandb`; None: nothing to do)."""
+    if wandb_run is None or not paths:
+        return
+    import wandb
+
+    wandb_run.log({"eval/reconstruction": [wandb.Image(str(p)) for p in paths]}, step=step)
