@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from vaemo_dist.config import MODEL_PRESETS, ConfigError, config_from_dict, load_config
+from vaemo_dist.config import MODEL_PRESETS, ConfigError, config_from_dict, load_config, validate_world
 
 
 def test_defaults_validate_and_tiny_preset_applies():
@@ -84,3 +84,15 @@ def test_shipped_zero_configs_compose_with_a_stage_config(tmp_path):
     path.write_text(f"base: [{repo}/configs/stage1/tiny.yaml, {repo}/configs/deepspeed/zero3.yaml]\n")
     cfg = load_config(path)
     assert cfg.train.zero_stage == 3 and cfg.parallel.activation_checkpointing and cfg.inputs.video.size == 96
+
+
+def test_world_size_checks():
+    validate_world(load_config(None, ["data.global_batch_size=16", "data.batch_size=4",
+                                      "train.grad_accum=2"]), 2)
+    with pytest.raises(ConfigError, match="parallel.tensor: 2 must divide the world size"):
+        validate_world(load_config(None, ["parallel.tensor=2", "model.heads=4", "model.dim=256"]), 3)
+    with pytest.raises(ConfigError, match="set data.batch_size=3"):
+        validate_world(load_config(None, ["data.global_batch_size=12", "data.batch_size=4"]), 4)
+    # Under tensor parallelism the data-parallel size is world / tensor.
+    validate_world(load_config(None, ["data.global_batch_size=8", "data.batch_size=4", "parallel.tensor=3",
+                                      "model.decoder_heads=3", "model.decoder_dim=96"]), 6)

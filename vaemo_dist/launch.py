@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from vaemo_dist.config import Config, ConfigError, DataConfig, load_config, validate_world
+from vaemo_dist.secrets import install_log_masking
 
 log = logging.getLogger("vaemo")
 
@@ -33,6 +34,7 @@ def setup_logging(rank: int) -> None:
                         datefmt="%H:%M:%S", force=True)
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    install_log_masking()
 
 
 def shard_urls(data: DataConfig) -> list[str]:

@@ -21,9 +21,11 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import IO, Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import fsspec
+
+from vaemo_dist.secrets import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -82,13 +84,7 @@ def local_path(url: str) -> str:
 
 def redact(url: str) -> str:
     """The URL without user info, query or fragment (where signatures and keys would sit)."""
-    if not is_remote(url):
-        return url
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+    return redact_url(url)
 
 
 def _endpoint_url() -> str:

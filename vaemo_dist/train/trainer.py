@@ -21,6 +21,7 @@ from vaemo_dist.data.loader import DataState, build_loader
 from vaemo_dist.data.types import Batch
 from vaemo_dist.dist import DistInfo, MegatronMpu, all_reduce_mean
 from vaemo_dist.model.flops import peak_tflops
+from vaemo_dist.secrets import redact_config
 from vaemo_dist.train.checkpoint import load_checkpoint, resolve, save_checkpoint
 from vaemo_dist.train.metrics import MetricsLogger
 from vaemo_dist.train.schedule import build_optimizer, warmup_cosine
@@ -91,7 +92,8 @@ class Trainer:
         dtype = torch.bfloat16 if bf16 else torch.float32
         samples_per_step = cfg.data.batch_size * t.grad_accum * d.dp_size
 
-        metrics = MetricsLogger(self.run_dir, d.is_main, t.steps, step, cfg.to_dict(), cfg.wandb.mode,
+        public_config = redact_config(cfg.to_dict())  # what is written: no URL credentials
+        metrics = MetricsLogger(self.run_dir, d.is_main, t.steps, step, public_config, cfg.wandb.mode,
                                 cfg.wandb.project, cfg.wandb.entity, t.run_name)
         if d.is_main:
             log.info("training %s: %d params per TP rank, world %d (TP %d x DP %d) on %s, %s, ZeRO-%d, "
@@ -178,7 +180,7 @@ class Trainer:
             if step % t.ckpt_every == 0 or step == stop:
                 save_checkpoint(engine, self.ckpt_root, step, d.rank,
                                 {"data": data_state.to_dict(), "nonfinite_steps": nonfinite},
-                                cfg.to_dict(), t.keep_last)
+                                public_config, t.keep_last)
         metrics.close()
         return last
 

