@@ -58,6 +58,7 @@ setup(
             "vaemo-embed=vaemo_dist.eval.embed:main",
             "vaemo-describe=vaemo_dist.text.describe:main",
             "vaemo-embed-text=vaemo_dist.text.encode:main",
+            "vaemo-sweep=vaemo_dist.sweep.cli:main",
         ]
     },
 )

@@ -169,7 +169,8 @@ class Trainer:
                     if peak:
                         last["mfu"] = tflops / peak
                 metrics.log(step, last)
-            if evaluator is not None and evaluator.due(step):  # every rank: TP collectives stay matched
+            # Every N steps and at the end; on every rank, so TP collectives inside the model stay matched.
+            if evaluator is not None and (evaluator.due(step) or step == t.steps):
                 figures, pictures = evaluator.run(engine.module, step,
                                                   train_flops=step * samples_per_step * self.flops_per_sample)
                 metrics.log(step, figures)

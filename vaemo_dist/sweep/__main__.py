@@ -1,0 +1,5 @@
+import sys
+
+from vaemo_dist.sweep.cli import main
+
+sys.exit(main())
