@@ -15,7 +15,7 @@ SMALL = [
     "train.log_every=1", "train.zero_stage=1", "optim.warmup_steps=1", "optim.lr=1e-3",
     "inputs.video.frames=8", "inputs.video.size=64", "inputs.audio.frames=128",
     "model.depth=2", "model.decoder_depth=1", "data.batch_size=4", "data.num_workers=1",
-    "wandb.mode=disabled",
+    "wandb.mode=disabled", "eval.every=0",
 ]
 
 

@@ -25,7 +25,7 @@ OVERRIDES = [
     f"train.steps={STEPS}", "train.ckpt_every=2", "train.log_every=1", "train.zero_stage=1",
     "optim.warmup_steps=1", "inputs.video.frames=8", "inputs.video.size=64", "inputs.audio.frames=128",
     "model.depth=2", "model.decoder_depth=1", f"data.batch_size={BATCH}", "data.num_workers=1",
-    "wandb.mode=offline",
+    "wandb.mode=offline", "eval.every=0",
 ]
 
 pytestmark = pytest.mark.skipif(weed_binary() is None,

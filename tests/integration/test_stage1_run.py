@@ -23,7 +23,7 @@ OVERRIDES = [
     "optim.warmup_steps=3", "optim.lr=1e-3",
     "inputs.video.frames=8", "inputs.video.size=64", "inputs.audio.frames=128",
     "model.depth=2", "model.decoder_depth=1", "data.batch_size=4", "data.num_workers=1",
-    "wandb.mode=offline",
+    "wandb.mode=offline", "eval.every=0",
 ]
 
 
@@ -92,6 +92,7 @@ def test_corrupt_clip_is_skipped_counted_and_named(uninterrupted):
     record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     # 20 steps x 8 samples over 44 samples: the corrupt clip comes round several times, each counted.
     assert record["skipped_decode"] >= 2 and record["skipped_shards"] == 0
+    assert record["skipped/corrupt"] == record["skipped_decode"]  # the count per kind reaches the log
     assert "corrupt-0" in proc.stdout + proc.stderr
 
 

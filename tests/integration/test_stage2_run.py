@@ -22,8 +22,8 @@ STEPS = 16
 # Small inputs and model so that a run takes seconds on 2 cores (as in test_stage1_run.py).
 SMALL = ["inputs.video.frames=8", "inputs.video.size=64", "inputs.audio.frames=128", "model.depth=2",
          "model.decoder_depth=1", "data.batch_size=4", "data.num_workers=1", "wandb.mode=offline",
-         "train.log_every=1", "data.synth.clips=48", "data.synth.clips_per_shard=8", "data.synth.classes=4",
-         "data.synth.size=64"]
+         "eval.every=0", "train.log_every=1", "data.synth.clips=48", "data.synth.clips_per_shard=8",
+         "data.synth.classes=4", "data.synth.size=64"]
 
 
 def free_port() -> int:

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 OVERRIDES = {
     "inputs.video.frames": 8, "inputs.video.size": 64, "inputs.audio.frames": 128,
     "model.depth": 2, "model.decoder_depth": 1, "data.batch_size": 4, "data.num_workers": 1,
-    "optim.warmup_steps": 1, "train.log_every": 1, "wandb.mode": "disabled",
+    "optim.warmup_steps": 1, "train.log_every": 1, "wandb.mode": "disabled", "eval.every": 0,
 }
 
 
