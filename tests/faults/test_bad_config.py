@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.faults.conftest import REPO, free_port, run_env
+from tests.launching import REPO, free_port, run_env
 
 CASES = [
     (["model.dpth=3"], ["unknown config key 'model.dpth'", "Did you mean 'depth'", "Valid keys in 'model'"]),

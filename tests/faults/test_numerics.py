@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.conftest import output, run_stage1
+from tests.launching import output, run_stage1
 from vaemo_dist.config import SynthConfig
 from vaemo_dist.data.synth import build_corpus
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.conftest import output, run_stage1
+from tests.launching import output, run_stage1, s3_environment
 from vaemo_dist.config import DataConfig, InputConfig, SynthConfig
 from vaemo_dist.data import storage
 from vaemo_dist.data.loader import DataState, build_loader
@@ -37,21 +37,13 @@ pytestmark = pytest.mark.skipif(weed_binary() is None,
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     server = LocalS3(tmp_path_factory.mktemp("seaweedfs"), secret_key=S3_SECRET)
-    saved = {k: os.environ.get(k) for k in server.env()}
     server.start()
     try:
-        os.environ.update(server.env())
-        storage.reset()
-        server.create_bucket(BUCKET)
-        yield server
+        with s3_environment(server):
+            server.create_bucket(BUCKET)
+            yield server
     finally:
         server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        storage.reset()
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from tests.faults.conftest import REPO, free_port, output, run_env, run_stage1
+from tests.launching import REPO, free_port, output, run_env, run_stage1
 from vaemo_dist.config import SynthConfig
 from vaemo_dist.data.synth import build_corpus
 from vaemo_dist.watchdog import EXIT_PEER_LOST

@@ -2,8 +2,6 @@
 2 CPU processes over gloo, on a small synthetic corpus with one corrupt clip in it."""
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,26 +9,14 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
+from tests.launching import REPO, SMALL, free_port, output, run_env, run_stage1
 from vaemo_dist.config import SynthConfig
 from vaemo_dist.data.synth import build_corpus
 
-REPO = Path(__file__).resolve().parents[2]
 STEPS = 20
 
 # Small inputs and model so that 20 steps take seconds, not minutes, on 2 cores.
-OVERRIDES = [
-    f"train.steps={STEPS}", "train.ckpt_every=10", "train.log_every=1", "train.zero_stage=1",
-    "optim.warmup_steps=3", "optim.lr=1e-3",
-    "inputs.video.frames=8", "inputs.video.size=64", "inputs.audio.frames=128",
-    "model.depth=2", "model.decoder_depth=1", "data.batch_size=4", "data.num_workers=1",
-    "wandb.mode=offline", "eval.every=0",
-]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+OVERRIDES = [f"train.steps={STEPS}", "train.ckpt_every=10", "optim.warmup_steps=3", "wandb.mode=offline"]
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +34,8 @@ def corpus(tmp_path_factory) -> Path:
 
 
 def launch(run_dir: Path, corpus: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    env.pop("WANDB_API_KEY", None)
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-           str(free_port()), "launchers/stage1.py", "--config", "configs/stage1/tiny.yaml",
-           *OVERRIDES, f"data.shards={corpus}", f"train.out_dir={run_dir.parent}",
-           f"train.run_name={run_dir.name}", *extra]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    proc = run_stage1(run_dir, corpus, 2, *OVERRIDES, *extra, timeout=600)
+    assert proc.returncode == 0, output(proc)[-8000:]
     return proc
 
 
@@ -117,14 +97,14 @@ def test_unknown_key_fails_before_start(corpus, tmp_path):
 def test_two_nodes_over_torchrun_rendezvous(corpus, tmp_path):
     """Two 'nodes' on this machine: two torchrun agents, --nnodes 2, meeting over loopback."""
     port, run_dir = free_port(), tmp_path / "two-nodes"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    env.pop("WANDB_API_KEY", None)
+    env = run_env()
     agents = [
         subprocess.Popen(
             [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
              "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
-             "launchers/stage1.py", "--config", "configs/stage1/tiny.yaml", *OVERRIDES, "train.steps=4",
-             "parallel.peak_tflops=0.5", f"data.shards={corpus}", f"train.out_dir={tmp_path}",
+             "launchers/stage1.py", "--config", "configs/stage1/tiny.yaml", *SMALL, *OVERRIDES,
+             "train.steps=4", "parallel.peak_tflops=0.5", f"data.shards={corpus}",
+             f"train.out_dir={tmp_path}",
              f"train.run_name={run_dir.name}"],
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for node in (0, 1)

@@ -1,16 +1,19 @@
-"""Helpers for the fault suite: small corpora and stage-1 launches that may be meant to fail."""
+"""Launching real runs from tests: small settings, free ports, the deepspeed launcher, and a local S3
+server in the environment. Shared by tests/integration, tests/faults and tests/sweep."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
-# Small inputs and model: a step takes a fraction of a second on 2 cores.
+# Small inputs and model: a step takes a fraction of a second on 2 cores. Later overrides win.
 SMALL = [
     "train.log_every=1", "train.zero_stage=1", "optim.warmup_steps=1", "optim.lr=1e-3",
     "inputs.video.frames=8", "inputs.video.size=64", "inputs.audio.frames=128",
@@ -53,3 +56,23 @@ def run_stage1(run_dir: Path, shards: str | Path, nproc: int, *extra: str, fault
 
 def output(proc: subprocess.CompletedProcess) -> str:
     return proc.stdout + proc.stderr
+
+
+@contextlib.contextmanager
+def s3_environment(server: object) -> Iterator[None]:
+    """Point this process's storage layer (and the runs it starts) at a started LocalS3 server."""
+    from vaemo_dist.data import storage
+
+    env = server.env()  # type: ignore[attr-defined]
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    storage.reset()
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        storage.reset()
