@@ -56,8 +56,14 @@ class SkipNonFiniteAdamW(torch.optim.AdamW):
     the gradient norm); this covers the rest (ZeRO-0 fp32, no clipping, ZeRO-3). Under ZeRO each rank
     sees only its partition, so the verdict is agreed over all ranks: everyone steps or no one does.
     DeepSpeed calls `step` on every rank at the same accumulation boundary, which keeps the
-    all-reduce matched. `skipped_last` tells the trainer what happened.
+    all-reduce matched. `skipped_last` tells the trainer what happened; `overflow` (the same flag)
+    is what DeepSpeed's engine reads of a client optimizer it holds directly (ZeRO-0): it then counts
+    the step as skipped and does not advance the learning-rate schedule, as after its own checks.
     """
+
+    @property
+    def overflow(self) -> bool:
+        return self.skipped_last
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
