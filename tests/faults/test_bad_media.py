@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 
+from tests.launching import output, run_stage1
 from vaemo_dist.config import DataConfig, InputConfig, SynthConfig
 from vaemo_dist.data.loader import DataState, build_loader
 from vaemo_dist.data.synth import build_corpus, encode_audio, encode_video
@@ -138,6 +139,22 @@ def test_bad_media_is_skipped_counted_and_named(media_sets, decoder, codec, work
         logged = " ".join(r.getMessage() for r in caplog.records)
         for key, kind in bad.items():
             assert f"skipped clip {key} from {urls[-1]} ({kind})" in logged
+
+
+def test_a_training_run_goes_on_and_logs_the_counts_per_kind(media_sets, tmp_path):
+    """The same shard set through the launcher and trainer: the run finishes, and metrics.jsonl carries
+    the skips per kind (`skipped/<kind>`), adding up to `skipped_decode`."""
+    urls, good, bad = media_sets("h264")
+    run_dir = tmp_path / "bad-media-run"
+    proc = run_stage1(run_dir, ",".join(urls), 1, "train.steps=5", "inputs.video.size=32",
+                      "data.max_clip_s=10", "data.max_skip_fraction=0.6")
+    assert proc.returncode == 0, output(proc)[-3000:]
+    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    per_kind = {kind: last[f"skipped/{kind}"] for kind in DECODE_KINDS}
+    epochs = last["skipped_decode"] // len(bad)  # 5 steps x 4 clips = 20 good clips: 1 or 2 epochs met
+    assert epochs in (1, 2) and last["skipped_decode"] == epochs * len(bad)
+    assert per_kind == {kind: list(bad.values()).count(kind) * epochs for kind in DECODE_KINDS}
+    assert all(f"skipped clip {key}" in output(proc) for key in bad)
 
 
 # --------------------------------------------------------------------------------------------
