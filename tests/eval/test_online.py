@@ -67,6 +67,28 @@ def test_shard_spec_with_labels_and_a_clip_limit(setup):
     assert (labels >= 0).all()
 
 
+def test_an_undecodable_heldout_clip_is_skipped_and_named(setup, tmp_path, caplog):
+    import webdataset as wds
+
+    cfg, _, _, _ = setup
+    source = sorted((heldout_dir(cfg) / "corpus").glob("shard-*.tar"))[0]
+    shard = tmp_path / "val-000000.tar"
+    with wds.TarWriter(str(shard)) as w:
+        for i, sample in enumerate(wds.WebDataset(str(source), shardshuffle=False)):
+            sample = {k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"}
+            if i == 1:
+                sample["mp4"] = b"garbage" * 10
+            w.write(sample)
+            if i == 3:
+                break
+    spec = load_config(None, [*TINY, f"eval.shards={shard}", "eval.clips=4"])
+    with caplog.at_level("WARNING"):
+        keys, _, video, _ = load_online_heldout(spec)
+    assert len(keys) == 3 and video.shape[0] == 3
+    assert "held-out clip clip-000001" in caplog.text
+    assert "1 held-out clip(s) could not be decoded" in caplog.text
+
+
 def test_run_gives_finite_deterministic_figures_and_leaves_training_state_alone(setup):
     cfg, evaluator, model, root = setup
     model.train()

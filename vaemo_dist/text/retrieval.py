@@ -48,12 +48,14 @@ def load_clips(urls: list[str], cfg: Config, keys: list[str] | None = None,
                limit: int | None = None) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor]:
     """Decode (with the training preprocessing) the clips of `urls`, optionally only `keys`, and
     at most the first `limit` of them in reading order:
-    (keys, labels [N], video [N, ...], audio [N, ...]) in key order."""
+    (keys, labels [N], video [N, ...], audio [N, ...]) in key order. Clips that cannot be decoded are
+    skipped, named in the log and counted; none decodable is an error."""
     from vaemo_dist.data.decode_pyav import decode_sample
     from vaemo_dist.data.shards import read_shard
+    from vaemo_dist.data.types import DecodeError
 
     wanted = set(keys) if keys is not None else None
-    clips = []
+    clips, skipped = [], []
     for url in urls:
         if limit is not None and len(clips) >= limit:
             break
@@ -61,7 +63,17 @@ def load_clips(urls: list[str], cfg: Config, keys: list[str] | None = None,
             if limit is not None and len(clips) >= limit:
                 break
             if wanted is None or sample["__key__"] in wanted:
-                clips.append(decode_sample(sample, cfg.inputs))
+                try:
+                    clips.append(decode_sample(sample, cfg.inputs))
+                except DecodeError as e:
+                    skipped.append(e.key)
+                    log.warning("held-out clip %s (%s) skipped: %s", e.key, url, e.reason)
+    if skipped:
+        log.warning("%d held-out clip(s) could not be decoded and were skipped: %s", len(skipped),
+                    skipped[:10])
+    if not clips:
+        raise ValueError(f"no decodable clip in {len(urls)} shard(s) starting with {urls[:1]}"
+                         + (f" (skipped: {skipped[:10]})" if skipped else ""))
     clips.sort(key=lambda c: c.key)
     return ([c.key for c in clips], torch.tensor([c.label for c in clips]),
             torch.stack([c.video for c in clips]), torch.stack([c.audio for c in clips]))
