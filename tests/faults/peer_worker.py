@@ -1,7 +1,11 @@
 """One rank of a 2-process gloo group for test_rank_failure.py: argv = mode rank port.
 
 modes: `die`: rank 1 SIGKILLs itself, rank 0 sleeps (only the watchdog can end it);
-       `hang`: rank 1 sleeps outside any collective, rank 0 all-reduces until the timeout."""
+       `hang`: rank 1 sleeps outside any collective, rank 0 all-reduces until the timeout;
+       `die-remote`: as `die`, but the ranks claim different hosts (rank 1 on "node-b"), so rank 0 can
+       only learn of it from its failed all-reduce and rank 1's stopped heartbeat;
+       `store-lost`: different hosts, and rank 0 (which keeps the rendezvous store) dies: rank 1
+       reports that the store does not answer."""
 
 import datetime
 import logging
@@ -19,11 +23,14 @@ mode, rank, port = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(message)s")
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
 dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=4))
-watch = PeerWatch(rank, 2).start()
+remote = mode in ("die-remote", "store-lost")
+host = ("node-a", "node-b")[rank] if remote else None
+watch = PeerWatch(rank, 2, heartbeat_s=0.5 if remote else 5.0, host=host).start()
 watch.step = 7
 dist.barrier()
-if rank == 1:
-    if mode == "die":
+victim, observer = (0, 1) if mode == "store-lost" else (1, 0)
+if rank == victim:
+    if mode != "hang":
         os.kill(os.getpid(), signal.SIGKILL)
     time.sleep(60)
     sys.exit(0)

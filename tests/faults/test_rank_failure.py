@@ -81,3 +81,21 @@ def test_a_hung_peer_times_the_collective_out_with_a_report():
     assert rank0.returncode == 1, out
     assert took < 30, took  # the group's 4 s timeout, not forever
     assert "step 7: a collective failed" in out and "all ranks on this host are running" in out, out
+
+
+def test_a_dead_peer_on_another_host_is_named_by_its_stopped_heartbeat():
+    rank0, rank1 = start_pair("die-remote")
+    out = rank0.communicate(timeout=60)[0]
+    rank1.wait(timeout=10)
+    assert rank0.returncode == 1, out
+    assert "all ranks on this host are running" in out
+    assert re.search(r"rank 1 on node-b stopped its heartbeat \d+ s ago", out), out
+
+
+def test_losing_the_node_that_keeps_the_store_is_reported_as_such():
+    rank0, rank1 = start_pair("store-lost")
+    out = rank1.communicate(timeout=60)[0]
+    rank0.wait(timeout=10)
+    assert rank1.returncode == 1, out
+    assert re.search(r"the job's store at 127\.0\.0\.1:\d+ .* does not answer: that node is probably lost",
+                     out), out
