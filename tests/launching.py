@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+
+from vaemo_dist.dist import free_port  # noqa: F401 - re-exported for the tests
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,12 +21,6 @@ SMALL = [
     "model.depth=2", "model.decoder_depth=1", "data.batch_size=4", "data.num_workers=1",
     "wandb.mode=disabled", "eval.every=0",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def stage1_command(run_dir: Path, shards: str | Path, nproc: int, *extra: str) -> list[str]:

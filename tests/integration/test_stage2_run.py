@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from vaemo_dist.dist import free_port
 from vaemo_dist.text.encode import EMBEDDINGS, read_metadata
 
 REPO = Path(__file__).resolve().parents[2]
@@ -24,12 +24,6 @@ SMALL = ["inputs.video.frames=8", "inputs.video.size=64", "inputs.audio.frames=1
          "model.decoder_depth=1", "data.batch_size=4", "data.num_workers=1", "wandb.mode=offline",
          "eval.every=0", "train.log_every=1", "data.synth.clips=48", "data.synth.clips_per_shard=8",
          "data.synth.classes=4", "data.synth.size=64"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(script: str, config: str, *args: str) -> subprocess.CompletedProcess:

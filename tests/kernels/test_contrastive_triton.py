@@ -6,7 +6,6 @@ Row and column counts are not multiples of the 16 / 32 tiles used here, and E = 
 
 import functools
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -14,6 +13,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from kernels import contrastive, dispatch, reference
+from vaemo_dist.dist import free_port
 
 TILES = dict(block_m=16, block_n=32)
 
@@ -101,14 +101,8 @@ def _dist_worker(rank, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_distributed_fused_equals_global_batch(tmp_path):
-    mp.spawn(_dist_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_dist_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     res = [torch.load(tmp_path / f"{r}.pt") for r in range(WORLD)]
 
     a = _unit(N_LOCAL * WORLD, EMBED, 1).requires_grad_(True)

@@ -1,5 +1,4 @@
 import os
-import socket
 
 import pytest
 import torch
@@ -8,6 +7,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from kernels import dispatch, reference
+from vaemo_dist.dist import free_port
 
 
 def _gather_loop(tokens, pos, keep):
@@ -108,14 +108,8 @@ def _dist_worker(rank, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_contrastive_loss_distributed_equals_global_batch(tmp_path):
-    mp.spawn(_dist_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_dist_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     res = [torch.load(tmp_path / f"{r}.pt") for r in range(WORLD)]
 
     a = _unit(N_LOCAL * WORLD, EMBED, 1).requires_grad_(True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ import torch.nn.functional as F
 import yaml
 
 from vaemo_dist.config import LossConfig, Stage2Config, load_config
+from vaemo_dist.dist import free_port
 from vaemo_dist.model.vaemo import ModelOutput, VAEmoModel
 from vaemo_dist.objectives.stage1 import Stage1Objective
 from vaemo_dist.objectives.stage2 import (
@@ -120,16 +120,10 @@ def _dist_worker(rank, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_infonce_is_over_the_global_batch(tmp_path):
     """Two ranks with 3 rows each: the mean of their losses is the one-process loss over 6 rows, and
     each rank's gradient is its share of the global gradient."""
-    mp.spawn(_dist_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_dist_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     res = [torch.load(tmp_path / f"{r}.pt") for r in range(WORLD)]
     out = _output(b=N_LOCAL * WORLD)
     out.text_emb.requires_grad_(True)

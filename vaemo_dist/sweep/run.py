@@ -13,13 +13,13 @@ import json
 import os
 import select
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from vaemo_dist.dist import free_port
 from vaemo_dist.sweep.plan import (
     STATUS_FILE,
     Point,
@@ -39,12 +39,6 @@ HEARTBEAT_S = 10.0  # how often a quiet run prints the point's progress
 
 # (spec, point, extra overrides, stream the launcher's output?) -> exit code
 Launcher = Callable[[SweepSpec, Point, list[str], bool], int]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch_env(spec: SweepSpec) -> dict[str, str]:
