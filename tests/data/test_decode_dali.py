@@ -1,7 +1,6 @@
 """The DALI decode path on DALI's CPU backend (VP9): parity with PyAV, validation, recovery, loader."""
 
 import dataclasses
-import itertools
 import json
 import math
 import time
@@ -14,6 +13,7 @@ import webdataset as wds
 
 pytest.importorskip("nvidia.dali")
 
+from tests.data.batches import take
 from vaemo_dist.config import DataConfig, InputConfig, SynthConfig  # noqa: E402
 from vaemo_dist.data.decode_dali import DaliDecoder, prepare_sample  # noqa: E402
 from vaemo_dist.data.decode_pyav import decode_sample  # noqa: E402
@@ -194,15 +194,6 @@ def vp9_shards(tmp_path_factory):
 def dali_cfg(workers: int, **kw) -> DataConfig:
     return DataConfig(shards="unused", decoder="dali", batch_size=3, num_workers=workers, shuffle_seed=2,
                       **kw)
-
-
-def take(loader, n, state=None):
-    out = []
-    for batch in itertools.islice(loader, n):
-        if state is not None:
-            state.update(batch)
-        out.append(batch)
-    return out
 
 
 def test_dali_loader_batches_skips_and_names(vp9_shards):

@@ -1,8 +1,8 @@
-import itertools
 
 import pytest
 import webdataset as wds
 
+from tests.data.batches import take
 from vaemo_dist.config import DataConfig, InputConfig, SynthConfig
 from vaemo_dist.data.loader import DataState, build_loader
 from vaemo_dist.data.synth import build_corpus
@@ -30,15 +30,6 @@ def shards(tmp_path_factory):
 
 def data_cfg(workers: int) -> DataConfig:
     return DataConfig(shards="unused", batch_size=3, num_workers=workers, shuffle_seed=5)
-
-
-def take(loader, n, state=None):
-    out = []
-    for batch in itertools.islice(loader, n):
-        if state is not None:
-            state.update(batch)
-        out.append(batch)
-    return out
 
 
 def test_batches_have_contract_shapes(shards):

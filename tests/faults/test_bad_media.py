@@ -7,7 +7,6 @@ the stream goes on. A clip whose decode hangs is abandoned after `data.decode_ti
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import signal
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 
+from tests.data.batches import take
 from tests.launching import output, run_stage1
 from vaemo_dist.config import DataConfig, InputConfig, SynthConfig
 from vaemo_dist.data.loader import DataState, build_loader
@@ -96,13 +96,6 @@ def media_sets(tmp_path_factory):
 def data_cfg(decoder: str, workers: int, **kw) -> DataConfig:
     return DataConfig(shards="unused", decoder=decoder, batch_size=BATCH, num_workers=workers, shuffle_seed=3,
                       max_clip_s=10.0, **kw)
-
-
-def take(batches, n: int, state: DataState) -> list:
-    out = list(itertools.islice(batches, n))
-    for batch in out:
-        state.update(batch)
-    return out
 
 
 # --------------------------------------------------------------------------------------------

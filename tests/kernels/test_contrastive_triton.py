@@ -9,18 +9,15 @@ import os
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from kernels import contrastive, dispatch, reference
-from vaemo_dist.dist import free_port
+from tests.distributed import spawn_gloo, unit_rows
 
 TILES = dict(block_m=16, block_n=32)
 
 
-def _unit(n, e, seed, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    return F.normalize(torch.randn(n, e, generator=g, dtype=torch.float64), dim=-1).to(dtype)
+unit_rows32 = functools.partial(unit_rows, dtype=torch.float32)  # the Triton kernels' dtype
 
 
 def _loss_and_grads(fn, a, v, scale):
@@ -31,7 +28,7 @@ def _loss_and_grads(fn, a, v, scale):
 
 
 def test_fused_fp32_matches_reference():
-    a, v = _unit(45, 20, 1), _unit(45, 20, 2)
+    a, v = unit_rows32(45, 20, 1), unit_rows32(45, 20, 2)
     for s in (1.0, 14.3, 100.0):
         scale = torch.tensor(s)
         fused = _loss_and_grads(lambda a, v, s: contrastive.contrastive_loss(a, v, s, **TILES), a, v, scale)
@@ -41,14 +38,14 @@ def test_fused_fp32_matches_reference():
 
 
 def test_fused_gradcheck_fp64():
-    a, v = _unit(5, 3, 3, torch.float64), _unit(5, 3, 4, torch.float64)
+    a, v = unit_rows(5, 3, 3), unit_rows(5, 3, 4)
     inputs = [x.requires_grad_(True) for x in (a, v, torch.tensor(3.0, dtype=torch.float64))]
     fn = lambda a, v, s: contrastive.contrastive_loss(a, v, s, block_m=16, block_n=16)
     assert torch.autograd.gradcheck(fn, inputs)
 
 
 def test_fused_half_inputs_accumulate_in_fp32():
-    a, v, scale = _unit(40, 20, 5), _unit(40, 20, 6), torch.tensor(14.3)
+    a, v, scale = unit_rows32(40, 20, 5), unit_rows32(40, 20, 6), torch.tensor(14.3)
     a16, v16 = a.to(torch.bfloat16), v.to(torch.bfloat16)
     loss, ga, gv, gs = _loss_and_grads(lambda a, v, s: contrastive.contrastive_loss(a, v, s, **TILES),
                                        a16, v16, scale)
@@ -61,7 +58,7 @@ def test_fused_half_inputs_accumulate_in_fp32():
 
 
 def test_chunked_reference_matches_reference():
-    a, v, scale = _unit(45, 20, 7, torch.float64), _unit(45, 20, 8, torch.float64), torch.tensor(14.3)
+    a, v, scale = unit_rows(45, 20, 7), unit_rows(45, 20, 8), torch.tensor(14.3)
     scale = scale.double()
     for chunk in (1, 16, 45, 1000):
         fn = functools.partial(reference.contrastive_loss_chunked, chunk=chunk)
@@ -79,7 +76,7 @@ def _dist_worker(rank, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        a_all, v_all = _unit(N_LOCAL * WORLD, EMBED, 1), _unit(N_LOCAL * WORLD, EMBED, 2)
+        a_all, v_all = unit_rows32(N_LOCAL * WORLD, EMBED, 1), unit_rows32(N_LOCAL * WORLD, EMBED, 2)
         rows = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)
         fns = dict(
             fused=lambda a, v, s: contrastive.contrastive_loss(a, v, s, **TILES),
@@ -102,11 +99,10 @@ def _dist_worker(rank, port, out_dir):
 
 
 def test_distributed_fused_equals_global_batch(tmp_path):
-    mp.spawn(_dist_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    res = [torch.load(tmp_path / f"{r}.pt") for r in range(WORLD)]
+    res = spawn_gloo(_dist_worker, WORLD, tmp_path)
 
-    a = _unit(N_LOCAL * WORLD, EMBED, 1).requires_grad_(True)
-    v = _unit(N_LOCAL * WORLD, EMBED, 2).requires_grad_(True)
+    a = unit_rows32(N_LOCAL * WORLD, EMBED, 1).requires_grad_(True)
+    v = unit_rows32(N_LOCAL * WORLD, EMBED, 2).requires_grad_(True)
     scale = torch.tensor(14.3, requires_grad=True)
     logits = scale * a @ v.T
     labels = torch.arange(N_LOCAL * WORLD)

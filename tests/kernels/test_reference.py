@@ -3,11 +3,10 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from kernels import dispatch, reference
-from vaemo_dist.dist import free_port
+from tests.distributed import spawn_gloo, unit_rows
 
 
 def _gather_loop(tokens, pos, keep):
@@ -75,13 +74,8 @@ def _plain_clip_loss(a, v, scale):
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
-def _unit(n, e, seed):
-    g = torch.Generator().manual_seed(seed)
-    return F.normalize(torch.randn(n, e, generator=g, dtype=torch.float64), dim=-1)
-
-
 def test_contrastive_loss_single_process_matches_plain():
-    a, v = _unit(6, 8, 1), _unit(6, 8, 2)
+    a, v = unit_rows(6, 8, 1), unit_rows(6, 8, 2)
     for scale in (1.0, 14.3, 100.0):
         s = torch.tensor(scale, dtype=torch.float64)
         torch.testing.assert_close(reference.contrastive_loss(a, v, s), _plain_clip_loss(a, v, s))
@@ -96,7 +90,7 @@ def _dist_worker(rank, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        a_all, v_all = _unit(N_LOCAL * WORLD, EMBED, 1), _unit(N_LOCAL * WORLD, EMBED, 2)
+        a_all, v_all = unit_rows(N_LOCAL * WORLD, EMBED, 1), unit_rows(N_LOCAL * WORLD, EMBED, 2)
         rows = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)
         a = a_all[rows].clone().requires_grad_(True)
         v = v_all[rows].clone().requires_grad_(True)
@@ -109,11 +103,10 @@ def _dist_worker(rank, port, out_dir):
 
 
 def test_contrastive_loss_distributed_equals_global_batch(tmp_path):
-    mp.spawn(_dist_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    res = [torch.load(tmp_path / f"{r}.pt") for r in range(WORLD)]
+    res = spawn_gloo(_dist_worker, WORLD, tmp_path)
 
-    a = _unit(N_LOCAL * WORLD, EMBED, 1).requires_grad_(True)
-    v = _unit(N_LOCAL * WORLD, EMBED, 2).requires_grad_(True)
+    a = unit_rows(N_LOCAL * WORLD, EMBED, 1).requires_grad_(True)
+    v = unit_rows(N_LOCAL * WORLD, EMBED, 2).requires_grad_(True)
     scale = torch.tensor(14.3, dtype=torch.float64, requires_grad=True)
     loss = _plain_clip_loss(a, v, scale)
     loss.backward()

@@ -7,12 +7,10 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-import torch.nn.functional as F
 import yaml
 
+from tests.distributed import spawn_gloo, unit_rows
 from vaemo_dist.config import LossConfig, Stage2Config, load_config
-from vaemo_dist.dist import free_port
 from vaemo_dist.model.vaemo import ModelOutput, VAEmoModel
 from vaemo_dist.objectives.stage1 import Stage1Objective
 from vaemo_dist.objectives.stage2 import (
@@ -22,11 +20,6 @@ from vaemo_dist.objectives.stage2 import (
     check_compatible,
     resolve_init,
 )
-
-
-def _unit(n, e, seed):
-    g = torch.Generator().manual_seed(seed)
-    return F.normalize(torch.randn(n, e, generator=g, dtype=torch.float64), dim=-1)
 
 
 def _plain_infonce(x, y, scale):
@@ -45,14 +38,14 @@ def _va_output(b, e, seed):
     return ModelOutput(
         video_pred=r(b, 10, 12), video_target=r(b, 10, 12), video_mask=mask_v,
         audio_pred=r(b, 6, 5), audio_target=r(b, 6, 5), audio_mask=mask_a,
-        video_emb=_unit(b, e, seed + 1).float(), audio_emb=_unit(b, e, seed + 2).float(),
-        joint_emb=_unit(b, e, seed + 3).float(), logit_scale=torch.tensor(12.0),
+        video_emb=unit_rows(b, e, seed + 1).float(), audio_emb=unit_rows(b, e, seed + 2).float(),
+        joint_emb=unit_rows(b, e, seed + 3).float(), logit_scale=torch.tensor(12.0),
         video_keep=torch.zeros(b, 1, dtype=torch.long), audio_keep=torch.zeros(b, 1, dtype=torch.long))
 
 
 def _output(b=6, e=8, seed=0, scale=14.3):
     va = _va_output(b, e, seed)
-    return Stage2Output(text_emb=_unit(b, e, seed + 4).float(), text_logit_scale=torch.tensor(scale),
+    return Stage2Output(text_emb=unit_rows(b, e, seed + 4).float(), text_logit_scale=torch.tensor(scale),
                         joint_emb=va.joint_emb, audio_emb=va.audio_emb, video_emb=va.video_emb, va=va)
 
 
@@ -89,7 +82,7 @@ def test_stage1_term_is_kept_with_its_weight_and_zero_weight_paths_are_skipped()
 
 
 def test_class_accuracy_counts_same_class_hits():
-    e = _unit(4, 8, 1).float()
+    e = unit_rows(4, 8, 1).float()
     out = Stage2Output(text_emb=e, text_logit_scale=torch.tensor(10.0), joint_emb=e[[1, 0, 3, 2]],
                        audio_emb=e, video_emb=e, va=None)
     s2 = Stage2Config(audio_weight=0.0, video_weight=0.0)
@@ -123,8 +116,7 @@ def _dist_worker(rank, port, out_dir):
 def test_infonce_is_over_the_global_batch(tmp_path):
     """Two ranks with 3 rows each: the mean of their losses is the one-process loss over 6 rows, and
     each rank's gradient is its share of the global gradient."""
-    mp.spawn(_dist_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    res = [torch.load(tmp_path / f"{r}.pt") for r in range(WORLD)]
+    res = spawn_gloo(_dist_worker, WORLD, tmp_path)
     out = _output(b=N_LOCAL * WORLD)
     out.text_emb.requires_grad_(True)
     loss, _ = Stage2Objective(Stage2Config(), LossConfig())(out)

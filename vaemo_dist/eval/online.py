@@ -194,9 +194,10 @@ class OnlineEvaluator:
                      cfg.eval.every, len(self.keys), labelled, time.perf_counter() - start)
 
     def due(self, step: int) -> bool:
-        """Whether `run` is meant for this step (eval.every > 0 and step a multiple of it)."""
+        """Whether `run` is meant for this step: eval.every > 0 and the step a multiple of it, or the
+        last step (train.steps), so every run ends with an evaluation."""
         every = self.cfg.eval.every
-        return every > 0 and step > 0 and step % every == 0
+        return every > 0 and step > 0 and (step % every == 0 or step == self.cfg.train.steps)
 
     def picture_path(self, step: int) -> Path:
         return self.pictures_dir / f"recon_step{step:08d}.png"

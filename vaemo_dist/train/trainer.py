@@ -143,6 +143,7 @@ class Trainer:
                         f"{step - in_a_row}. Lower optim.lr, check the data, or resume from an earlier "
                         "checkpoint.")
             step_time = time.perf_counter() - t0
+            train_flops = step * samples_per_step * self.flops_per_sample  # cumulative, for logs and evals
             self._check_skips(data_state)
 
             if step % t.log_every == 0 or step == t.steps:
@@ -159,8 +160,7 @@ class Trainer:
                 last.update(lr=scheduler.get_last_lr()[0], step_time_s=step_time, samples_per_s=samples_per_s,
                             tokens_per_s=samples_per_s * self.tokens_per_sample,
                             grad_norm=float(engine.get_global_grad_norm() or 0.0),
-                            samples_seen=step * samples_per_step,
-                            train_flops=step * samples_per_step * self.flops_per_sample,
+                            samples_seen=step * samples_per_step, train_flops=train_flops,
                             nonfinite_steps=nonfinite, optimizer_steps=applied_updates(optimizer),
                             elapsed_s=time.perf_counter() - start_time)
                 if self.flops_per_sample:
@@ -169,10 +169,9 @@ class Trainer:
                     if peak:
                         last["mfu"] = tflops / peak
                 metrics.log(step, last)
-            # Every N steps and at the end; on every rank, so TP collectives inside the model stay matched.
-            if evaluator is not None and (evaluator.due(step) or step == t.steps):
-                figures, pictures = evaluator.run(engine.module, step,
-                                                  train_flops=step * samples_per_step * self.flops_per_sample)
+            # On every rank, so that tensor-parallel collectives inside the model stay matched.
+            if evaluator is not None and evaluator.due(step):
+                figures, pictures = evaluator.run(engine.module, step, train_flops=train_flops)
                 metrics.log(step, figures)
                 log_pictures(metrics.wandb, pictures, step)
             metrics.advance(1, {"loss": f"{last.get('loss', float('nan')):.4f}",
