@@ -44,6 +44,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["vaemo_dist", "vaemo_dist.*", "kernels", "kernels.*"]),
+    package_data={"vaemo_dist.text": ["prompts/*.yaml"]},  # the versioned MLLM prompts
     install_requires=REQUIRES,
     extras_require={
         "gpu": ["flash-attn"],  # build on a CUDA machine: pip install flash-attn --no-build-isolation

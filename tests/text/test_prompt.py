@@ -1,4 +1,8 @@
 import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -43,3 +47,14 @@ def test_parse_tolerates_fences_and_prose(wrap):
 def test_parse_rejects_malformed(text):
     with pytest.raises(MalformedAnswer):
         parse_answer(text, load_prompt())
+
+
+def test_prompts_ship_inside_the_wheel(tmp_path):
+    # A wheel install has no checkout: the prompt files must be package data, found next to the module.
+    repo = Path(__file__).resolve().parents[2]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                    "-w", str(tmp_path), str(repo)], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("vaemo_dist-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "vaemo_dist/text/prompts/affect_cot_v1.yaml" in names
+    assert PROMPTS_DIR.parent.name == "text" and PROMPTS_DIR.parent.parent.name == "vaemo_dist"

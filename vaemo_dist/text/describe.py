@@ -7,9 +7,9 @@
 For each selected clip (all, `--count N` or `--fraction F`, seeded) a few frames (JPEG/PNG data URLs)
 and optionally the audio (base64 WAV/FLAC `input_audio` part) go to an OpenAI-compatible
 chat-completions endpoint (POST {base_url}/chat/completions) with the chain-of-thought prompt of
-prompts/<version>.yaml; the JSON answer is parsed and stored. Server errors (5xx, 429), timeouts,
-connection errors and malformed answers are retried with exponential backoff; a clip that still
-fails is recorded as failed and the run goes on.
+vaemo_dist/text/prompts/<version>.yaml; the JSON answer is parsed and stored. Server errors (5xx, 429),
+timeouts, connection errors and malformed answers are retried with exponential backoff; a clip that
+still fails is recorded as failed and the run goes on.
 
 Output folder:
     descriptions.jsonl   the cache: one record per line, appended as each result arrives; a re-run
@@ -557,7 +557,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--concurrency", type=int, default=None, help="requests in flight (default 4)")
     g = p.add_argument_group("prompt and media")
     g.add_argument("--prompt", default=None,
-                   help=f"prompt version (prompts/<v>.yaml) or file (default {DEFAULT_PROMPT})")
+                   help=f"prompt version (vaemo_dist/text/prompts/<v>.yaml) or file "
+                        f"(default {DEFAULT_PROMPT})")
     g.add_argument("--frames", type=int, default=None, help=f"frames per clip (default {m.frames})")
     g.add_argument("--frame-size", type=int, default=None,
                    help=f"longest side in pixels (default {m.frame_size})")

@@ -1,4 +1,4 @@
-"""The versioned chain-of-thought prompt (prompts/*.yaml) and the parsing of its answers."""
+"""The versioned chain-of-thought prompt (vaemo_dist/text/prompts/*.yaml) and the parsing of its answers."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from typing import Any
 
 import yaml
 
-# The repository's prompts/ folder (an editable install runs from the checkout).
-PROMPTS_DIR = Path(__file__).resolve().parents[2] / "prompts"
+# Shipped inside the package (setup.py package_data), so a wheel install finds them too.
+PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
 DEFAULT_PROMPT = "affect_cot_v1"
 REASONING_KEYS = ("facial", "vocal", "agreement")
 
@@ -43,7 +43,7 @@ class PromptTemplate:
 
 
 def load_prompt(name_or_path: str = DEFAULT_PROMPT) -> PromptTemplate:
-    """A prompt by version name (prompts/<name>.yaml) or by file path."""
+    """A prompt by version name (PROMPTS_DIR/<name>.yaml) or by file path."""
     path = Path(name_or_path)
     if not path.suffix:
         path = PROMPTS_DIR / f"{name_or_path}.yaml"
