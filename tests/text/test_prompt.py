@@ -1,4 +1,5 @@
 import json
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -51,9 +52,14 @@ def test_parse_rejects_malformed(text):
 
 def test_prompts_ship_inside_the_wheel(tmp_path):
     # A wheel install has no checkout: the prompt files must be package data, found next to the module.
-    repo = Path(__file__).resolve().parents[2]
+    # The wheel is built from a copy, so the checkout gets no build/ folder.
+    repo, src = Path(__file__).resolve().parents[2], tmp_path / "src"
+    for name in ("vaemo_dist", "kernels"):
+        shutil.copytree(repo / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("setup.py", "README.md"):
+        shutil.copy(repo / name, src / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                    "-w", str(tmp_path), str(repo)], check=True, capture_output=True)
+                    "-w", str(tmp_path), str(src)], check=True, capture_output=True)
     (wheel,) = tmp_path.glob("vaemo_dist-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "vaemo_dist/text/prompts/affect_cot_v1.yaml" in names
