@@ -1,22 +1,35 @@
 """Foundation checkpoints: a DeepSpeed training checkpoint becomes one portable folder.
 
     vaemo-export runs/stage1-tiny --out exports/stage1-tiny [--with-decoder] [--dtype bf16]
+    vaemo-export runs/stage2-tiny --out exports/stage2-tiny     # a knowledge-injected (stage-2) run
 
 The input is a checkpoint folder written by our trainer (`runs/<name>/checkpoints/step_XXXXXXXX/`),
 its `checkpoints/` folder or the run folder (both meaning `latest`). The output folder holds
 
-    model.safetensors  the weights, named as in `VAEmoModel.state_dict()`: encoder, projection
-                       heads and logit scale; the reconstruction decoder only with --with-decoder
-    config.json        architecture and preprocessing (the run's `model` and `inputs` sections)
-    README.md          a model card: step, training and data summary, last logged losses
+    model.safetensors      the weights, named as in `VAEmoModel.state_dict()`: encoder, projection
+                           heads and logit scale; the reconstruction decoder only with --with-decoder
+    text_head.safetensors  stage-2 runs only: the trained text projection head, named as in
+                           `TextHead.state_dict()` (vaemo_dist/objectives/stage2.py)
+    config.json            architecture and preprocessing (the run's `model` and `inputs` sections),
+                           `stage` (1 or 2) and, for stage 2, what the text head needs (`text_head`:
+                           text encoder, text embedding dim, hidden width)
+    README.md              a model card: stage, step, training and data summary, last logged losses
+
+A stage-2 checkpoint holds `Stage2Model` (`vaemo.*` + `text_head.*`); it is recognised by those
+names (every run's config.yaml has a `stage2` section, defaults included, so that cannot tell). Its
+VAEmo weights are written under their usual names, so every consumer of a stage-1 export
+(`from_pretrained().encode`, `vaemo-embed`, `launchers/finetune.py`) takes a stage-2 export as is;
+`from_pretrained().embed_text` / `.zero_shot` use the text head (vaemo_dist/pretrained.py).
 
 How the full weights are recovered depends on how the run was sharded, read from the checkpoint:
 
 * ZeRO 1-3: DeepSpeed's own consolidation (`deepspeed.utils.zero_to_fp32`) merges the fp32 master
-  partitions of every data-parallel rank.
+  partitions of every data-parallel rank; frozen parameters, which it leaves out under ZeRO-1, come
+  from the model-states file (`_with_frozen_parameters`).
 * ZeRO 0: the model-states file already holds every weight.
 * Tensor parallelism (`mp_world_size` > 1): each TP rank's partitions are consolidated on their own,
-  then `merge_tensor_parallel` joins the shards. That merge is the one piece not written yet.
+  then `merge_tensor_parallel` joins the shards (column-parallel rows, row-parallel columns, the
+  rest replicated).
 
 Loading never unpickles arbitrary objects: DeepSpeed's files are read with
 torch.load(weights_only=True) and an allow-list of DeepSpeed's few classes, also inside DeepSpeed's
@@ -48,8 +61,14 @@ from vaemo_dist.config import Config, InputConfig, ModelConfig, VideoInput, conf
 log = logging.getLogger(__name__)
 
 FORMAT = "vaemo-pretrained"
-FORMAT_VERSION = 1
+# 2 added `stage`, `includes_text_head` and `text_head` to config.json (and text_head.safetensors);
+# a version-1 folder reads as a stage-1 export without a text head.
+FORMAT_VERSION = 2
 WEIGHTS = "model.safetensors"
+# The text head goes in a file of its own so that model.safetensors stays exactly a VAEmoModel state
+# dict: code that loads it strictly into VAEmoModel (ours before stage-2 exports, or anyone's) keeps
+# working on a stage-2 export, and the stage-1 and stage-2 files of one run compare name for name.
+TEXT_HEAD_WEIGHTS = "text_head.safetensors"
 CONFIG = "config.json"
 CARD = "README.md"
 
@@ -277,29 +296,100 @@ def select_weights(state: dict[str, torch.Tensor], model: ModelConfig, inputs: I
     return out
 
 
+def split_stage2_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
+                                                                  dict[str, torch.Tensor] | None]:
+    """(VAEmo weights, text-head weights) of a consolidated state dict, both without their prefix; the
+    text head is None for a stage-1 state (plain VAEmoModel names)."""
+    from vaemo_dist.objectives.stage2 import TEXT_HEAD_PREFIX, VAEMO_PREFIX
+
+    if not any(k.startswith((VAEMO_PREFIX, TEXT_HEAD_PREFIX)) for k in state):
+        return state, None
+    stray = [k for k in state if not k.startswith((VAEMO_PREFIX, TEXT_HEAD_PREFIX))]
+    if stray:
+        raise ExportError(f"a stage-2 checkpoint ({VAEMO_PREFIX}* / {TEXT_HEAD_PREFIX}*) with other "
+                          f"weights too, e.g. {stray[:5]}")
+    vaemo = {k.removeprefix(VAEMO_PREFIX): v for k, v in state.items() if k.startswith(VAEMO_PREFIX)}
+    head = {k.removeprefix(TEXT_HEAD_PREFIX): v for k, v in state.items() if k.startswith(TEXT_HEAD_PREFIX)}
+    if not head:
+        raise ExportError(f"a stage-2 checkpoint without {TEXT_HEAD_PREFIX}* weights")
+    return vaemo, head
+
+
+def text_head_shape(head: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """(text embedding dim, hidden width; 0 = linear head) read off the head's first layer."""
+    if "proj.0.weight" in head:  # the MLP head: Linear(text_dim, hidden), GELU, Linear(hidden, E)
+        hidden, text_dim = head["proj.0.weight"].shape
+        return int(text_dim), int(hidden)
+    if "proj.weight" in head:
+        return int(head["proj.weight"].shape[1]), 0
+    raise ExportError(f"the text head has no first layer (proj.weight / proj.0.weight): {sorted(head)[:5]}")
+
+
+def select_text_head(head: dict[str, torch.Tensor], embed_dim: int,
+                     dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Check the text-head weights against `TextHead` (their own shapes give its sizes) and cast them."""
+    from vaemo_dist.objectives.stage2 import TextHead
+
+    text_dim, hidden = text_head_shape(head)
+    with torch.device("meta"):
+        expected = TextHead(text_dim, embed_dim, hidden).state_dict()
+    if set(head) != set(expected):
+        raise ExportError(f"the text head's weights {sorted(head)} are not those of TextHead "
+                          f"{sorted(expected)}")
+    out = {}
+    for name, ref in expected.items():
+        t = head[name]
+        if tuple(t.shape) != tuple(ref.shape):
+            raise ExportError(f"text_head.{name}: shape {tuple(t.shape)} in the checkpoint, "
+                              f"{tuple(ref.shape)} for embed_dim {embed_dim}")
+        out[name] = t.detach().to("cpu", dtype if t.is_floating_point() else t.dtype).contiguous().clone()
+    return out
+
+
 def save_pretrained(out_dir: str | Path, weights: dict[str, torch.Tensor], cfg: Config, *,
-                    source: dict[str, Any] | None = None, card: str | None = None) -> Path:
-    """Write model.safetensors + config.json (+ README.md) for `from_pretrained`."""
+                    source: dict[str, Any] | None = None, card: str | None = None,
+                    text_head: dict[str, torch.Tensor] | None = None,
+                    text_encoder: str | None = None) -> Path:
+    """Write model.safetensors + config.json (+ README.md) for `from_pretrained`; with `text_head`
+    (TextHead weights of a stage-2 run) also text_head.safetensors, and config.json says stage 2.
+    `text_encoder`: the frozen encoder the head was trained on (default: `cfg.stage2.text_encoder`)."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     includes_decoder = any(is_decoder_key(k) for k in weights)
-    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in weights.values()})
+    tensors = [*weights.values(), *(text_head or {}).values()]
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors})
+    head_info = None
+    if text_head is not None:
+        text_dim, hidden = text_head_shape(text_head)
+        head_info = {"file": TEXT_HEAD_WEIGHTS, "text_encoder": text_encoder or cfg.stage2.text_encoder,
+                     "text_dim": text_dim, "text_head_hidden": hidden, "embed_dim": cfg.model.embed_dim}
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "architecture": "VAEmoModel",
+        "stage": 2 if text_head is not None else 1,
         "includes_decoder": includes_decoder,
+        "includes_text_head": text_head is not None,
+        "text_head": head_info,
         "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
         "model": dataclasses.asdict(cfg.model),
         "inputs": dataclasses.asdict(cfg.inputs),
         "loss": {"max_logit_scale": cfg.loss.max_logit_scale, "init_temperature": cfg.loss.init_temperature},
         "source": source or {},
     }
+    meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION)}
     tmp = out / (WEIGHTS + ".tmp")
-    save_file(weights, str(tmp), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+    save_file(weights, str(tmp), metadata=meta)
     tmp.replace(out / WEIGHTS)
+    head_file = out / TEXT_HEAD_WEIGHTS
+    if text_head is not None:
+        tmp = out / (TEXT_HEAD_WEIGHTS + ".tmp")
+        save_file(text_head, str(tmp), metadata={**meta, "text_encoder": head_info["text_encoder"]})
+        tmp.replace(head_file)
+    elif head_file.exists():  # a stage-1 export over an earlier stage-2 one: no stale head left behind
+        head_file.unlink()
     (out / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     if card is not None:
         (out / CARD).write_text(card)
@@ -318,8 +408,9 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, include_de
     raw = yaml.safe_load(config_file.read_text()) or {}
     cfg = model_config_from(raw)
     layout = read_layout(folder)
-    state = consolidate(folder)
+    state, head = split_stage2_state(consolidate(folder))
     weights = select_weights(state, cfg.model, cfg.inputs, include_decoder, DTYPES[dtype])
+    text_head = None if head is None else select_text_head(head, cfg.model.embed_dim, DTYPES[dtype])
     ranks = sorted(folder.glob("vaemo_rank*.json"))
     step = json.loads(ranks[0].read_text()).get("step") if ranks else None
     source = {
@@ -332,8 +423,15 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, include_de
         "deepspeed": layout.ds_version,
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    card = model_card(raw, source, weights, _logged_metrics(folder, step))
-    return save_pretrained(out_dir, weights, cfg, source=source, card=card)
+    stage2 = raw.get("stage2") or {}
+    if text_head is not None:
+        hidden = text_head_shape(text_head)[1]
+        if stage2.get("text_head_hidden", hidden) != hidden:  # the config does not describe these weights
+            raise ExportError(f"stage2.text_head_hidden is {stage2['text_head_hidden']} in {config_file}, "
+                              f"but the checkpoint's text head has hidden width {hidden}")
+    card = model_card(raw, source, weights, _logged_metrics(folder, step), text_head)
+    return save_pretrained(out_dir, weights, cfg, source=source, card=card, text_head=text_head,
+                           text_encoder=stage2.get("text_encoder"))
 
 
 def _logged_metrics(folder: Path, step: int | None) -> dict[str, Any] | None:
@@ -350,12 +448,18 @@ def _logged_metrics(folder: Path, step: int | None) -> dict[str, Any] | None:
     return found
 
 
+STAGE1_METRICS = ("loss", "rec_video", "rec_audio", "contrastive", "acc_a2v")
+STAGE2_METRICS = ("loss", "text_joint", "text_audio", "text_video", "acc_t2j", "acc_t2j_class",
+                  "stage1_loss", "rec_video", "rec_audio", "contrastive")
+
+
 def model_card(raw: dict[str, Any], source: dict[str, Any], weights: dict[str, torch.Tensor],
-               metrics: dict[str, Any] | None) -> str:
+               metrics: dict[str, Any] | None, text_head: dict[str, torch.Tensor] | None = None) -> str:
     """A README.md for the export: what was trained, on what, for how long."""
     m, inp = raw.get("model", {}), raw.get("inputs", {})
     data, train = raw.get("data", {}), raw.get("train", {})
     optim, loss = raw.get("optim", {}), raw.get("loss", {})
+    s2 = raw.get("stage2") or {}
     v, a = inp.get("video", {}), inp.get("audio", {})
     n_params = sum(t.numel() for t in weights.values())
     world = source.get("world_size") or source.get("dp_world_size") or 1
@@ -366,16 +470,32 @@ def model_card(raw: dict[str, Any], source: dict[str, Any], weights: dict[str, t
         s = data.get("synth", {})
         shards = (f"synthetic corpus ({s.get('clips')} clips, {s.get('classes')} classes, "
                   f"{s.get('codec')}, seed {s.get('seed')})")
+    encode_line = "out = encoder.encode(video='clip.mp4', audio='clip.mp4')  # out.joint_emb, ..."
+    if text_head is None:
+        title = f"# VAEmo encoder: {train.get('run_name', 'run')} at step {step}"
+        what = ("Audio-visual emotion representation (VAEmo stage 1: masked reconstruction + audio-visual "
+                "contrastive), exported by `vaemo-export`.")
+        usage = [encode_line]
+    else:
+        title = f"# VAEmo stage-2 (knowledge-injected) model: {train.get('run_name', 'run')} at step {step}"
+        what = ("Audio-visual emotion representation after VAEmo stage 2, knowledge injection: its joint "
+                "and per-modality embeddings aligned (dual-path contrastive) with frozen "
+                f"`{s2.get('text_encoder')}` embeddings of affective descriptions through a trainable text "
+                "head, exported by `vaemo-export` with that text head.")
+        usage = [encode_line,
+                 "text = encoder.embed_text(['A person who looks and sounds happy.'])  # same space",
+                 "res = encoder.zero_shot(video='clip.mp4', audio='clip.mp4', prompts={",
+                 "    'happy': ['A happy face and voice.'], 'sad': ['A sad face and voice.']})",
+                 "res.predicted, res.probs  # class names, [B, C]"]
     lines = [
-        f"# VAEmo encoder: {train.get('run_name', 'run')} at step {step}",
+        title,
         "",
-        "Audio-visual emotion representation (VAEmo stage 1: masked reconstruction + audio-visual "
-        "contrastive), exported by `vaemo-export`.",
+        what,
         "",
         "```python",
         "import vaemo_dist",
         "encoder = vaemo_dist.from_pretrained('<this folder>')",
-        "out = encoder.encode(video='clip.mp4', audio='clip.mp4')  # out.joint_emb, out.video_emb, ...",
+        *usage,
         "```",
         "",
         "## Model",
@@ -384,6 +504,13 @@ def model_card(raw: dict[str, Any], source: dict[str, Any], weights: dict[str, t
         f"embed_dim {m.get('embed_dim')}, fusion `{m.get('fusion')}`",
         f"- exported tensors: {len(weights)} ({n_params / 1e6:.2f} M values), "
         f"decoder {'included' if any(is_decoder_key(k) for k in weights) else 'not included'}",
+    ]
+    if text_head is not None:
+        text_dim, hidden = text_head_shape(text_head)
+        lines.append(f"- text head: `{s2.get('text_encoder')}` embedding ({text_dim}-d) -> "
+                     f"{'linear' if not hidden else f'MLP (hidden {hidden})'} -> {m.get('embed_dim')}-d, "
+                     f"L2-normalised ({sum(t.numel() for t in text_head.values())} values)")
+    lines += [
         f"- video: {v.get('frames')} frames, stride {v.get('stride')}, {v.get('size')} px, "
         f"tubelet {v.get('tubelet')}, patch {v.get('patch')}, mean {v.get('mean')}, std {v.get('std')}",
         f"- audio: {a.get('sample_rate')} Hz, {a.get('n_mels')} mel bins x {a.get('frames')} frames "
@@ -398,16 +525,27 @@ def model_card(raw: dict[str, Any], source: dict[str, Any], weights: dict[str, t
         f"- AdamW lr {optim.get('lr')} (warmup {optim.get('warmup_steps')}, "
         f"cosine to {optim.get('min_lr')}), "
         f"weight decay {optim.get('weight_decay')}, clip {optim.get('clip_grad')}",
-        f"- mask ratios video {m.get('mask_ratio_video')} / audio {m.get('mask_ratio_audio')}; loss weights "
-        f"video {loss.get('video_weight')}, audio {loss.get('audio_weight')}, "
-        f"contrastive {loss.get('contrastive_weight')}",
+    ]
+    if text_head is None:
+        lines.append(f"- mask ratios video {m.get('mask_ratio_video')} / audio {m.get('mask_ratio_audio')}; "
+                     f"loss weights video {loss.get('video_weight')}, audio {loss.get('audio_weight')}, "
+                     f"contrastive {loss.get('contrastive_weight')}")
+    else:
+        lines += [
+            f"- stage 2 from `{s2.get('init_from') or 'random initialisation'}`; path weights text-joint "
+            f"{s2.get('joint_weight')}, text-audio {s2.get('audio_weight')}, "
+            f"text-video {s2.get('video_weight')}, stage-1 objective {s2.get('stage1_weight')}; "
+            f"masked inputs {s2.get('masked')}, encoder frozen {s2.get('freeze_encoder')}",
+        ]
+    lines += [
         f"- DeepSpeed {source.get('deepspeed')}, ZeRO-{source.get('zero_stage')}, "
         f"TP {source.get('tp_world_size')}, precision `{train.get('precision')}`, seed {train.get('seed')}",
         f"- data: {shards}",
         f"- checkpoint: `{source.get('checkpoint')}`",
     ]
-    if metrics:
-        keys = [k for k in ("loss", "rec_video", "rec_audio", "contrastive", "acc_a2v") if k in metrics]
+    names = STAGE1_METRICS if text_head is None else STAGE2_METRICS
+    keys = [k for k in names if isinstance((metrics or {}).get(k), (int, float))]
+    if metrics and keys:
         lines += ["", "## Logged at this step", "",
                   "| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys),
                   "| " + " | ".join(f"{metrics[k]:.4f}" for k in keys) + " |"]
@@ -437,7 +575,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     config = json.loads((out / CONFIG).read_text())
     source = config["source"]
-    print(f"exported step {source.get('step')} (ZeRO-{source.get('zero_stage')}) to {out} "
+    print(f"exported stage-{config['stage']} step {source.get('step')} (ZeRO-{source.get('zero_stage')}"
+          f"{', text head included' if config['includes_text_head'] else ''}) to {out} "
           f"in {time.perf_counter() - start:.1f}s", file=sys.stderr)
     return 0
 

@@ -7,6 +7,14 @@
     out.joint_emb, out.video_emb, out.audio_emb                  # [B, E], L2-normalised
     out.joint_pooled, out.video_pooled, out.audio_pooled         # [B, D], mean-pooled tokens
 
+A stage-2 (knowledge-injected) export also carries the trained text head, so text lands in the same
+space (the frozen text encoder named in config.json, all-MiniLM-L6-v2 by default, runs offline):
+
+    text = encoder.embed_text(["A person who looks and sounds happy."])   # [N, E], L2-normalised
+    res = encoder.zero_shot(video="clip.mp4", audio="clip.mp4",
+                            prompts={"happy": ["A happy face and voice."], "sad": ["A sad face and voice."]})
+    res.predicted, res.scores, res.probs                         # class names, [B, C] cosines, softmax
+
 Files are decoded with the training preprocessing (vaemo_dist/data/decode_pyav.py): the centred
 window of `inputs.video.frames` frames, centre crop + resize + normalise, and the log-mel window
 centred on that video window. Audio comes from a sibling `<stem>.flac` / `<stem>.wav` when there is
@@ -21,6 +29,7 @@ import io
 import json
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +37,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from vaemo_dist.export import CONFIG, FORMAT, WEIGHTS, ExportError, is_decoder_key, model_config_from
+from vaemo_dist.export import (
+    CONFIG,
+    FORMAT,
+    FORMAT_VERSION,
+    TEXT_HEAD_WEIGHTS,
+    WEIGHTS,
+    ExportError,
+    is_decoder_key,
+    model_config_from,
+)
 from vaemo_dist.model.vaemo import EncoderOutput, VAEmoModel
 
 log = logging.getLogger(__name__)
@@ -39,6 +57,8 @@ SIBLING_AUDIO_EXTS = (".flac", ".wav")
 
 PathLike = str | Path
 MediaArg = torch.Tensor | PathLike | Sequence[PathLike] | None
+Prompts = dict[str, list[str]] | dict[str, str] | Sequence[str]
+MODALITIES = ("joint", "audio", "video")
 
 
 # --------------------------------------------------------------------------------------------
@@ -155,14 +175,41 @@ def strip_decoder(model: VAEmoModel) -> VAEmoModel:
     return model
 
 
-class Encoder(nn.Module):
-    """A pretrained VAEmo encoder in eval mode: `encode` gives joint and per-modality embeddings."""
+@dataclass
+class ZeroShot:
+    """Zero-shot classification of a batch of clips against class prompts."""
 
-    def __init__(self, model: VAEmoModel, config: dict[str, Any]) -> None:
+    classes: list[str]  # class names, in the order of the score columns
+    scores: torch.Tensor  # [B, C] cosine of the clip embedding and each class's averaged prompt embedding
+    probs: torch.Tensor  # [B, C] softmax of scores x the text head's learnt logit scale
+    labels: torch.Tensor  # [B] long: the argmax class index
+    predicted: list[str]  # [B] the argmax class names
+
+
+class Encoder(nn.Module):
+    """A pretrained VAEmo encoder in eval mode: `encode` gives joint and per-modality embeddings; a
+    stage-2 export adds `embed_text` and `zero_shot` (its text head, `self.text_head`)."""
+
+    def __init__(self, model: VAEmoModel, config: dict[str, Any], text_head: nn.Module | None = None,
+                 text_encoder: Any = None, folder: PathLike | None = None) -> None:
         super().__init__()
         self.model = model
         self.config = config
         self.inputs = model.inputs
+        self.text_head = text_head
+        self.folder = None if folder is None else Path(folder)
+        # Not an attribute nn.Module would register: the frozen text encoder (a SentenceTransformer,
+        # itself a Module) must stay out of parameters(), .to(dtype) and state_dict().
+        object.__setattr__(self, "_text_encoder", text_encoder)
+
+    @property
+    def stage(self) -> int:
+        """1 or 2; exports older than the `stage` field are stage-1 ones."""
+        return int(self.config.get("stage", 1))
+
+    @property
+    def has_text_head(self) -> bool:
+        return self.text_head is not None
 
     @property
     def device(self) -> torch.device:
@@ -211,6 +258,76 @@ class Encoder(nn.Module):
         return self.model.encode(None if video is None else video.to(**move),
                                  None if audio is None else audio.to(**move))
 
+    # ----------------------------------------------------------------------------------------
+    # Text (stage-2 exports)
+
+    def _require_text_head(self, what: str) -> nn.Module:
+        if self.text_head is None:
+            where = f" ({self.folder})" if self.folder is not None else ""
+            raise ExportError(f"{what} needs the stage-2 text head, and this is a stage-1 export{where}: "
+                              "export a stage-2 run (vaemo-export runs/<stage-2 run> --out DIR, after "
+                              "launchers/stage2.py; docs/stage2.md) and load that folder")
+        return self.text_head
+
+    @property
+    def text_encoder(self) -> Any:
+        """The frozen text encoder the head was trained on, loaded offline on first use
+        (vaemo_dist.text.encode; the name or folder in config.json, or as given to from_pretrained)."""
+        self._require_text_head("the text encoder")
+        enc = self._text_encoder
+        if enc is None or isinstance(enc, (str, Path)):
+            from vaemo_dist.text.encode import load_text_encoder
+
+            name = str(enc) if enc is not None else self.config["text_head"]["text_encoder"]
+            enc = load_text_encoder(name, device=str(self.device))
+            object.__setattr__(self, "_text_encoder", enc)
+        want = int(self.config["text_head"]["text_dim"])
+        got = int(enc.get_embedding_dimension())
+        if got != want:
+            raise ExportError(f"the text encoder gives {got}-d embeddings; the text head was trained on "
+                              f"{want}-d ones ({self.config['text_head']['text_encoder']})")
+        return enc
+
+    @torch.no_grad()
+    def embed_text(self, texts: Sequence[str] | str, batch_size: int = 64) -> torch.Tensor:
+        """Texts -> [N, E] L2-normalised, in the space of joint_emb / audio_emb / video_emb: the frozen
+        text encoder (as `vaemo-embed-text` runs it in training), then the exported text head."""
+        head = self._require_text_head("embed_text")
+        from vaemo_dist.text.encode import embed_texts
+
+        if isinstance(texts, str):
+            texts = [texts]
+        frozen = embed_texts(list(texts), self.text_encoder, batch_size)
+        param = head.log_logit_scale
+        return head(frozen.to(device=param.device, dtype=param.dtype))[0]
+
+    @torch.no_grad()
+    def zero_shot(self, video: MediaArg = None, audio: MediaArg = None, *, prompts: Prompts,
+                  modality: str = "joint") -> ZeroShot:
+        """Zero-shot emotion classification of a batch of clips (files or tensors, as `encode`).
+
+        `prompts`: {class name: [wordings]} (each class's prompt embeddings are averaged, as in the
+        stage-2 benchmark, vaemo_dist/text/retrieval.py), {class name: wording}, or a list with one
+        prompt per class (the prompts then name the classes). `modality`: which clip embedding is
+        compared, "joint" (default), "audio" or "video"."""
+        from vaemo_dist.text.retrieval import class_embeddings, zero_shot_scores
+
+        head = self._require_text_head("zero_shot")
+        if modality not in MODALITIES:
+            raise ValueError(f"modality {modality!r}: choose one of {MODALITIES}")
+        names, wordings = _class_prompts(prompts)
+        out = self.encode(video, audio)
+        clip = getattr(out, f"{modality}_emb")
+        if clip is None:
+            raise ValueError(f"modality {modality!r} needs its input ({modality} was not given)")
+        flat = self.embed_text([w for ws in wordings for w in ws]).float()
+        class_emb = class_embeddings(list(flat.split([len(ws) for ws in wordings])))
+        scores = zero_shot_scores(clip.float(), class_emb)
+        scale = head.log_logit_scale.float().exp().clamp(max=head.max_logit_scale)
+        labels = scores.argmax(dim=1)
+        return ZeroShot(classes=names, scores=scores, probs=(scale * scores).softmax(dim=1), labels=labels,
+                        predicted=[names[i] for i in labels.tolist()])
+
     def _check(self, x: Any, what: str) -> torch.Tensor | None:
         if x is None:
             return None
@@ -226,6 +343,24 @@ class Encoder(nn.Module):
         return x
 
 
+def _class_prompts(prompts: Prompts) -> tuple[list[str], list[list[str]]]:
+    """(class names, wordings per class) from the forms `zero_shot` takes."""
+    if isinstance(prompts, str):
+        raise TypeError("prompts: a dict {class: [wordings]} or a list of prompts, not one string")
+    if isinstance(prompts, dict):
+        names = [str(k) for k in prompts]
+        wordings = [[v] if isinstance(v, str) else list(v) for v in prompts.values()]
+    else:
+        names = [str(p) for p in prompts]
+        wordings = [[p] for p in names]
+    if len(names) < 2:
+        raise ValueError(f"zero-shot needs at least 2 classes, got {names}")
+    empty = [n for n, ws in zip(names, wordings) if not ws]
+    if empty:
+        raise ValueError(f"classes without a prompt: {empty}")
+    return names, wordings
+
+
 def _as_paths(x: MediaArg) -> list[PathLike] | None:
     if x is None or isinstance(x, torch.Tensor):
         return None
@@ -234,9 +369,34 @@ def _as_paths(x: MediaArg) -> list[PathLike] | None:
     return list(x)
 
 
+def load_text_head(folder: Path, config: dict[str, Any]) -> nn.Module | None:
+    """The exported TextHead of a stage-2 export (None for stage 1, old exports included)."""
+    from safetensors.torch import load_file
+
+    from vaemo_dist.objectives.stage2 import TextHead
+
+    info = config.get("text_head") if config.get("includes_text_head") else None
+    if not info:
+        return None
+    path = folder / info.get("file", TEXT_HEAD_WEIGHTS)
+    if not path.is_file():
+        raise ExportError(f"{folder / CONFIG} says a text head is included, but {path.name} is missing")
+    loss = config.get("loss") or {}
+    sizes = int(info["text_dim"]), int(config["model"]["embed_dim"]), int(info.get("text_head_hidden", 0))
+    head = TextHead(*sizes, max_logit_scale=float(loss.get("max_logit_scale", 100.0)))
+    try:
+        head.load_state_dict(load_file(str(path)))
+    except RuntimeError as e:
+        raise ExportError(f"{path} does not fit the text head described in {CONFIG}: {e}") from e
+    return head
+
+
 def from_pretrained(folder: PathLike, device: str | torch.device = "cpu",
-                    dtype: torch.dtype | None = None) -> Encoder:
-    """Load an exported encoder (vaemo-export) in eval mode, gradients off."""
+                    dtype: torch.dtype | None = None, text_encoder: Any = None) -> Encoder:
+    """Load an exported encoder (vaemo-export) in eval mode, gradients off. Safetensors only: nothing
+    is unpickled. A stage-2 export brings its text head (`embed_text`, `zero_shot`); `text_encoder`
+    overrides the frozen text encoder named in its config.json: a name or local sentence-transformers
+    folder, or an already loaded model (loaded on first use otherwise)."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
@@ -247,6 +407,9 @@ def from_pretrained(folder: PathLike, device: str | torch.device = "cpu",
     config = json.loads(config_file.read_text())
     if config.get("format") != FORMAT:
         raise ExportError(f"{config_file}: format {config.get('format')!r}, expected {FORMAT!r}")
+    if int(config.get("format_version", 1)) > FORMAT_VERSION:
+        log.warning("%s: format version %s is newer than this vaemo_dist reads (%d); fields it does not "
+                    "know are ignored", config_file, config.get("format_version"), FORMAT_VERSION)
     cfg = model_config_from(config)
     model = VAEmoModel(cfg.model, cfg.inputs, max_logit_scale=cfg.loss.max_logit_scale,
                        init_temperature=cfg.loss.init_temperature)
@@ -258,4 +421,8 @@ def from_pretrained(folder: PathLike, device: str | torch.device = "cpu",
         raise ExportError(f"{weights_file} does not fit the architecture in {CONFIG}: missing "
                           f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
     model.requires_grad_(False)
-    return Encoder(model, config).to(device=device, dtype=dtype).eval()
+    text_head = load_text_head(folder, config)
+    if text_head is not None:
+        text_head.requires_grad_(False)
+    encoder = Encoder(model, config, text_head=text_head, text_encoder=text_encoder, folder=folder)
+    return encoder.to(device=device, dtype=dtype).eval()

@@ -1,5 +1,6 @@
 """The embedding API: from_pretrained + encode on tensors and on files, decoded as in training."""
 
+import json
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ from vaemo_dist.config import AudioInput
 from vaemo_dist.data.decode_pyav import _audio_tensor, decode_sample
 from vaemo_dist.data.shards import expand_shards, read_shard
 from vaemo_dist.data.types import DecodeError
+from vaemo_dist.export import ExportError, model_config_from, save_pretrained
 from vaemo_dist.pretrained import decode_audio, decode_media
 
 
@@ -116,3 +118,60 @@ def test_an_export_with_a_long_video_window_loads(tmp_path):
     encoder = vaemo_dist.from_pretrained(save_pretrained(tmp_path, weights, cfg))
     assert encoder.inputs.video.frames == 32
     assert encoder.encode(video=torch.zeros(1, 3, 32, 32, 32)).video_emb.shape == (1, 128)
+
+
+class HashTextEncoder:
+    """Stands in for the sentence-transformer: deterministic L2-normalised vectors per text."""
+
+    def __init__(self, dim: int = 384) -> None:
+        self.dim, self.calls = dim, 0
+
+    def get_embedding_dimension(self) -> int:
+        return self.dim
+
+    def encode(self, texts, **kwargs):
+        self.calls += 1
+        rows = [torch.randn(self.dim, generator=torch.Generator().manual_seed(sum(map(ord, t)) + len(t)))
+                for t in texts]
+        return torch.nn.functional.normalize(torch.stack(rows), dim=-1)
+
+
+@pytest.fixture(scope="module")
+def stage2_export(tiny_export, tmp_path_factory):
+    """The tiny export plus a random linear text head: a stage-2 export."""
+    from safetensors.torch import load_file
+
+    from vaemo_dist.objectives.stage2 import TextHead
+
+    cfg = model_config_from(json.loads((tiny_export / "config.json").read_text()))
+    torch.manual_seed(4)
+    head = TextHead(384, cfg.model.embed_dim).state_dict()
+    return save_pretrained(tmp_path_factory.mktemp("stage2-export"),
+                           load_file(str(tiny_export / "model.safetensors")), cfg, text_head=head)
+
+
+def test_zero_shot_on_files_scores_the_files_embeddings(stage2_export, tiny_corpus, clip_files):
+    text = HashTextEncoder()
+    encoder = vaemo_dist.from_pretrained(stage2_export, text_encoder=text)
+    paths = [clip_files / f"{s['__key__']}.mp4" for s in first_samples(tiny_corpus, 2)]
+    prompts = {"happy": ["A happy face and voice.", "A person who sounds happy."], "sad": ["A sad face."]}
+    res = encoder.zero_shot(video=paths, audio=paths, prompts=prompts)
+    joint = encoder.encode(video=paths, audio=paths).joint_emb
+    happy, sad = encoder.embed_text(prompts["happy"]), encoder.embed_text(prompts["sad"])
+    classes = torch.nn.functional.normalize(torch.stack([happy.mean(dim=0), sad[0]]), dim=-1)
+    torch.testing.assert_close(res.scores, joint @ classes.T, rtol=0, atol=1e-6)
+    assert res.scores.shape == (2, 2) and res.predicted == [["happy", "sad"][i] for i in res.labels]
+    torch.testing.assert_close(res.probs.sum(dim=1), torch.ones(2))
+    assert encoder.text_encoder is text and text.calls >= 1  # the given encoder, never a download
+
+
+def test_text_encoder_of_another_size_is_refused(stage2_export):
+    encoder = vaemo_dist.from_pretrained(stage2_export, text_encoder=HashTextEncoder(dim=768))
+    with pytest.raises(ExportError, match="768-d embeddings; the text head was trained on 384-d"):
+        encoder.embed_text(["happy"])
+
+
+def test_stage1_export_has_no_text_side(encoder):
+    assert encoder.stage == 1 and not encoder.has_text_head
+    with pytest.raises(ExportError, match="this is a stage-1 export.*export a stage-2 run"):
+        encoder.embed_text(["happy"])

@@ -104,8 +104,11 @@ def test_export_leaves_the_decoder_out_and_describes_itself(checkpoints, tmp_pat
     assert config["model"]["depth"] == 1 and config["inputs"]["video"]["size"] == 32
     assert config["includes_decoder"] is False and config["dtype"] == "float32"
     assert config["source"]["step"] == 2 and config["source"]["zero_stage"] == 3
+    assert config["stage"] == 1 and config["includes_text_head"] is False and config["text_head"] is None
+    assert not (out / "text_head.safetensors").exists()
     card = (out / "README.md").read_text()
     assert "step 2" in card and "ZeRO-3" in card and "synthetic corpus" in card
+    assert card.startswith("# VAEmo encoder:") and "stage-2" not in card
 
 
 def test_export_reads_checkpoints_with_weights_only(checkpoints, tmp_path, monkeypatch):

@@ -188,14 +188,14 @@ def test_init_checks_name_architecture_differences(tmp_path):
 
 def test_frozen_weights_missing_from_consolidation_come_from_the_module_state(tmp_path):
     """ZeRO-0/1 checkpoints of a head-only run keep the frozen encoder only in the module state."""
-    from vaemo_dist.objectives.stage2 import _with_frozen_weights
+    from vaemo_dist.export import _with_frozen_parameters
 
     cfg = _tiny_cfg()
     model = Stage2Model(VAEmoModel(cfg.model, cfg.inputs), 24, Stage2Config(freeze_encoder=True), cfg.loss)
     full = model.state_dict()
     torch.save({"module": full}, tmp_path / "mp_rank_00_model_states.pt")
     consolidated = {k: v for k, v in full.items() if k.startswith("text_head.")}  # what zero_to_fp32 gives
-    state = _with_frozen_weights(consolidated, tmp_path, full.keys())
+    state = _with_frozen_parameters(consolidated, tmp_path, tp_rank=0)
     assert state.keys() == full.keys()
     for k in full:
         torch.testing.assert_close(state[k], full[k])

@@ -201,28 +201,6 @@ def check_compatible(cfg: Config, folder: Path) -> None:
         log.warning("stage2.init_from: %s", line)
 
 
-def _with_frozen_weights(state: dict[str, torch.Tensor], folder: Path,
-                         expected: Any) -> dict[str, torch.Tensor]:
-    """Add the frozen weights that consolidation leaves out.
-
-    DeepSpeed keeps frozen parameters (stage2.freeze_encoder) only in the module state of ZeRO-0/1
-    checkpoints (its frozen-fragment records exist for ZeRO-2/3), and zero_to_fp32 reads only those
-    records; the module state of a ZeRO-0/1/2 checkpoint holds every weight, so they come from there."""
-    missing = [k for k in expected if k not in state]
-    module_file = folder / "mp_rank_00_model_states.pt"
-    if not missing or not module_file.is_file():
-        return state
-    from vaemo_dist.export import safe_torch_load
-
-    module = safe_torch_load(module_file).get("module") or {}
-    found = {k: module[k].float() if module[k].is_floating_point() else module[k] for k in missing
-             if isinstance(module.get(k), torch.Tensor) and module[k].numel() > 0}
-    if found:
-        log.info("%d frozen weights taken from %s (not in the consolidated state)", len(found),
-                 module_file.name)
-    return {**state, **found}
-
-
 def load_init(model: Stage2Model, path: str | Path, cfg: Config | None = None) -> Path:
     """Load a stage-1 checkpoint (any ZeRO stage; VAEmoModel weights) or a stage-2 one (VAEmo + text
     head) into `model`, consolidated without unpickling (vaemo_dist.export). Returns the folder."""
@@ -231,9 +209,8 @@ def load_init(model: Stage2Model, path: str | Path, cfg: Config | None = None) -
     folder = resolve_init(path)
     if cfg is not None:
         check_compatible(cfg, folder)
-    state = consolidate(folder)
+    state = consolidate(folder)  # frozen parameters included (export._with_frozen_parameters)
     if any(k.startswith((VAEMO_PREFIX, TEXT_HEAD_PREFIX)) for k in state):  # a stage-2 checkpoint
-        state = _with_frozen_weights(state, folder, model.state_dict().keys())
         missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected or any(k.startswith(VAEMO_PREFIX) for k in missing):
             raise ValueError(f"{folder}: weights do not fit: missing {missing[:5]}, "

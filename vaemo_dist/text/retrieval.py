@@ -19,6 +19,7 @@ Clips are encoded with every token visible (`VAEmoModel.encode`), as downstream 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,23 @@ def _mean_average_precision(query: torch.Tensor, keys: torch.Tensor, q_labels: t
     return ap.mean().item()
 
 
+def class_embeddings(prompt_emb: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+    """[C, E] class embeddings for zero-shot: each class's L2-normalised prompt embeddings (several
+    wordings, [C, P, E], or one [P_c, E] tensor per class when the counts differ) averaged, then
+    re-normalised. Shared by this benchmark and `Encoder.zero_shot` (vaemo_dist/pretrained.py)."""
+    if isinstance(prompt_emb, torch.Tensor):
+        return F.normalize(prompt_emb.mean(dim=1), dim=-1)
+    if not prompt_emb or any(p.shape[0] == 0 for p in prompt_emb):
+        raise ValueError("zero-shot needs at least one prompt for every class")
+    return F.normalize(torch.stack([p.mean(dim=0) for p in prompt_emb]), dim=-1)
+
+
+def zero_shot_scores(clip_emb: torch.Tensor, class_emb: torch.Tensor) -> torch.Tensor:
+    """[N, C] cosine similarities of L2-normalised clip embeddings [N, E] to class embeddings [C, E];
+    the argmax over classes is the zero-shot prediction."""
+    return clip_emb @ class_emb.T
+
+
 @torch.no_grad()
 def retrieval_metrics(model: Stage2Model, held: HeldOut, batch_size: int = 32) -> dict[str, float]:
     emb = encode_clips(model, held.video, held.audio, batch_size)
@@ -116,10 +134,10 @@ def retrieval_metrics(model: Stage2Model, held: HeldOut, batch_size: int = 32) -
     t = model.embed_text(held.text.to(head_dtype)).float()
     c, p, d = held.class_text.shape
     prompts = model.embed_text(held.class_text.reshape(c * p, d).to(head_dtype)).float()
-    class_emb = F.normalize(prompts.reshape(c, p, -1).mean(dim=1), dim=-1)
+    class_emb = class_embeddings(prompts.reshape(c, p, -1))
     labels = held.labels
     n = labels.shape[0]
-    zero_shot = ((emb["joint"] @ class_emb.T).argmax(dim=1) == labels).float().mean().item()
+    zero_shot = (zero_shot_scores(emb["joint"], class_emb).argmax(dim=1) == labels).float().mean().item()
     instance = ((t @ emb["joint"].T).argmax(dim=1) == torch.arange(n)).float().mean().item()
     return {
         "t2va_r1": _r1_class(t, emb["joint"], labels, labels),
