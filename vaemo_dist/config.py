@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -181,6 +182,12 @@ class TrainConfig:
     # A step whose loss or gradient is not finite is skipped and counted; this many in a row stop
     # the run with an error.
     max_nonfinite_steps: int = 5
+    # More DeepSpeed config, in DeepSpeed's own JSON keys, deep-merged into the config the trainer
+    # generates (ZeRO offload, overlap_comm, bucket sizes, stage3_* knobs, communication_data_type,
+    # flops_profiler, comms_logger, ...). DeepSpeed validates these keys; the ones derived from the
+    # typed config above (DEEPSPEED_OWNED) are refused. Overrides reach nested keys:
+    # train.deepspeed.zero_optimization.overlap_comm=true
+    deepspeed: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -351,6 +358,10 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, where)
+    if origin is dict:  # a free-form mapping handed on to a library (train.deepspeed)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of keys, got {value!r}")
+        return _free_form(value, where)
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:
@@ -393,6 +404,55 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value
     raise ConfigError(f"{where}: unsupported type {tp}")
+
+
+_EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _free_form(value: Any, where: str) -> Any:
+    """A copy of a free-form YAML value with string keys, as JSON would give it: YAML 1.1 reads `5e8`
+    (no dot) as a string, where DeepSpeed's JSON examples (reduce_bucket_size: 5e8) mean a number."""
+    if isinstance(value, dict):
+        for k in value:
+            if not isinstance(k, str):
+                raise ConfigError(f"{where}: key {k!r} must be a string")
+        return {k: _free_form(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, list):
+        return [_free_form(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value):
+        number = float(value)
+        return int(number) if number.is_integer() else number
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# DeepSpeed keys the trainer derives from the typed config (train/trainer.py: deepspeed_config), and
+# the typed key to set instead. train.deepspeed may not set them: two sources of one value drift apart.
+
+DEEPSPEED_OWNED: dict[str, str] = {
+    "train_micro_batch_size_per_gpu": "data.batch_size",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "train_batch_size": "data.batch_size and train.grad_accum (check it with data.global_batch_size)",
+    "gradient_clipping": "optim.clip_grad",
+    "zero_optimization.stage": "train.zero_stage",
+    "bf16.enabled": "train.precision",
+    "bfloat16.enabled": "train.precision",  # DeepSpeed's older name of the bf16 section
+    "fp16.enabled": "train.precision (fp32 or bf16)",
+    "optimizer": "optim.* (the trainer builds torch AdamW itself)",
+    "scheduler": "optim.lr, optim.min_lr and optim.warmup_steps (warmup + cosine)",
+}
+
+
+def check_deepspeed_extra(extra: dict[str, Any], where: str = "train.deepspeed") -> None:
+    """Refuse keys of `extra` that the generated DeepSpeed config owns, naming the typed key to set."""
+    for owned, instead in DEEPSPEED_OWNED.items():
+        section, _, leaf = owned.rpartition(".")
+        node = extra.get(section) if section else extra
+        if section and section in extra and not isinstance(node, dict):
+            raise ConfigError(f"{where}.{section}: expected a mapping of DeepSpeed keys, got {node!r} "
+                              f"(its {leaf!r} comes from {instead})")
+        if isinstance(node, dict) and leaf in node:
+            raise ConfigError(f"{where}.{owned}: set {instead} instead")
 
 
 # --------------------------------------------------------------------------------------------
@@ -441,6 +501,7 @@ def validate(cfg: Config) -> None:
     _check(0.0 <= cfg.data.min_clip_s < cfg.data.max_clip_s, "data.min_clip_s",
            f"{cfg.data.min_clip_s} must be >= 0 and below data.max_clip_s ({cfg.data.max_clip_s})")
     _check(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
+    check_deepspeed_extra(t.deepspeed)
     e = cfg.eval
     _check(e.every >= 0, "eval.every", "must be >= 0 (0: off)")
     _check(e.clips >= 4 and e.batch_size >= 1 and e.pictures >= 0, "eval",

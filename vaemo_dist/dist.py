@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 import sys
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,15 +123,23 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_mean(values: dict[str, float], device: torch.device, group: Any = None) -> dict[str, float]:
-    """Average a dict of floats over the ranks of `group` (default: all), in one collective."""
+def reduce_over_ranks(values: dict[str, float], device: torch.device, group: Any = None, *,
+                      sums: Collection[str] = (), maxes: Collection[str] = ()) -> dict[str, float]:
+    """Each value's mean over the ranks of `group` (default: all); the sum for keys in `sums`, the max
+    for keys in `maxes`. One collective: an all_gather of one small vector, where an all_reduce could
+    give means and sums but not also maxima."""
     if not (dist.is_initialized() and dist.get_world_size(group) > 1) or not values:
-        return values
+        return dict(values)
     keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(t, group=group)
-    t /= dist.get_world_size(group)
-    return dict(zip(keys, t.tolist()))
+    mine = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, mine, group=group)
+    per_rank = torch.stack(gathered).cpu()  # ranks x keys
+    out = {}
+    for i, k in enumerate(keys):
+        col = per_rank[:, i]
+        out[k] = float(col.max() if k in maxes else col.sum() if k in sums else col.mean())
+    return out
 
 
 def shutdown(exit_code: int = 0) -> None:

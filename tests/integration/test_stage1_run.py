@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import webdataset as wds
+import yaml
 
 from tests.launching import REPO, SMALL, free_port, output, run_env, run_stage1
 from vaemo_dist.config import SynthConfig
@@ -15,8 +16,10 @@ from vaemo_dist.data.synth import build_corpus
 
 STEPS = 20
 
-# Small inputs and model so that 20 steps take seconds, not minutes, on 2 cores.
-OVERRIDES = [f"train.steps={STEPS}", "train.ckpt_every=10", "optim.warmup_steps=3", "wandb.mode=offline"]
+# Small inputs and model so that 20 steps take seconds, not minutes, on 2 cores. The DeepSpeed key is
+# its default (5e8), so the run is unchanged; it takes a dotted train.deepspeed override end to end.
+OVERRIDES = [f"train.steps={STEPS}", "train.ckpt_every=10", "optim.warmup_steps=3", "wandb.mode=offline",
+             "train.deepspeed.zero_optimization.reduce_bucket_size=5e8"]
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +65,25 @@ def test_two_process_run_learns_and_leaves_its_artefacts(uninterrupted):
     for rank in (0, 1):
         assert (ckpts / "step_00000020" / f"vaemo_rank{rank:05d}.json").exists()
     assert not list(ckpts.glob(".tmp-*"))
-    record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    record = records[-1]
     assert record["tflops_per_device"] > 0 and record["tokens_per_s"] > 0
     assert list((run_dir / "wandb").glob("offline-run-*")), "no offline wandb run written"
+    # Waiting for data: the slowest rank's wait within the slowest rank's step; the first batch is waited for.
+    for r in records:
+        assert 0 <= r["data_wait_s"] <= r["step_time_s"], r
+        assert r["data_wait_frac"] == pytest.approx(r["data_wait_s"] / r["step_time_s"])
+    assert max(r["data_wait_s"] for r in records) > 0
+    # train.deepspeed reached DeepSpeed (logged once, merged) and is saved with the checkpoint's config.
+    out = output(proc)
+    logged = [line for line in out.splitlines() if "DeepSpeed config: " in line]
+    assert len(logged) == 1, logged
+    ds = json.loads(logged[0].split("DeepSpeed config: ", 1)[1])
+    assert ds["zero_optimization"] == {"stage": 1, "reduce_bucket_size": 500_000_000}
+    saved = yaml.safe_load((ckpts / "step_00000020" / "config.yaml").read_text())
+    assert saved["train"]["deepspeed"] == {"zero_optimization": {"reduce_bucket_size": 500_000_000}}
+    # DeepSpeed's ZeRO step calls torch's deprecated all_gather_into_tensor; the launcher quiets just that.
+    assert "all_gather_into_tensor` is deprecated" not in out
 
 
 def test_corrupt_clip_is_skipped_counted_and_named(uninterrupted):

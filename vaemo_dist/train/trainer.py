@@ -6,6 +6,8 @@ that returns the loss and named float metrics.
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -16,10 +18,10 @@ import deepspeed
 import torch
 
 from vaemo_dist import faults
-from vaemo_dist.config import Config
+from vaemo_dist.config import Config, check_deepspeed_extra
 from vaemo_dist.data.loader import DataState, build_loader
 from vaemo_dist.data.types import Batch
-from vaemo_dist.dist import DistInfo, MegatronMpu, all_reduce_mean
+from vaemo_dist.dist import DistInfo, MegatronMpu, reduce_over_ranks
 from vaemo_dist.model.flops import peak_tflops
 from vaemo_dist.secrets import redact_config
 from vaemo_dist.train.checkpoint import load_checkpoint, resolve, save_checkpoint
@@ -43,8 +45,10 @@ def use_bf16(cfg: Config, device: torch.device) -> bool:
 
 
 def deepspeed_config(cfg: Config, dp_size: int, bf16: bool) -> dict[str, Any]:
+    """The DeepSpeed config: what the typed config determines, with `train.deepspeed` deep-merged in
+    (the keys derived here, config.DEEPSPEED_OWNED, are refused there)."""
     t = cfg.train
-    return {
+    generated = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": t.grad_accum,
         "train_batch_size": cfg.data.batch_size * t.grad_accum * dp_size,
@@ -52,9 +56,25 @@ def deepspeed_config(cfg: Config, dp_size: int, bf16: bool) -> dict[str, Any]:
         "zero_optimization": {"stage": t.zero_stage},
         "bf16": {"enabled": bf16},
         "zero_allow_untested_optimizer": True,  # torch AdamW under ZeRO is fine and avoids a JIT build
+        # ... also under ZeRO-Offload, where DeepSpeed would otherwise insist on DeepSpeedCPUAdam (a JIT
+        # build; docs/scaling.md). The optimizer is always ours, so this only matters with offload.
+        "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+    check_deepspeed_extra(t.deepspeed)  # also for a Config built by hand, without load_config
+    return merge_deepspeed(generated, t.deepspeed)
+
+
+def merge_deepspeed(generated: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """A new dict: `generated` with `extra` merged in, section by section (extra wins on a leaf)."""
+    merged = copy.deepcopy(generated)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(merged.get(k), dict):
+            merged[k] = merge_deepspeed(merged[k], v)
+        else:
+            merged[k] = copy.deepcopy(v)
+    return merged
 
 
 def applied_updates(optimizer: torch.optim.Optimizer) -> int:
@@ -78,9 +98,11 @@ class Trainer:
         bf16 = use_bf16(cfg, d.device)
         optimizer = build_optimizer(self.model, cfg.optim)
         scheduler = warmup_cosine(optimizer, t.steps, cfg.optim)
+        ds_config = deepspeed_config(cfg, d.dp_size, bf16)
+        if d.is_main:  # what DeepSpeed gets, train.deepspeed merged in
+            log.info("DeepSpeed config: %s", json.dumps(redact_config(ds_config), sort_keys=True))
         engine, _, _, _ = deepspeed.initialize(model=self.model, optimizer=optimizer, lr_scheduler=scheduler,
-                                               config=deepspeed_config(cfg, d.dp_size, bf16),
-                                               mpu=MegatronMpu() if d.tp_size > 1 else None)
+                                               config=ds_config, mpu=MegatronMpu() if d.tp_size > 1 else None)
         # Masking differs per data-parallel rank, is shared by a tensor-parallel group, same every run.
         torch.manual_seed(t.seed * 7919 + d.dp_rank)
         peak = peak_tflops(cfg.parallel.peak_tflops, d.device)
@@ -115,9 +137,12 @@ class Trainer:
             if self.watch is not None:
                 self.watch.step = step + 1
             sums: dict[str, float] = {}
+            data_wait = 0.0  # seconds this rank waited for its batches in this step
             optimizer.skipped_last = False
             for _ in range(t.grad_accum):
+                t_wait = time.perf_counter()
                 batch = next(batches)
+                data_wait += time.perf_counter() - t_wait
                 data_state.update(batch)
                 loss, m = self.compute_loss(engine, batch.to(d.device, dtype))
                 injected = faults.poison_loss(loss, step + 1, d.rank)
@@ -148,16 +173,19 @@ class Trainer:
 
             if step % t.log_every == 0 or step == t.steps:
                 # Skip counts, in all and per kind (decode/no_audio -> skipped/no_audio); every rank
-                # has the same keys, so they ride in the same all-reduce and add up over DP ranks.
+                # has the same keys, so they ride in the same collective and add up over DP ranks.
                 skips = data_state.totals()
                 counts = {"skipped_decode": skips["decode"], "skipped_shards": skips["shard"]}
                 counts.update({"skipped/" + k[len("decode/"):]: v for k, v in skips.items()
                                if k.startswith("decode/")})
-                last = all_reduce_mean({**sums, **counts}, d.device, d.dp_group)
+                times = {"step_time_s": step_time, "data_wait_s": data_wait}  # the slowest rank's: it gates
+                last = reduce_over_ranks({**sums, **counts, **times}, d.device, d.dp_group,
+                                         sums=counts, maxes=times)  # the rest: means over DP ranks
                 for k in counts:
-                    last[k] = round(last[k] * d.dp_size)
-                samples_per_s = samples_per_step / step_time
-                last.update(lr=scheduler.get_last_lr()[0], step_time_s=step_time, samples_per_s=samples_per_s,
+                    last[k] = round(last[k])
+                last["data_wait_frac"] = last["data_wait_s"] / last["step_time_s"]
+                samples_per_s = samples_per_step / last["step_time_s"]
+                last.update(lr=scheduler.get_last_lr()[0], samples_per_s=samples_per_s,
                             tokens_per_s=samples_per_s * self.tokens_per_sample,
                             grad_norm=float(engine.get_global_grad_norm() or 0.0),
                             samples_seen=step * samples_per_step, train_flops=train_flops,
@@ -175,7 +203,8 @@ class Trainer:
                 metrics.log(step, figures)
                 log_pictures(metrics.wandb, pictures, step)
             metrics.advance(1, {"loss": f"{last.get('loss', float('nan')):.4f}",
-                                "samples/s": f"{samples_per_step / step_time:.1f}"})
+                                "samples/s": f"{samples_per_step / step_time:.1f}",
+                                "data": f"{last.get('data_wait_frac', float('nan')):.0%}"})
 
             if step % t.ckpt_every == 0 or step == stop:
                 save_checkpoint(engine, self.ckpt_root, step, d.rank,
