@@ -84,6 +84,60 @@ def test_shipped_zero_configs_compose_with_a_stage_config(tmp_path):
     path.write_text(f"base: [{repo}/configs/stage1/tiny.yaml, {repo}/configs/deepspeed/zero3.yaml]\n")
     cfg = load_config(path)
     assert cfg.train.zero_stage == 3 and cfg.parallel.activation_checkpointing and cfg.inputs.video.size == 96
+    path.write_text(f"base: [{repo}/configs/stage1/tiny.yaml, {repo}/configs/deepspeed/zero3_offload.yaml]\n")
+    cfg = load_config(path, ["train.deepspeed.zero_optimization.offload_param.device=nvme"])
+    assert cfg.train.zero_stage == 3 and cfg.train.deepspeed["zero_optimization"] == {
+        "offload_optimizer": {"device": "cpu", "pin_memory": True},
+        "offload_param": {"device": "nvme", "pin_memory": True}}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.deepspeed.zero_optimization.stage=3",
+     "train.deepspeed.zero_optimization.stage: set train.zero_stage instead"),
+    ("train.deepspeed.gradient_accumulation_steps=4", "set train.grad_accum instead"),
+    ("train.deepspeed.train_micro_batch_size_per_gpu=4", "set data.batch_size instead"),
+    ("train.deepspeed.gradient_clipping=0.5", "set optim.clip_grad instead"),
+    ("train.deepspeed.bf16.enabled=true", "train.deepspeed.bf16.enabled: set train.precision instead"),
+    ("train.deepspeed.fp16.enabled=true", "train.deepspeed.fp16.enabled: set train.precision"),
+    ("train.deepspeed.optimizer={type: Adam}", "train.deepspeed.optimizer: set optim.*"),
+    ("train.deepspeed.scheduler={type: WarmupLR}", "train.deepspeed.scheduler: set optim.lr"),
+    # DeepSpeed's old forms: a bare stage flag for ZeRO, a bool for bf16.
+    ("train.deepspeed.zero_optimization=true", "train.deepspeed.zero_optimization: expected a mapping"),
+    ("train.deepspeed.bf16=true", "its 'enabled' comes from train.precision"),
+])
+def test_deepspeed_keys_derived_from_typed_config_are_refused(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert message in str(e.value)
+
+
+def test_deepspeed_dotted_overrides_reach_nested_dicts_and_merge_with_the_yaml(tmp_path):
+    (tmp_path / "run.yaml").write_text(
+        "train:\n  deepspeed:\n    zero_optimization: {offload_optimizer: {device: cpu}}\n"
+        "    steps_per_print: 10\n")
+    cfg = load_config(tmp_path / "run.yaml", [
+        "train.deepspeed.zero_optimization.overlap_comm=true",
+        "train.deepspeed.zero_optimization.offload_optimizer.pin_memory=true",
+        "train.deepspeed.zero_optimization.reduce_bucket_size=5e8",  # YAML 1.1 reads this as a string
+        "train.deepspeed.comms_logger={enabled: true, verbose: false}",
+    ])
+    zero = cfg.train.deepspeed["zero_optimization"]
+    assert zero == {"offload_optimizer": {"device": "cpu", "pin_memory": True}, "overlap_comm": True,
+                    "reduce_bucket_size": 500_000_000}
+    assert isinstance(zero["reduce_bucket_size"], int)
+    assert cfg.train.deepspeed["comms_logger"] == {"enabled": True, "verbose": False}
+
+
+def test_deepspeed_free_form_values_read_as_json_would_and_bad_shapes_are_named():
+    cfg = load_config(None, ["train.deepspeed.x={a: 1e-3, b: '1e5', c: [2e3, on], d: 1.5e3}"])
+    # Quoted or not, a YAML exponent without a dot is the number JSON would give; other values as given.
+    assert cfg.train.deepspeed["x"] == {"a": 0.001, "b": 100000, "c": [2000, True], "d": 1500.0}
+    with pytest.raises(ConfigError, match="train.deepspeed: expected a mapping of keys, got 3"):
+        load_config(None, ["train.deepspeed=3"])
+    with pytest.raises(ConfigError, match=r"train.deepspeed.x: key 1 must be a string"):
+        load_config(None, ["train.deepspeed.x={1: 2}"])
+    with pytest.raises(ConfigError, match="Did you mean 'deepspeed'"):
+        load_config(None, ["train.deepspeeed.overlap_comm=true"])
 
 
 def test_world_size_checks():
