@@ -1,6 +1,7 @@
 """Does stage-1 pretraining learn something a linear probe can read? Evidence on the synthetic corpus.
 
     python benchmarks/probe_synthetic.py [--steps 120] [--run-dir runs/<name>] [--out runs/probe-synthetic]
+                                         [--cues all|dynamics]
 
 1. Pretrain the tiny model on the synthetic corpus with the real launcher
    (`OMP_NUM_THREADS=1 deepspeed --num_gpus 2 launchers/stage1.py --config configs/stage1/tiny.yaml`),
@@ -11,7 +12,9 @@
    one per --heldout-classes value. The generator turns the class into continuous knobs (hue, pitch,
    head-motion speed, syllable rate), so more classes over the same range ask for finer
    discrimination: 4 classes (as pretrained) is easy, 32 puts neighbouring classes within the
-   per-clip jitter of each single cue.
+   per-clip jitter of each single cue. --cues dynamics pretrains and probes on corpora whose class
+   drives only syllable rate and head-motion speed (SynthConfig.cues; its own data.synth.dir), so
+   colour and pitch averages no longer give the class away.
 4. Embed the held-out clips with both encoders and fit the linear probe (vaemo_dist/eval/probe.py)
    on several feature sets, 5-fold stratified; print markdown tables of UAR / WAR (mean ± std).
    --shots N also probes with only N training clips per class (the rest of the fold unused).
@@ -116,7 +119,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=120, help="pretraining steps (tiny.yaml: 120)")
     p.add_argument("--run-dir", default=None, help="reuse a finished stage-1 run instead of pretraining")
-    p.add_argument("--out", default="runs/probe-synthetic")
+    p.add_argument("--out", default=None, help="default runs/probe-synthetic[-<cues>]")
+    p.add_argument("--cues", choices=["all", "dynamics"], default=None,
+                   help="data.synth.cues for pretraining and held-out corpora (default: the run's)")
     p.add_argument("--heldout-clips", type=int, default=256)
     p.add_argument("--heldout-classes", default="4,32", help="comma-separated class counts, one corpus each")
     p.add_argument("--heldout-seed", type=int, default=1000)
@@ -125,11 +130,16 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=2, help="decoding processes")
     p.add_argument("overrides", nargs="*", help="extra stage-1 overrides for the pretraining run")
     args = p.parse_args()
-    out = REPO / args.out
+    suffix = f"-{args.cues}" if args.cues not in (None, "all") else ""
+    out = REPO / (args.out or f"runs/probe-synthetic{suffix}")
     out.mkdir(parents=True, exist_ok=True)
 
-    run_dir = Path(args.run_dir) if args.run_dir else pretrain(args.steps, f"probe-synth-{args.steps}",
-                                                               "runs", args.overrides)
+    overrides = list(args.overrides)
+    if suffix:  # a corpus of its own, so the default one (data_cache/synthetic) is left as it is
+        overrides = [f"data.synth.cues={args.cues}", f"data.synth.dir=data_cache/synthetic{suffix}",
+                     *overrides]
+    run_name = f"probe-synth-{args.steps}{suffix}"
+    run_dir = Path(args.run_dir) if args.run_dir else pretrain(args.steps, run_name, "runs", overrides)
     checkpoint = resolve_checkpoint(run_dir)
     raw = yaml.safe_load((checkpoint / "config.yaml").read_text())
     start = time.perf_counter()
@@ -139,13 +149,16 @@ def main() -> int:
 
     results: dict[str, dict[str, dict[str, dict]]] = {}
     retrieval: dict[str, dict[str, dict[str, float]]] = {}
+    heldout_cues = args.cues or raw["data"]["synth"].get("cues", "all")  # runs from before the knob: "all"
     for classes in [int(c) for c in args.heldout_classes.split(",")]:
         corpus = f"{classes} classes"
         synth = SynthConfig(**{**raw["data"]["synth"], "seed": args.heldout_seed, "classes": classes,
-                               "clips": args.heldout_clips, "dir": str(out / f"heldout-{classes}")})
+                               "clips": args.heldout_clips, "dir": str(out / f"heldout-{classes}"),
+                               "cues": heldout_cues})
         source = open_source(ensure_corpus(synth, progress=False))
         for name, folder in models.items():
-            tag = f"{checkpoint.parent.parent.name}-{checkpoint.name}-{classes}c-{args.heldout_clips}"
+            tag = (f"{checkpoint.parent.parent.name}-{checkpoint.name}-{classes}c-{args.heldout_clips}"
+                   f"-{synth.cues}")
             cache = out / f"features-{tag}-{name.replace(' ', '-')}.npz"
             if not cache.is_file():
                 encoder = from_pretrained(folder)
@@ -170,10 +183,11 @@ def main() -> int:
                           file=sys.stderr)
 
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    metrics = [m for m in metrics if "loss" in m]  # training steps only, not the online eval's records
     last = metrics[-5:]
     report = {"run_dir": str(run_dir), "checkpoint": str(checkpoint), "export_seconds": round(export_s, 2),
               "heldout": {"classes": args.heldout_classes, "clips": args.heldout_clips,
-                          "seed": args.heldout_seed},
+                          "seed": args.heldout_seed, "cues": heldout_cues},
               "final_metrics": {k: float(np.mean([m[k] for m in last]))
                                 for k in ("loss", "contrastive", "acc_a2v")},
               "retrieval_a2v": retrieval, "results": results}

@@ -81,6 +81,11 @@ class SynthConfig:
     duration: float = 3.2  # seconds
     codec: Literal["h264", "vp9"] = "h264"
     seed: int = 0
+    # What the hidden class drives. "all": colour tint, voice pitch, head-motion speed and amplitude,
+    # syllable rate (a random encoder's mean-pooled tokens already separate 4 classes). "dynamics":
+    # only syllable rate (voice and mouth) and head-motion speed; tint, pitch and motion amplitude
+    # are per-clip draws independent of the class, so a probe must read rhythm, not averages.
+    cues: Literal["all", "dynamics"] = "all"
 
 
 @dataclass

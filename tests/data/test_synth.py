@@ -1,5 +1,6 @@
 import colorsys
 import dataclasses
+import hashlib
 import io
 import json
 import tarfile
@@ -171,3 +172,119 @@ def test_cli_builds_corpus(tmp_path, capsys):
 def test_odd_size_is_refused(tmp_path):
     with pytest.raises(ValueError, match="even"):
         build_corpus(SynthConfig(clips=1, size=33, duration=0.2), tmp_path, progress=False)
+
+
+# --------------------------------------------------------------------------------------------
+# SynthConfig.cues: the default is pinned; "dynamics" keeps colour and pitch off the class
+
+# Reference hashes computed from the generator before `cues` existed, for the tiny corpus below.
+# RAW pins the generator (numpy only); CORPUS also pins the shard, manifest and _SUCCESS bytes, so
+# it depends on the codecs bundled with PyAV (18.1.0 here): if only CORPUS breaks after a PyAV
+# upgrade, the generator is unchanged and existing corpora are still reused (same config record).
+PINNED = SynthConfig(clips=4, clips_per_shard=2, classes=3, size=32, duration=0.8, seed=11)
+PINNED_RAW_SHA256 = "017e13e4587c334b80531d4e61a630174d12f949621f5ad180a38f151f1eb636"
+PINNED_CORPUS_SHA256 = "ea6cf8d9d447569c6be42661aaacf901e350e7d397e244d24b2d96827ad3d97b"
+
+
+def test_default_cues_reproduce_the_corpus_from_before_the_knob(tmp_path):
+    raw = hashlib.sha256()
+    for index, label in enumerate(synth.clip_labels(PINNED)):
+        frames, wave = synth.clip_media(PINNED, index, label)
+        raw.update(wave.tobytes())
+        raw.update(frames.tobytes())
+    assert raw.hexdigest() == PINNED_RAW_SHA256
+    out = build_corpus(PINNED, tmp_path / "pinned", progress=False, workers=1)
+    files = json.loads((out / "manifest.json").read_text())["shards"] + ["manifest.json", "_SUCCESS"]
+    corpus = hashlib.sha256()
+    for name in files:
+        corpus.update((out / name).read_bytes())
+    assert corpus.hexdigest() == PINNED_CORPUS_SHA256
+
+
+def test_cues_at_default_leave_old_corpora_complete(tiny_corpus, tiny_corpus_config):
+    # The default is left out of the config record, so a _SUCCESS written before the field existed
+    # still matches and ensure_corpus does not rebuild; another value is another corpus.
+    record = json.loads((tiny_corpus / "_SUCCESS").read_text())
+    assert "cues" not in record and corpus_is_complete(tiny_corpus_config, tiny_corpus)
+    dynamics = dataclasses.replace(tiny_corpus_config, cues="dynamics")
+    assert not corpus_is_complete(dynamics, tiny_corpus)
+    assert synth._config_record(dynamics)["cues"] == "dynamics"
+
+
+def test_cli_cues_flag(tmp_path):
+    out = tmp_path / "cli-dynamics"
+    assert synth.main(["--out", str(out), "--clips", "2", "--classes", "2", "--size", "32",
+                       "--duration", "0.4", "--cues", "dynamics"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["config"]["cues"] == "dynamics"
+
+
+def test_unknown_cues_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="cues"):
+        build_corpus(SynthConfig(clips=1, size=32, duration=0.2, cues="colour"), tmp_path, progress=False)
+
+
+# 64 clips, 16 per class: enough for per-class means; small frames keep the build about a second.
+DYNAMICS = SynthConfig(clips=64, clips_per_shard=64, classes=4, size=32, duration=2.0, seed=5,
+                       cues="dynamics")
+
+
+@pytest.fixture(scope="module")
+def dynamics_measures(tmp_path_factory) -> dict[str, np.ndarray]:
+    """Per clip, from the decoded media: label, face hue, log2 pitch and syllable rate."""
+    corpus = build_corpus(DYNAMICS, tmp_path_factory.mktemp("dynamics"), progress=False, workers=1)
+    rows = []
+    for s in samples_of(corpus):
+        frames = decode_video(s["mp4"])[0]
+        wave = decode_audio(s["flac"])[0]
+        face = np.median(frames[:, 16, 16].astype(float), axis=0)  # the centre is always on the face
+        rows.append((json.loads(s["json"])["label"], hue_of(face), np.log2(pitch_hz(wave)),
+                     syllable_rate_hz(wave)))
+    label, hue, pitch, rate = (np.array(c) for c in zip(*rows))
+    return {"label": label.astype(int), "hue": hue, "log2_pitch": pitch, "rate": rate}
+
+
+def syllable_rate_hz(wave: np.ndarray, sample_rate: int = 16000) -> float:
+    """The strongest modulation of the amplitude envelope (10 ms RMS frames) between 0.8 and 7 Hz,
+    on a zero-padded spectrum for sub-bin resolution."""
+    hop = sample_rate // 100
+    env = np.sqrt((wave[: wave.size // hop * hop].reshape(-1, hop) ** 2).mean(axis=1))
+    spectrum = np.abs(np.fft.rfft(env - env.mean(), n=8192))
+    freqs = np.fft.rfftfreq(8192, 1.0 / 100)
+    band = (freqs > 0.8) & (freqs < 7.0)
+    return float(freqs[band][np.argmax(spectrum[band])])
+
+
+def anova_f(values: np.ndarray, labels: np.ndarray) -> float:
+    """One-way ANOVA F statistic: between-class over within-class variance."""
+    groups = [values[labels == c] for c in np.unique(labels)]
+    grand = values.mean()
+    between = sum(g.size * (g.mean() - grand) ** 2 for g in groups) / (len(groups) - 1)
+    within = sum(((g - g.mean()) ** 2).sum() for g in groups) / (values.size - len(groups))
+    return float(between / within)
+
+
+# F(3, 60) exceeds 4.13 with probability 1 % when the class has no effect; the seed is fixed, so
+# these are deterministic checks that the class means stay within chance differences.
+F_NO_EFFECT = 4.13
+
+
+def test_dynamics_hue_and_pitch_do_not_follow_the_class(dynamics_measures):
+    m = dynamics_measures
+    angle = 2 * np.pi * m["hue"]
+    for name, values in (("hue cos", np.cos(angle)), ("hue sin", np.sin(angle)), ("pitch", m["log2_pitch"])):
+        assert anova_f(values, m["label"]) < F_NO_EFFECT, name
+    # Bounded differences: class-mean pitch within 0.2 octave of the corpus mean ("all": 1/3 octave
+    # between neighbouring classes), and class-mean hue vectors short (a class tint would be ~1).
+    for c in range(DYNAMICS.classes):
+        of_class = m["label"] == c
+        assert abs(m["log2_pitch"][of_class].mean() - m["log2_pitch"].mean()) < 0.2, c
+        assert abs(np.exp(1j * angle[of_class]).mean()) < 0.6, c
+    # ... while they still vary from clip to clip, over the whole range: nuisances, not constants.
+    assert np.ptp(m["log2_pitch"]) > 0.8 and abs(np.exp(1j * angle).mean()) < 0.3
+
+
+def test_dynamics_class_still_sets_syllable_rate(dynamics_measures):
+    m = dynamics_measures
+    nominal = 1.5 + 3.0 * m["label"] / (DYNAMICS.classes - 1)  # syllables/s, jittered +-8% per clip
+    assert np.allclose(m["rate"], nominal, rtol=0.12), np.c_[m["label"], m["rate"]]
+    assert anova_f(m["rate"], m["label"]) > 100

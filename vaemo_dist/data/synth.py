@@ -8,6 +8,11 @@ voiced tone "speaks" in syllables. A hidden class drives both modalities:
 * both: the mouth opening follows the audio's amplitude envelope frame by frame, so the two
   streams are synchronised.
 
+With `cues="dynamics"` the class drives only the temporal part (syllable rate, which the mouth
+follows, and head-motion speed); tint, pitch and motion amplitude become per-clip draws over the
+same ranges, independent of the class and of each other, so colour and spectrum averages no longer
+give the class away.
+
 Per-clip nuisance randomness (head position, motion and rhythm phase, colour jitter, gradient
 direction, pitch and rate jitter, pixel and audio noise) keeps clips of one class different.
 Everything is drawn from `numpy.random.SeedSequence([cfg.seed, clip_index])`, so a clip depends
@@ -49,6 +54,11 @@ SAMPLE_RATE = 16000
 MANIFEST = "manifest.json"
 SUCCESS = "_SUCCESS"
 FORMAT_VERSION = 1
+# SynthConfig fields added after FORMAT_VERSION 1, with the value that reproduces the older corpora.
+# At that value a field is left out of the config record, so corpora built before it existed stay
+# complete (not rebuilt), and their manifests stay byte-identical.
+_LATER_FIELDS = {"cues": "all"}
+CUES = ("all", "dynamics")
 BITEXACT = {"fflags": "+bitexact"}
 CLASS_NAMES = ["neutral", "happy", "sad", "angry", "fearful", "surprised", "disgusted", "calm"]
 
@@ -178,11 +188,15 @@ def _rgb(hue: float, saturation: float, value: float) -> np.ndarray:
     return np.array(colorsys.hsv_to_rgb(hue % 1.0, saturation, value), dtype=np.float32) * 255.0
 
 
-def synth_audio(label: int, classes: int, n_samples: int,
-                rng: np.random.Generator) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:
-    """A voiced tone in syllables. Returns (waveform float32 [n], envelope function of time)."""
+def synth_audio(label: int, classes: int, n_samples: int, rng: np.random.Generator,
+                cues: str = "all") -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:
+    """A voiced tone in syllables. Returns (waveform float32 [n], envelope function of time).
+    `cues`: as `SynthConfig.cues` ("dynamics": the pitch is a per-clip draw, not the class's)."""
     k = _class_position(label, classes)
-    f0 = 110.0 * 2.0**k * (1.0 + rng.uniform(-0.04, 0.04))  # 110..220 Hz
+    if cues == "all":
+        f0 = 110.0 * 2.0**k * (1.0 + rng.uniform(-0.04, 0.04))  # 110..220 Hz
+    else:  # the same 110..220 Hz range, log-uniform per clip: a nuisance, not a cue
+        f0 = 110.0 * 2.0 ** rng.uniform(0.0, 1.0)
     rate = (1.5 + 3.0 * k) * (1.0 + rng.uniform(-0.08, 0.08))  # syllables per second
     rhythm_phase = rng.uniform(0.0, 2.0 * np.pi)
     vibrato_hz, vibrato_phase = rng.uniform(4.0, 6.0), rng.uniform(0.0, 2.0 * np.pi)
@@ -202,10 +216,14 @@ def synth_audio(label: int, classes: int, n_samples: int,
 
 
 def synth_video(label: int, classes: int, n_frames: int, size: int, mouth: np.ndarray,
-                rng: np.random.Generator) -> np.ndarray:
-    """Cartoon face frames, uint8 [T, size, size, 3]; `mouth` in [0, 1] is the opening per frame."""
+                rng: np.random.Generator, cues: str = "all") -> np.ndarray:
+    """Cartoon face frames, uint8 [T, size, size, 3]; `mouth` in [0, 1] is the opening per frame.
+    `cues`: as `SynthConfig.cues` ("dynamics": tint and motion amplitude are not the class's)."""
     k = _class_position(label, classes)
-    hue = label / classes + rng.uniform(-0.03, 0.03)
+    # "dynamics": the tint (any hue) and the motion amplitude (the same range as over the classes)
+    # are drawn per clip; only the head-motion speed below still follows the class.
+    hue = (label / classes + rng.uniform(-0.03, 0.03)) if cues == "all" else rng.uniform(0.0, 1.0)
+    k_amplitude = k if cues == "all" else rng.uniform(0.0, 1.0)
     face = _rgb(hue, 0.45, 0.95).astype(np.uint8)
     background = _rgb(hue + 0.5, 0.4, 0.5)
     dark = np.array([30, 20, 25], dtype=np.uint8)
@@ -213,7 +231,7 @@ def synth_video(label: int, classes: int, n_frames: int, size: int, mouth: np.nd
 
     t = np.arange(n_frames) / FPS
     speed = (0.25 + 0.75 * k) * (1.0 + rng.uniform(-0.1, 0.1))  # head sway, Hz
-    amplitude = size * (0.03 + 0.07 * k)
+    amplitude = size * (0.03 + 0.07 * k_amplitude)
     centre = size / 2 + rng.uniform(-0.06, 0.06, size=2) * size
     cx = centre[0] + amplitude * np.sin(2 * np.pi * speed * t + rng.uniform(0, 2 * np.pi))
     cy = centre[1] + 0.5 * amplitude * np.sin(2 * np.pi * 0.7 * speed * t + rng.uniform(0, 2 * np.pi))
@@ -256,17 +274,25 @@ def clip_seed(corpus_seed: int, index: int) -> int:
     return int(np.random.SeedSequence([corpus_seed, index]).generate_state(1)[0])
 
 
-def make_clip(cfg: SynthConfig, index: int, label: int) -> dict[str, Any]:
-    """One WebDataset sample dict (bytes values) for clip `index` of class `label`."""
-    seed = clip_seed(cfg.seed, index)
-    rng = np.random.default_rng(seed)
+def clip_media(cfg: SynthConfig, index: int, label: int) -> tuple[np.ndarray, np.ndarray]:
+    """The raw media of clip `index` of class `label`, before encoding: (uint8 frames [T, H, W, 3],
+    float32 waveform [n]). Depends only on numpy, so tests can pin the generator apart from the codecs."""
+    rng = np.random.default_rng(clip_seed(cfg.seed, index))
     n_frames = max(1, int(round(cfg.duration * FPS)))
     n_samples = int(round(n_frames / FPS * SAMPLE_RATE))
-    wave, envelope = synth_audio(label, cfg.classes, n_samples, rng)
+    wave, envelope = synth_audio(label, cfg.classes, n_samples, rng, cfg.cues)
     # Mouth opening: the audio envelope averaged over each frame's time span (sub-sampled).
     sub = (np.arange(n_frames)[:, None] + (np.arange(4)[None] + 0.5) / 4) / FPS
     mouth = envelope(sub).mean(axis=1)
-    frames = synth_video(label, cfg.classes, n_frames, cfg.size, mouth, rng)
+    frames = synth_video(label, cfg.classes, n_frames, cfg.size, mouth, rng, cfg.cues)
+    return frames, wave
+
+
+def make_clip(cfg: SynthConfig, index: int, label: int) -> dict[str, Any]:
+    """One WebDataset sample dict (bytes values) for clip `index` of class `label`."""
+    seed = clip_seed(cfg.seed, index)
+    frames, wave = clip_media(cfg, index, label)
+    n_frames = len(frames)
     meta = {
         "frames": n_frames,
         "fps": FPS,
@@ -297,6 +323,9 @@ def clip_labels(cfg: SynthConfig) -> list[int]:
 def _config_record(cfg: SynthConfig) -> dict[str, Any]:
     record = dataclasses.asdict(cfg)
     record.pop("dir", None)  # where it lives does not change what it is
+    for name, old_value in _LATER_FIELDS.items():
+        if record.get(name) == old_value:
+            del record[name]
     record["format_version"] = FORMAT_VERSION
     return record
 
@@ -326,6 +355,8 @@ def build_corpus(cfg: SynthConfig, out_dir: str | Path, *, progress: bool = True
     if cfg.clips < 1 or cfg.clips_per_shard < 1 or cfg.classes < 2:
         raise ValueError("synth corpus needs clips >= 1, clips_per_shard >= 1 and classes >= 2")
     video_extension(cfg.codec)
+    if cfg.cues not in CUES:
+        raise ValueError(f"synth cues {cfg.cues!r} not supported; choose one of {', '.join(CUES)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / SUCCESS).unlink(missing_ok=True)  # from here on the folder is "under construction"
@@ -412,11 +443,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=d.duration, help="seconds per clip")
     p.add_argument("--codec", choices=["h264", "vp9"], default=d.codec)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--cues", choices=CUES, default=d.cues,
+                   help="what the class drives: all cues, or only rhythm and motion speed")
     p.add_argument("--workers", type=int, default=None, help="encoding processes (default: all CPUs)")
     args = p.parse_args(argv)
     cfg = SynthConfig(dir=args.out, clips=args.clips, clips_per_shard=args.clips_per_shard,
                       classes=args.classes, size=args.size, duration=args.duration,
-                      codec=args.codec, seed=args.seed)
+                      codec=args.codec, seed=args.seed, cues=args.cues)
     start = time.perf_counter()
     try:
         out = build_corpus(cfg, args.out, progress=True, workers=args.workers)
