@@ -57,6 +57,7 @@ import torch
 import yaml
 
 from vaemo_dist.config import Config, InputConfig, ModelConfig, VideoInput, config_from_dict
+from vaemo_dist.train.checkpoint import safe_torch_load
 
 log = logging.getLogger(__name__)
 
@@ -88,18 +89,6 @@ def is_decoder_key(name: str) -> bool:
 
 # --------------------------------------------------------------------------------------------
 # Reading DeepSpeed checkpoints without unpickling arbitrary objects
-
-
-def _safe_globals() -> list[Any]:
-    from vaemo_dist.train.checkpoint import _deepspeed_safe_globals
-
-    return _deepspeed_safe_globals()
-
-
-def safe_torch_load(path: Any, map_location: Any = "cpu", mmap: bool | None = None, **_ignored: Any) -> Any:
-    """torch.load with weights_only=True (whatever the caller asked) and DeepSpeed's classes allowed."""
-    with torch.serialization.safe_globals(_safe_globals()):
-        return torch.load(path, map_location=map_location, mmap=mmap, weights_only=True)
 
 
 class _WeightsOnlyTorch:

@@ -76,7 +76,7 @@ def audio_source(path: PathLike) -> Path:
     return path
 
 
-def _sidecar_meta(path: Path) -> dict[str, Any]:
+def sidecar_meta(path: Path) -> dict[str, Any]:
     """A sibling `<stem>.json` (frames, duration), as our shards carry; {} when there is none."""
     meta_file = path.with_suffix(".json")
     if not meta_file.is_file():
@@ -93,7 +93,7 @@ def decode_audio(key: str, data: bytes, cfg: Any, duration: Any = None) -> np.nd
     at any other rate the stream is resampled by libswresample, then channels are averaged."""
     import av
 
-    from vaemo_dist.data.decode_pyav import _decode_audio
+    from vaemo_dist.data.decode_pyav import decode_audio_wave
     from vaemo_dist.data.types import DecodeError
 
     try:
@@ -103,7 +103,7 @@ def decode_audio(key: str, data: bytes, cfg: Any, duration: Any = None) -> np.nd
             stream = container.streams.audio[0]
             rate = stream.rate or stream.codec_context.sample_rate
             if rate == cfg.sample_rate:
-                return _decode_audio(key, data, cfg, duration)
+                return decode_audio_wave(key, data, cfg, duration)
             # Keep the channel layout through the resampler; average to mono afterwards, as training does.
             resampler = av.AudioResampler(format="fltp", rate=cfg.sample_rate)
             chunks = [f.to_ndarray() for frame in container.decode(stream) for f in resampler.resample(frame)]
@@ -126,7 +126,7 @@ def decode_media(video: PathLike | None, audio: PathLike | None, inputs: Any) ->
     audio window is centred on the sampled video window, as in training; audio alone is centred in
     the recording. Raises DecodeError (vaemo_dist.data.types) for media it cannot use.
     """
-    from vaemo_dist.data.decode_pyav import _audio_tensor, _decode_video, _video_tensor
+    from vaemo_dist.data.decode_pyav import audio_tensor, decode_video_frames, video_tensor
     from vaemo_dist.data.types import DecodeError
 
     if video is None and audio is None:
@@ -135,18 +135,18 @@ def decode_media(video: PathLike | None, audio: PathLike | None, inputs: Any) ->
     centre_s: float | None = None
     if video is not None:
         path = Path(video)
-        meta = _sidecar_meta(path)
+        meta = sidecar_meta(path)
         promised = meta.get("frames") if isinstance(meta.get("frames"), int) else None
         try:
             data = path.read_bytes()
         except OSError as e:
             raise DecodeError(str(path), f"cannot read ({e})") from e
-        frames, indices, fps, _ = _decode_video(str(path), data, inputs.video, promised)
-        video_t = _video_tensor(frames, inputs.video)
+        frames, indices, fps, _ = decode_video_frames(str(path), data, inputs.video, promised)
+        video_t = video_tensor(frames, inputs.video)
         centre_s = (indices[0] + indices[-1] + 1) / 2.0 / fps  # as vaemo_dist.data.decode_pyav does
     if audio is not None:
         path = audio_source(audio)
-        meta = _sidecar_meta(path)
+        meta = sidecar_meta(path)
         try:
             data = path.read_bytes()
         except OSError as e:
@@ -154,7 +154,7 @@ def decode_media(video: PathLike | None, audio: PathLike | None, inputs: Any) ->
         wave = decode_audio(str(path), data, inputs.audio, meta.get("duration"))
         if centre_s is None:
             centre_s = wave.size / inputs.audio.sample_rate / 2.0
-        audio_t = _audio_tensor(wave, inputs.audio, centre_s)
+        audio_t = audio_tensor(wave, inputs.audio, centre_s)
     return video_t, audio_t
 
 

@@ -10,7 +10,7 @@ from media_helpers import mp4_with_aac, resample_linear, voice, wav_bytes
 
 import vaemo_dist
 from vaemo_dist.config import AudioInput
-from vaemo_dist.data.decode_pyav import _audio_tensor, decode_sample
+from vaemo_dist.data.decode_pyav import audio_tensor, decode_sample
 from vaemo_dist.data.shards import expand_shards, read_shard
 from vaemo_dist.data.types import DecodeError
 from vaemo_dist.export import ExportError, model_config_from, save_pretrained
@@ -87,10 +87,10 @@ def test_video_with_its_own_aac_track(encoder, tmp_path):
 
 def test_resampling_matches_native_rate():
     cfg = AudioInput()
-    native = _audio_tensor(decode_audio("a", wav_bytes(voice(2, 3.0), 16000), cfg), cfg, 1.5)
-    resampled = _audio_tensor(decode_audio("b", wav_bytes(resample_linear(voice(2, 3.0), 48000), 48000), cfg),
+    native = audio_tensor(decode_audio("a", wav_bytes(voice(2, 3.0), 16000), cfg), cfg, 1.5)
+    resampled = audio_tensor(decode_audio("b", wav_bytes(resample_linear(voice(2, 3.0), 48000), 48000), cfg),
                               cfg, 1.5)
-    other = _audio_tensor(decode_audio("c", wav_bytes(voice(0, 3.0, seed=1), 16000), cfg), cfg, 1.5)
+    other = audio_tensor(decode_audio("c", wav_bytes(voice(0, 3.0, seed=1), 16000), cfg), cfg, 1.5)
     assert (native - resampled).abs().mean() < 0.15  # measured 0.08 (band edge near 8 kHz)
     assert (native - other).abs().mean() > 0.4  # a different voice is far away on the same scale
 

@@ -248,7 +248,7 @@ def _build_pipeline(inputs: InputConfig, max_batch: int, device_id: int | None, 
             mean=[m * 255.0 for m in v.mean], std=[s * 255.0 for s in v.std])
 
         # Audio: the window of num_samples starting at audio_start, clamped into the decoded
-        # waveform and zero-padded at the end, exactly like decode_pyav._audio_tensor.
+        # waveform and zero-padded at the end, exactly like decode_pyav.audio_tensor.
         wave, _ = fn.decoders.audio(audio, downmix=True, dtype=types.FLOAT)
         room = dmath.max(wave.shape()[0] - p.num_samples, 0)
         start = fn.cast(dmath.min(dmath.max(audio_start, 0), room), dtype=types.INT32)

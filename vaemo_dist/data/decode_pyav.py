@@ -97,14 +97,14 @@ def _decode(key: str, sample: dict[str, Any], inputs: InputConfig, limits: Decod
     promised = _optional_int(key, meta, "frames")
     label = _optional_int(key, meta, "label")
 
-    frames, indices, fps, total = _decode_video(key, video_data, inputs.video, promised, limits)
-    video = _video_tensor(frames, inputs.video)
+    frames, indices, fps, total = decode_video_frames(key, video_data, inputs.video, promised, limits)
+    video = video_tensor(frames, inputs.video)
 
     duration = float(meta.get("duration") or total / fps)
     # Centre of the sampled video window, in seconds (frame i spans [i, i + 1) / fps).
     centre_s = (indices[0] + indices[-1] + 1) / 2.0 / fps
-    wave = _decode_audio(key, audio_data, inputs.audio, meta.get("duration"), limits)
-    audio = _audio_tensor(wave, inputs.audio, centre_s)
+    wave = decode_audio_wave(key, audio_data, inputs.audio, meta.get("duration"), limits)
+    audio = audio_tensor(wave, inputs.audio, centre_s)
 
     return Clip(
         key=key,
@@ -209,7 +209,7 @@ def media_seconds(container: av.container.InputContainer, stream: av.stream.Stre
 # Video
 
 
-def _decode_video(key: str, data: bytes, cfg: VideoInput, promised: int | None,
+def decode_video_frames(key: str, data: bytes, cfg: VideoInput, promised: int | None,
                   limits: DecodeLimits = NO_LIMITS) -> tuple[list[np.ndarray], list[int], float, int]:
     """Decode just the frames the window needs. Returns (rgb frames, indices, fps, total frames)."""
     with open_container(key, data, "video") as container:
@@ -267,7 +267,7 @@ def _decode_video(key: str, data: bytes, cfg: VideoInput, promised: int | None,
     return [kept[i] for i in indices], indices, fps, total
 
 
-def _video_tensor(frames: list[np.ndarray], cfg: VideoInput) -> torch.Tensor:
+def video_tensor(frames: list[np.ndarray], cfg: VideoInput) -> torch.Tensor:
     """uint8 RGB frames -> float32 [3, T, size, size], centre square crop, resized, normalised."""
     x = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float()  # [T, 3, H, W]
     h, w = x.shape[-2:]
@@ -290,7 +290,7 @@ def _video_tensor(frames: list[np.ndarray], cfg: VideoInput) -> torch.Tensor:
 # Audio
 
 
-def _decode_audio(key: str, data: bytes, cfg: AudioInput, duration: Any,
+def decode_audio_wave(key: str, data: bytes, cfg: AudioInput, duration: Any,
                   limits: DecodeLimits = NO_LIMITS) -> np.ndarray:
     """Whole audio stream as float32 mono at cfg.sample_rate."""
     chunks: list[np.ndarray] = []
@@ -361,7 +361,7 @@ def _float_planes(frame: av.AudioFrame) -> np.ndarray | None:
     return data
 
 
-def _audio_tensor(wave: np.ndarray, cfg: AudioInput, centre_s: float) -> torch.Tensor:
+def audio_tensor(wave: np.ndarray, cfg: AudioInput, centre_s: float) -> torch.Tensor:
     """Normalised log-mel [1, frames, n_mels] of the window centred at `centre_s` seconds."""
     n = mel_spec_params(cfg).num_samples
     offset = int(round(centre_s * cfg.sample_rate - n / 2))

@@ -47,7 +47,7 @@ from tqdm import tqdm
 
 from vaemo_dist.config import SynthConfig
 from vaemo_dist.data.shards import ShardSetWriter
-from vaemo_dist.fsutil import write_atomic
+from vaemo_dist.fsutil import folder_lock, write_atomic
 
 FPS = 25
 SAMPLE_RATE = 16000
@@ -415,14 +415,7 @@ def ensure_corpus(cfg: SynthConfig, out_dir: str | Path | None = None, *, progre
     out = Path(out_dir if out_dir is not None else cfg.dir)
     if corpus_is_complete(cfg, out):
         return out
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / ".lock", "w") as lock:
-        try:
-            import fcntl
-
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        except ImportError:  # no flock (Windows): single-builder use only
-            pass
+    with folder_lock(out):
         if not corpus_is_complete(cfg, out):  # another process may have finished meanwhile
             build_corpus(cfg, out, progress=progress)
     return out

@@ -239,7 +239,7 @@ VIDEO_FIELD_OF = {".mp4": "mp4", ".webm": "webm", ".mkv": "mkv", ".mov": "mov", 
 def record_sample(record: Any, inputs: Any) -> dict[str, Any]:
     """A WebDataset sample (bytes) of one labelled record, for the trainer's loader."""
     from vaemo_dist.data.synth import encode_audio
-    from vaemo_dist.pretrained import _sidecar_meta, audio_source, decode_audio
+    from vaemo_dist.pretrained import audio_source, decode_audio, sidecar_meta
 
     if record.sample is not None:
         sample = {k: v for k, v in record.sample.items() if not k.startswith("__")}
@@ -250,7 +250,7 @@ def record_sample(record: Any, inputs: Any) -> dict[str, Any]:
     # FFmpeg finds the container from the bytes; the field name only has to be one the decoder reads.
     sample = {"__key__": record.key, VIDEO_FIELD_OF.get(video.suffix.lower(), "mp4"): video.read_bytes()}
     audio = audio_source(record.audio_path or video)
-    meta = {k: v for k, v in _sidecar_meta(video).items() if k in ("frames", "duration", "fps")}
+    meta = {k: v for k, v in sidecar_meta(video).items() if k in ("frames", "duration", "fps")}
     if audio != video and audio.suffix.lower() in (".flac", ".wav"):
         sample[audio.suffix.lower().lstrip(".")] = audio.read_bytes()
     else:  # the audio track of the video (or another format): decode, resample, store as FLAC

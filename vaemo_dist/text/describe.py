@@ -25,7 +25,6 @@ Authorization header and never logged or written.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -45,7 +44,7 @@ import yaml
 from tqdm import tqdm
 
 from vaemo_dist.data.shards import ShardSetWriter
-from vaemo_dist.fsutil import write_atomic
+from vaemo_dist.fsutil import folder_lock, write_atomic
 from vaemo_dist.text import media
 from vaemo_dist.text.prompt import (
     DEFAULT_PROMPT,
@@ -493,20 +492,6 @@ def described_is_complete(out_dir: str | Path, expected: dict[str, Any]) -> bool
     return built == expected and all((Path(out_dir) / s).is_file() for s in manifest.get("shards", []))
 
 
-@contextlib.contextmanager
-def _folder_lock(folder: Path) -> Iterator[None]:
-    """Builders on one machine take turns (several ranks may call the ensure_* functions at once)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "w") as lock:
-        try:
-            import fcntl
-
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        except ImportError:  # no flock (Windows): single-builder use only
-            pass
-        yield
-
-
 def ensure_synthetic_described(source: str | Path, out_dir: str | Path, *, count: int = 0,
                                fraction: float = 1.0, seed: int = 0, clips_per_shard: int = 16,
                                progress: bool = True) -> Path:
@@ -520,7 +505,7 @@ def ensure_synthetic_described(source: str | Path, out_dir: str | Path, *, count
                 "fraction": fraction, "seed": seed, "sources": _sources(urls)}
     if described_is_complete(out, expected):
         return out
-    with _folder_lock(out):
+    with folder_lock(out):
         if not described_is_complete(out, expected):
             summary = describe_shards(urls, out, describer, count=count, fraction=fraction, seed=seed,
                                       concurrency=1, clips_per_shard=clips_per_shard, progress=progress)

@@ -150,12 +150,12 @@ def ensure_embeddings(described_dir: str | Path, encoder_name: str = DEFAULT_ENC
                       out: str | Path | None = None, encoder: Any = None) -> Path:
     """The embeddings file of a described set, (re)computed if missing or stale (`encoder`: an
     already loaded `encoder_name`, to save loading it again)."""
-    from vaemo_dist.text.describe import _folder_lock
+    from vaemo_dist.fsutil import folder_lock
 
     path = Path(out) if out else Path(described_dir) / EMBEDDINGS
     if embeddings_are_current(described_dir, path, encoder_name):
         return path
-    with _folder_lock(Path(described_dir)):
+    with folder_lock(Path(described_dir)):
         if not embeddings_are_current(described_dir, path, encoder_name):
             embed_described(described_dir, encoder_name, path, encoder=encoder)
     return path

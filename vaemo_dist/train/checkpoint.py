@@ -121,7 +121,7 @@ def resolve(which: str, ckpt_root: Path) -> Path | None:
     return folder
 
 
-def _deepspeed_safe_globals() -> list[Any]:
+def deepspeed_safe_globals() -> list[Any]:
     """The few DeepSpeed classes its checkpoints hold besides tensors and containers."""
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
@@ -130,14 +130,16 @@ def _deepspeed_safe_globals() -> list[Any]:
     return [LossScaler, ZeroStageEnum, fragment_address]
 
 
-def _safe_load(path: str, map_location: Any = None) -> Any:
-    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-        return torch.load(path, map_location=map_location, weights_only=True)
+def safe_torch_load(path: Any, map_location: Any = "cpu", mmap: bool | None = None, **_ignored: Any) -> Any:
+    """torch.load with weights_only=True (whatever the caller asked) and DeepSpeed's classes allowed:
+    the one loader of DeepSpeed files, for resume (as DeepSpeed's checkpoint engine) and for export."""
+    with torch.serialization.safe_globals(deepspeed_safe_globals()):
+        return torch.load(path, map_location=map_location, mmap=mmap, weights_only=True)
 
 
 def load_checkpoint(engine: Any, folder: Path, rank: int) -> dict[str, Any]:
     """Restore model, optimizer, scheduler and RNG; return our per-rank state dict."""
-    engine.checkpoint_engine.load = _safe_load  # DeepSpeed's own loader unpickles freely
+    engine.checkpoint_engine.load = safe_torch_load  # DeepSpeed's own loader unpickles freely
     path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_optimizer_states=True,
                                      load_lr_scheduler_states=True)
     if path is None:
