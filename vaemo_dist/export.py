@@ -273,16 +273,15 @@ def select_weights(state: dict[str, torch.Tensor], model: ModelConfig, inputs: I
     unknown = [k for k in state if k not in expected]
     if unknown:
         raise ExportError(f"the checkpoint has weights the model does not, e.g. {unknown[:5]}")
-    out = {}
-    for name, ref in expected.items():
-        if not include_decoder and is_decoder_key(name):
-            continue
-        t = state[name]
-        if tuple(t.shape) != tuple(ref.shape):
-            raise ExportError(f"{name}: shape {tuple(t.shape)} in the checkpoint, "
-                              f"{tuple(ref.shape)} in the model")
-        out[name] = t.detach().to("cpu", dtype if t.is_floating_point() else t.dtype).contiguous().clone()
-    return out
+    return {name: _fitted(name, state[name], ref, dtype, "in the model") for name, ref in expected.items()
+            if include_decoder or not is_decoder_key(name)}
+
+
+def _fitted(name: str, t: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, where: str) -> torch.Tensor:
+    """`t` as exported (a CPU copy, floating point cast to `dtype`) once its shape is `ref`'s."""
+    if tuple(t.shape) != tuple(ref.shape):
+        raise ExportError(f"{name}: shape {tuple(t.shape)} in the checkpoint, {tuple(ref.shape)} {where}")
+    return t.detach().to("cpu", dtype if t.is_floating_point() else t.dtype).contiguous().clone()
 
 
 def split_stage2_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
@@ -325,14 +324,8 @@ def select_text_head(head: dict[str, torch.Tensor], embed_dim: int,
     if set(head) != set(expected):
         raise ExportError(f"the text head's weights {sorted(head)} are not those of TextHead "
                           f"{sorted(expected)}")
-    out = {}
-    for name, ref in expected.items():
-        t = head[name]
-        if tuple(t.shape) != tuple(ref.shape):
-            raise ExportError(f"text_head.{name}: shape {tuple(t.shape)} in the checkpoint, "
-                              f"{tuple(ref.shape)} for embed_dim {embed_dim}")
-        out[name] = t.detach().to("cpu", dtype if t.is_floating_point() else t.dtype).contiguous().clone()
-    return out
+    return {name: _fitted(f"text_head.{name}", head[name], ref, dtype, f"for embed_dim {embed_dim}")
+            for name, ref in expected.items()}
 
 
 def save_pretrained(out_dir: str | Path, weights: dict[str, torch.Tensor], cfg: Config, *,
