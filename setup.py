@@ -60,6 +60,7 @@ setup(
             "vaemo-describe=vaemo_dist.text.describe:main",
             "vaemo-embed-text=vaemo_dist.text.encode:main",
             "vaemo-sweep=vaemo_dist.sweep.cli:main",
+            "vaemo-plot=vaemo_dist.train.curves:main",
         ]
     },
 )

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from vaemo_dist.sweep.aggregate import fit_power_law, preset_lines, read_metrics, report, summarise
+from vaemo_dist.sweep.aggregate import fit_power_law, preset_lines, report, summarise
 from vaemo_dist.sweep.plan import build_points, load_spec, write_manifest
+from vaemo_dist.train.curves import read_metrics
 
 # Final loss L = A C^B per preset; probe UAR = U C^0.05 for tiny only.
 LAW = {"tiny": (40.0, -0.12), "small": (90.0, -0.15)}

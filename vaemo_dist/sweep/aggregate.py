@@ -1,14 +1,13 @@
 """Collect the runs of a sweep into one CSV row per point and a scaling plot (PNG).
 
 Training FLOPs of a logged step are the record's `train_flops` when the trainer writes it, else
-`samples_seen` (or step x global batch) x the point's training FLOPs per sample. Records with `eval/...`
-keys are evaluations; records with `loss` are training steps.
+`samples_seen` (or step x global batch) x the point's training FLOPs per sample. The records are read
+by `vaemo_dist.train.curves.read_metrics` (evaluations: `eval/...` keys; training steps: `loss`).
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from vaemo_dist.sweep.plan import (
     point_status,
     read_manifest,
 )
+from vaemo_dist.train.curves import read_metrics
 
 # Logged as eval/<key>; all but rec_loss are better when higher.
 EVAL_KEYS = ("probe_uar", "probe_war", "r1_v2a", "r1_a2v", "rec_loss")
@@ -36,25 +36,6 @@ class Curves:
 
     loss: list[tuple[float, float]] = field(default_factory=list)
     uar: list[tuple[float, float]] = field(default_factory=list)
-
-
-def read_metrics(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(training records, evaluation records) of a metrics.jsonl, each sorted by step; [] if absent."""
-    train, evals = [], []
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return [], []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:  # a line cut short by a kill
-            continue
-        if any(k.startswith("eval/") for k in record):
-            evals.append(record)
-        elif "loss" in record:
-            train.append(record)
-    return sorted(train, key=lambda r: r["step"]), sorted(evals, key=lambda r: r["step"])
 
 
 def train_flops(record: dict[str, Any], point: Point) -> float:
