@@ -131,7 +131,22 @@ class ModelConfig:
     # "separate": the shared encoder sees each modality's tokens on their own (no cross-modal
     # leak into the contrastive embeddings); "joint": one sequence of both modalities.
     fusion: Literal["separate", "joint"] = "separate"
+    # Reconstruction targets normalised per patch (each patch by its own mean and std, as in MAE);
+    # false: the globally normalised input itself. `norm_pix_loss_audio` sets the audio target apart
+    # (null: as norm_pix_loss): per-patch normalisation turns near-silent log-mel patches (noise
+    # floor, high bins) into unit-variance noise, which no model predicts (BENCHMARKS.md, stage 1).
     norm_pix_loss: bool = True
+    norm_pix_loss_audio: bool | None = None
+
+    @property
+    def norm_pix_video(self) -> bool:
+        """Whether the video reconstruction target is per-patch normalised."""
+        return self.norm_pix_loss
+
+    @property
+    def norm_pix_audio(self) -> bool:
+        """Whether the audio reconstruction target is per-patch normalised."""
+        return self.norm_pix_loss if self.norm_pix_loss_audio is None else self.norm_pix_loss_audio
 
 
 # Preset values are applied under whatever the YAML or the command line sets explicitly.

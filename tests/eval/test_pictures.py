@@ -12,6 +12,7 @@ from PIL import Image
 from vaemo_dist.config import load_config
 from vaemo_dist.eval.pictures import (
     MASK_GREY,
+    picture_note,
     reconstruction_panels,
     save_reconstruction_grid,
     unnormalise_patches,
@@ -37,13 +38,16 @@ def clips(n: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return video.contiguous(), audio.contiguous()
 
 
-def fake_output(video: torch.Tensor, audio: torch.Tensor, norm_pix: bool, seed: int = 0) -> ModelOutput:
-    """A ModelOutput whose prediction is exactly the target, with MAE masks at the default ratios."""
+def fake_output(video: torch.Tensor, audio: torch.Tensor, norm_pix: bool, seed: int = 0,
+                norm_pix_audio: bool | None = None) -> ModelOutput:
+    """A ModelOutput whose prediction is exactly the target, with MAE masks at the default ratios
+    (`norm_pix`: the video target per-patch normalised; `norm_pix_audio`: the audio one, None: as video)."""
     v, a = INPUTS.video, INPUTS.audio
     g = torch.Generator().manual_seed(seed)
     b = video.shape[0]
     v_target = patch_targets(patchify_video(video, v.tubelet, v.patch), norm_pix)
-    a_target = patch_targets(patchify_audio(audio, a.patch), norm_pix)
+    audio_norm = norm_pix if norm_pix_audio is None else norm_pix_audio
+    a_target = patch_targets(patchify_audio(audio, a.patch), audio_norm)
     v_keep = random_keep(b, v_target.shape[1], 0.9, video.device, g)
     a_keep = random_keep(b, a_target.shape[1], 0.8, audio.device, g)
     emb = torch.zeros(b, 4)
@@ -95,6 +99,31 @@ def test_prediction_equal_to_target_reproduces_the_input(norm_pix):
     grey = (p.video_masked == MASK_GREY).all(axis=-1)
     assert 0.85 < grey.mean() < 0.95  # 90% of the tubelets (an input pixel may be grey by chance: rare)
     np.testing.assert_array_equal(p.video_masked[~grey], p.video_input[~grey])
+
+
+@pytest.mark.parametrize("norm_pix,norm_pix_audio", [(True, False), (False, True)])
+def test_each_modality_is_unnormalised_by_its_own_setting(norm_pix, norm_pix_audio):
+    """model.norm_pix_loss_audio apart from norm_pix_loss: each prediction back with its own rule."""
+    video, audio = clips(3)
+    out = fake_output(video, audio, norm_pix, norm_pix_audio=norm_pix_audio)
+    p = reconstruction_panels(video, audio, out, INPUTS, norm_pix=norm_pix, norm_pix_audio=norm_pix_audio,
+                              max_clips=2)
+    np.testing.assert_allclose(p.video_recon, p.video_input, atol=1e-5)
+    np.testing.assert_allclose(p.audio_recon, p.audio_input, atol=1e-4)
+    # One flag for both (the old call) gets the audio wrong and leaves the video as it was.
+    wrong = reconstruction_panels(video, audio, out, INPUTS, norm_pix=norm_pix, max_clips=2)
+    np.testing.assert_array_equal(wrong.video_recon, p.video_recon)
+    hidden = np.isnan(p.audio_masked)
+    assert np.abs(wrong.audio_recon[hidden] - p.audio_input[hidden]).mean() > 0.1  # nat; the right rule: 1e-4
+    np.testing.assert_array_equal(wrong.audio_recon[~hidden], p.audio_input[~hidden])
+
+
+def test_the_title_says_which_modalities_take_the_input_patch_statistics():
+    assert picture_note(True, True) == "masked patches: prediction scaled by the input patch's mean/std"
+    assert picture_note(True, False) == ("masked video patches: prediction scaled by the input patch's "
+                                         "mean/std")
+    assert picture_note(False, True).startswith("masked audio patches:")
+    assert picture_note(False, False) == ""
 
 
 def test_masked_patches_come_from_the_prediction_and_visible_ones_from_the_input():

@@ -1,10 +1,23 @@
 import dataclasses
+import json
 
+import pytest
 import torch
 
-from vaemo_dist.config import AudioInput, InputConfig, LossConfig, ModelConfig, VideoInput
-from vaemo_dist.model.vaemo import VAEmoModel
+from vaemo_dist.config import (
+    AudioInput,
+    ConfigError,
+    InputConfig,
+    LossConfig,
+    ModelConfig,
+    VideoInput,
+    load_config,
+)
+from vaemo_dist.export import model_config_from, save_pretrained
+from vaemo_dist.model.embed import patchify_audio, patchify_video
+from vaemo_dist.model.vaemo import VAEmoModel, patch_targets
 from vaemo_dist.objectives.stage1 import Stage1Objective
+from vaemo_dist.pretrained import from_pretrained
 
 # Video 4 frames 32x32 (tubelet 2, patch 8) -> 2x4x4 = 32 tokens; audio 32x64 (patch 8) -> 4x8 = 32.
 INPUTS = InputConfig(
@@ -123,3 +136,63 @@ def test_num_params_counts_every_parameter():
     model = _model()
     assert model.num_params() == sum(p.numel() for p in model.parameters()) > 0
     assert not any(k.endswith("pos") for k in model.state_dict())
+
+
+def test_norm_pix_loss_audio_changes_the_audio_target_and_only_it():
+    video, audio = _batch()
+    v, a = INPUTS.video, INPUTS.audio
+    v_raw, a_raw = patchify_video(video, v.tubelet, v.patch), patchify_audio(audio, a.patch)
+    v_norm, a_norm = patch_targets(v_raw, True), patch_targets(a_raw, True)
+    outs = {}
+    for video_norm, audio_norm in [(True, None), (True, True), (True, False), (False, None), (False, True)]:
+        model = _model(norm_pix_loss=video_norm, norm_pix_loss_audio=audio_norm)
+        outs[video_norm, audio_norm] = model(video, audio, generator=torch.Generator().manual_seed(5))
+    expected = {(True, None): (v_norm, a_norm), (True, True): (v_norm, a_norm),
+                (True, False): (v_norm, a_raw), (False, None): (v_raw, a_raw), (False, True): (v_raw, a_norm)}
+    base = outs[True, None]
+    for key, out in outs.items():
+        v_target, a_target = expected[key]
+        torch.testing.assert_close(out.video_target, v_target, msg=str(key))
+        torch.testing.assert_close(out.audio_target, a_target, msg=str(key))
+        # The target is all the option changes: same weights, masks and predictions.
+        assert torch.equal(out.video_mask, base.video_mask) and torch.equal(out.audio_mask, base.audio_mask)
+        torch.testing.assert_close(out.video_pred, base.video_pred)
+        torch.testing.assert_close(out.audio_pred, base.audio_pred)
+
+
+def test_norm_pix_audio_follows_norm_pix_loss_unless_set():
+    assert (ModelConfig().norm_pix_video, ModelConfig().norm_pix_audio) == (True, True)
+    for video_norm in (True, False):
+        m = ModelConfig(norm_pix_loss=video_norm)
+        assert m.norm_pix_loss_audio is None and m.norm_pix_video is m.norm_pix_audio is video_norm
+        for audio_norm in (True, False):
+            m = ModelConfig(norm_pix_loss=video_norm, norm_pix_loss_audio=audio_norm)
+            assert (m.norm_pix_video, m.norm_pix_audio) == (video_norm, audio_norm)
+    cfg = load_config(None, ["model.norm_pix_loss_audio=false"])
+    assert (cfg.model.norm_pix_video, cfg.model.norm_pix_audio) == (True, False)
+    assert load_config(None, ["model.norm_pix_loss_audio=null"]).model.norm_pix_loss_audio is None
+    with pytest.raises(ConfigError, match="norm_pix_loss_audio"):
+        load_config(None, ["model.norm_pix_loss_audio=0"])
+
+
+@pytest.mark.parametrize("video_norm", [True, False])
+def test_an_old_config_without_norm_pix_loss_audio_loads(tmp_path, video_norm):
+    """Run configs and exports written before the field existed: the audio target follows norm_pix_loss."""
+    old_model = {k: v for k, v in dataclasses.asdict(TINY).items() if k != "norm_pix_loss_audio"}
+    old_model["norm_pix_loss"] = video_norm
+    raw = {"model": old_model, "inputs": dataclasses.asdict(INPUTS)}
+    cfg = model_config_from(raw)
+    assert cfg.model.norm_pix_loss_audio is None and cfg.model.norm_pix_audio is video_norm
+    # An export whose config.json lacks the field (as vaemo-export wrote it before) loads and encodes.
+    model = VAEmoModel(cfg.model, cfg.inputs)
+    folder = save_pretrained(tmp_path / "export", model.state_dict(), cfg)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model"]["norm_pix_loss_audio"] is None  # what a new export writes
+    del config["model"]["norm_pix_loss_audio"]
+    (folder / "config.json").write_text(json.dumps(config))
+    encoder = from_pretrained(folder)
+    video, audio = _batch()
+    model.eval()
+    torch.testing.assert_close(encoder.model.encode(video, audio).joint_emb,
+                               model.encode(video, audio).joint_emb)
+    assert encoder.model.cfg.norm_pix_audio is video_norm

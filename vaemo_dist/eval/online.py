@@ -243,7 +243,8 @@ class OnlineEvaluator:
             n = video.shape[0]
             paths.append(save_reconstruction_grid(
                 video, audio, out, self.cfg.inputs, self.picture_path(step), max_clips=n,
-                norm_pix=self.cfg.model.norm_pix_loss, keys=self.keys[:n], labels=self.labels[:n].tolist(),
+                norm_pix=self.cfg.model.norm_pix_video, norm_pix_audio=self.cfg.model.norm_pix_audio,
+                keys=self.keys[:n], labels=self.labels[:n].tolist(),
                 title=f"step {step}: held-out reconstructions"))
         metrics["eval/time_s"] = time.perf_counter() - start
         if train_flops is not None:

@@ -3,8 +3,10 @@
 Per clip, three rows: the input, the input with its masked tokens hidden, and the reconstruction
 (visible patches from the input, masked patches from the decoder's prediction, as the MAE papers
 show it). Left: a few video frames in RGB; right: the log-mel spectrogram (time across, mel bins up).
-With `norm_pix_loss` the decoder predicts per-patch normalised values; they are taken back to the
-input's scale with the mean and variance of the input patch they replace.
+Where a modality's target is per-patch normalised (`model.norm_pix_video` / `model.norm_pix_audio`,
+from `norm_pix_loss` and `norm_pix_loss_audio`), the decoder predicts per-patch normalised values; they
+are taken back to the input's scale with the mean and variance of the input patch they replace.
+Otherwise the prediction is already in the (globally normalised) input's scale and is shown as is.
 
 `reconstruction_panels` computes the arrays that are drawn, so tests can check them directly;
 `save_reconstruction_grid` draws them (matplotlib's Agg canvas, no pyplot state).
@@ -51,6 +53,16 @@ def unnormalise_patches(pred: torch.Tensor, patches: torch.Tensor, norm_pix: boo
     return pred * (var + 1e-6).sqrt() + mean
 
 
+def picture_note(norm_pix_video: bool, norm_pix_audio: bool) -> str:
+    """The line under the title saying which modalities' masked patches take the input patch's
+    mean/std (their coarse colour then comes from the input, not from the model); "" for neither."""
+    which = [name for name, on in (("video", norm_pix_video), ("audio", norm_pix_audio)) if on]
+    if not which:
+        return ""
+    prefix = "masked patches" if len(which) == 2 else f"masked {which[0]} patches"
+    return f"{prefix}: prediction scaled by the input patch's mean/std"
+
+
 def _shown_frames(total: int, count: int) -> list[int]:
     count = max(1, min(count, total))
     return sorted({int(round(i)) for i in np.linspace(0, total - 1, count)})
@@ -58,12 +70,16 @@ def _shown_frames(total: int, count: int) -> list[int]:
 
 @torch.no_grad()
 def reconstruction_panels(video: torch.Tensor, audio: torch.Tensor, out: ModelOutput, inputs: InputConfig,
-                          *, norm_pix: bool = True, max_clips: int = 4,
+                          *, norm_pix: bool = True, norm_pix_audio: bool | None = None, max_clips: int = 4,
                           frames_shown: int = 4) -> ReconstructionPanels:
     """The input / masked / reconstructed arrays of the first `max_clips` clips of a batch.
 
     video [B, 3, T, H, W] and audio [B, 1, F, M] are the (normalised) model inputs `out` came from.
+    `norm_pix`: the video target is per-patch normalised; `norm_pix_audio`: the audio target is
+    (None: as `norm_pix`), as `ModelConfig.norm_pix_loss` / `norm_pix_loss_audio`.
     """
+    if norm_pix_audio is None:
+        norm_pix_audio = norm_pix
     v, a = inputs.video, inputs.audio
     n = max(1, min(max_clips, video.shape[0]))
     video, audio = video[:n].detach().float().cpu(), audio[:n].detach().float().cpu()
@@ -94,7 +110,7 @@ def reconstruction_panels(video: torch.Tensor, audio: torch.Tensor, out: ModelOu
 
     # Audio: log-mel patches likewise; shown as [mel, time] so imshow(origin="lower") puts time across.
     a_patches = patchify_audio(audio, a.patch)
-    a_pred = unnormalise_patches(take(out.audio_pred), a_patches, norm_pix)
+    a_pred = unnormalise_patches(take(out.audio_pred), a_patches, norm_pix_audio)
     agrid = inputs.audio_grid
     a_recon = unpatchify_audio(torch.where(a_mask[..., None], a_pred, a_patches), agrid, a.patch)
     a_hidden = unpatchify_audio(a_mask[..., None].expand_as(a_patches).float(), agrid, a.patch) > 0.5
@@ -123,13 +139,17 @@ def reconstruction_panels(video: torch.Tensor, audio: torch.Tensor, out: ModelOu
 
 def save_reconstruction_grid(video: torch.Tensor, audio: torch.Tensor, out: ModelOutput, inputs: InputConfig,
                              path: str | Path, max_clips: int = 4, *, norm_pix: bool = True,
+                             norm_pix_audio: bool | None = None,
                              keys: Sequence[str] | None = None, labels: Sequence[int] | None = None,
                              title: str = "", frames_shown: int = 4) -> Path:
-    """Draw `reconstruction_panels` of the first `max_clips` clips into a PNG at `path`."""
-    panels = reconstruction_panels(video, audio, out, inputs, norm_pix=norm_pix, max_clips=max_clips,
-                                   frames_shown=frames_shown)
-    if norm_pix:  # say so: the coarse colour of masked patches comes from the input, not the model
-        note = "masked patches: prediction scaled by the input patch's mean/std"
+    """Draw `reconstruction_panels` of the first `max_clips` clips into a PNG at `path`
+    (`norm_pix`, `norm_pix_audio`: as in `reconstruction_panels`)."""
+    if norm_pix_audio is None:
+        norm_pix_audio = norm_pix
+    panels = reconstruction_panels(video, audio, out, inputs, max_clips=max_clips, frames_shown=frames_shown,
+                                   norm_pix=norm_pix, norm_pix_audio=norm_pix_audio)
+    note = picture_note(norm_pix, norm_pix_audio)
+    if note:
         title = f"{title}\n{note}" if title else note
     return draw_panels(panels, path, keys=keys, labels=labels, title=title)
 

@@ -20,10 +20,10 @@ from vaemo_dist.model.embed import TokenEmbed, patchify_audio, patchify_video, s
 @dataclass
 class ModelOutput:
     video_pred: torch.Tensor  # [B, Nv, Pv] decoder prediction for every video patch
-    video_target: torch.Tensor  # [B, Nv, Pv] patchified (per-patch normalised) video
+    video_target: torch.Tensor  # [B, Nv, Pv] patchified video (per-patch normalised: model.norm_pix_video)
     video_mask: torch.Tensor  # [B, Nv] bool, True = masked (to reconstruct)
     audio_pred: torch.Tensor  # [B, Na, Pa]
-    audio_target: torch.Tensor  # [B, Na, Pa]
+    audio_target: torch.Tensor  # [B, Na, Pa] (per-patch normalised: model.norm_pix_audio)
     audio_mask: torch.Tensor  # [B, Na] bool
     video_emb: torch.Tensor  # [B, E] L2-normalised, from video tokens only under "separate"
     audio_emb: torch.Tensor  # [B, E] L2-normalised
@@ -95,6 +95,8 @@ def keep_to_mask(keep: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def patch_targets(patches: torch.Tensor, norm_pix: bool) -> torch.Tensor:
+    """Reconstruction targets: with `norm_pix` each patch minus its mean, over its std (MAE's
+    norm_pix_loss); without, the patches as given (the globally normalised model input)."""
     if not norm_pix:
         return patches
     mean = patches.mean(dim=-1, keepdim=True)
@@ -251,10 +253,10 @@ class VAEmoModel(nn.Module):
 
         return ModelOutput(
             video_pred=self.video_pred(x[:, :nv]),
-            video_target=patch_targets(v_patches, cfg.norm_pix_loss).detach(),
+            video_target=patch_targets(v_patches, cfg.norm_pix_video).detach(),
             video_mask=keep_to_mask(v_keep, nv),
             audio_pred=self.audio_pred(x[:, nv:]),
-            audio_target=patch_targets(a_patches, cfg.norm_pix_loss).detach(),
+            audio_target=patch_targets(a_patches, cfg.norm_pix_audio).detach(),
             audio_mask=keep_to_mask(a_keep, na),
             video_emb=video_emb,
             audio_emb=audio_emb,
