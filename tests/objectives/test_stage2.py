@@ -186,6 +186,26 @@ def test_init_checks_name_architecture_differences(tmp_path):
     check_compatible(cfg, folder)  # only a non-shape difference (a warning)
 
 
+def test_a_key_the_checkpoint_predates_is_compared_with_its_default(tmp_path, caplog):
+    # A stage-1 run written before model.norm_pix_loss_audio existed trained per-patch audio targets
+    # (the default, None: as norm_pix_loss); a stage-2 run with false changes them, and says so.
+    cfg = _tiny_cfg()
+    cfg.model.norm_pix_loss_audio = False
+    folder = tmp_path / "step_00000010"
+    folder.mkdir()
+    raw = cfg.to_dict()
+    del raw["model"]["norm_pix_loss_audio"]
+    (folder / "config.yaml").write_text(yaml.safe_dump(raw))
+    with caplog.at_level("WARNING"):
+        check_compatible(cfg, folder)
+    assert "model.norm_pix_loss_audio: None in the checkpoint, False here" in caplog.text
+    caplog.clear()
+    cfg.model.norm_pix_loss_audio = None
+    with caplog.at_level("WARNING"):
+        check_compatible(cfg, folder)
+    assert "norm_pix_loss_audio" not in caplog.text
+
+
 def test_frozen_weights_missing_from_consolidation_come_from_the_module_state(tmp_path):
     """ZeRO-0/1 checkpoints of a head-only run keep the frozen encoder only in the module state."""
     from vaemo_dist.export import _with_frozen_parameters

@@ -188,12 +188,16 @@ def check_compatible(cfg: Config, folder: Path) -> None:
             "inputs.audio": asdict(cfg.inputs.audio)}
     theirs = {"model": raw.get("model", {}), "inputs.video": raw.get("inputs", {}).get("video", {}),
               "inputs.audio": raw.get("inputs", {}).get("audio", {})}
+    # A key the checkpoint's config lacks (written before the key existed) had its default then.
+    sections = {"model": cfg.model, "inputs.video": cfg.inputs.video, "inputs.audio": cfg.inputs.audio}
+    defaults = {section: asdict(type(dc)()) for section, dc in sections.items()}
     errors, notes = [], []
     for section, values in ours.items():
         for key, value in values.items():
-            if key == "preset" or key not in theirs[section] or theirs[section][key] == value:
+            before = theirs[section].get(key, defaults[section].get(key))
+            if key == "preset" or before == value:
                 continue
-            line = f"{section}.{key}: {theirs[section][key]!r} in the checkpoint, {value!r} here"
+            line = f"{section}.{key}: {before!r} in the checkpoint, {value!r} here"
             (errors if key in _SHAPE_KEYS.get(section, ()) else notes).append(line)
     if errors:
         raise ValueError(f"stage2.init_from={folder}: the architecture differs: " + "; ".join(errors))
