@@ -56,7 +56,15 @@ from typing import Any
 import torch
 import yaml
 
-from vaemo_dist.config import Config, InputConfig, ModelConfig, VideoInput, config_from_dict
+from vaemo_dist.config import (
+    AudioInput,
+    Config,
+    InputConfig,
+    LossConfig,
+    ModelConfig,
+    VideoInput,
+    config_from_dict,
+)
 from vaemo_dist.train.checkpoint import safe_torch_load
 
 log = logging.getLogger(__name__)
@@ -246,6 +254,16 @@ def model_config_from(raw: dict[str, Any]) -> Config:
     """A validated Config from the `model` and `inputs` sections (plus `loss`, `data.synth`) of a
     run's config, ignoring the sections export does not need (so older or newer runs still load)."""
     keep: dict[str, Any] = {k: raw[k] for k in ("model", "inputs", "loss") if k in raw}
+    # Keys a newer vaemo_dist wrote are dropped with a warning rather than refused: a published
+    # checkpoint must load in the version its user has. Weights that do not fit still fail, later.
+    for name, section in (("model", ModelConfig), ("loss", LossConfig)):
+        if isinstance(keep.get(name), dict):
+            keep[name] = _known_keys(keep[name], section, name)
+    inputs = keep.get("inputs")
+    if isinstance(inputs, dict):
+        keep["inputs"] = {**inputs, **{name: _known_keys(inputs[name], section, f"inputs.{name}")
+                                       for name, section in (("video", VideoInput), ("audio", AudioInput))
+                                       if isinstance(inputs.get(name), dict)}}
     synth = (raw.get("data") or {}).get("synth")
     if synth is None:
         # Validation checks the synthetic clip length against inputs.video; with no corpus named
@@ -254,6 +272,15 @@ def model_config_from(raw: dict[str, Any]) -> Config:
         synth = {"duration": ((video["frames"] - 1) * video["stride"] + 1) / 25.0 + 1.0}
     keep["data"] = {"synth": synth}
     return config_from_dict(keep)
+
+
+def _known_keys(values: dict[str, Any], section: type, name: str) -> dict[str, Any]:
+    known = {f.name for f in dataclasses.fields(section)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        log.warning("ignoring %s keys this version does not know (written by a newer vaemo_dist?): %s",
+                    name, unknown)
+    return {k: v for k, v in values.items() if k in known}
 
 
 # --------------------------------------------------------------------------------------------

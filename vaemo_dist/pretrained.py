@@ -416,7 +416,11 @@ def from_pretrained(folder: PathLike, device: str | torch.device = "cpu",
     weights = load_file(str(weights_file))
     if not any(is_decoder_key(k) for k in weights):
         strip_decoder(model)
-    result = model.load_state_dict(weights, strict=False)
+    try:
+        result = model.load_state_dict(weights, strict=False)
+    except RuntimeError as e:  # shapes that differ from the architecture the config describes
+        first = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e)[:300])
+        raise ExportError(f"{weights_file} does not fit the architecture in {CONFIG}: {first}") from e
     if result.missing_keys or result.unexpected_keys:
         raise ExportError(f"{weights_file} does not fit the architecture in {CONFIG}: missing "
                           f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")

@@ -143,6 +143,29 @@ def test_from_pretrained_reproduces_the_training_models_embeddings(checkpoints, 
         torch.testing.assert_close(getattr(out, name), getattr(reference, name), rtol=0, atol=1e-6)
 
 
+def test_an_export_from_a_newer_version_loads_ignoring_keys_it_does_not_know(exports, tmp_path, caplog):
+    folder = tmp_path / "newer"
+    folder.mkdir()
+    for name in ("model.safetensors", "config.json"):
+        (folder / name).write_bytes((exports[3, 2] / name).read_bytes())
+    config = json.loads((folder / "config.json").read_text())
+    config["model"]["a_future_knob"] = 3
+    config["inputs"]["audio"]["another_one"] = "x"
+    (folder / "config.json").write_text(json.dumps(config))
+    with caplog.at_level("WARNING"):
+        newer = from_pretrained(folder)
+    assert "a_future_knob" in caplog.text and "another_one" in caplog.text
+    g = torch.Generator().manual_seed(5)
+    video, audio = torch.randn(2, 3, 4, 32, 32, generator=g), torch.randn(2, 1, 32, 128, generator=g)
+    torch.testing.assert_close(newer.encode(video=video, audio=audio).joint_emb,
+                               from_pretrained(exports[3, 2]).encode(video=video, audio=audio).joint_emb,
+                               rtol=0, atol=0)
+    config["model"]["dim"] = 2 * config["model"]["dim"]  # an architecture that does not fit the weights
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ExportError, match="does not fit the architecture.*size mismatch"):
+        from_pretrained(folder)
+
+
 def test_cli_exports_and_fails_clearly(checkpoints, tmp_path, capsys):
     args = [str(checkpoints["root"] / "zero1"), "--out", str(tmp_path / "cli"), "--dtype", "bf16"]
     assert export.main(args) == 0
