@@ -3,6 +3,7 @@
     python benchmarks/bench_step.py                                    # CPU: tiny, fp32, batch 8
     python benchmarks/bench_step.py --device cuda --presets small,base,large --batch 32 --json step.json
     python benchmarks/bench_step.py --presets base --zero 2 train.grad_accum=2    # extra config overrides
+    python benchmarks/bench_step.py --compile                          # parallel.compile=true (per block)
 
 What runs is the trainer's own inner step on random tensors of the configured input shapes: the model
 and loss of `launchers/stage1.py`, `parallelize`, the optimizer and schedule of `vaemo_dist.train`, one
@@ -15,6 +16,8 @@ the timed steps after the warm-up steps (CUDA synchronised around each step). FL
 analytic training FLOPs (`vaemo_dist.model.flops.account`, checked against torch's flop counter in
 tests/model/test_flops.py); MFU uses the device's bf16 dense peak when it is known. Peak memory: CUDA
 `max_memory_allocated`, CPU the growth of the peak resident size over the run (whole process).
+`first_step_s` is the first warm-up step alone: with `--compile` it holds the compile time (set
+TORCHINDUCTOR_CACHE_DIR to a fresh folder to measure a cold compile).
 On CPU, set OMP_NUM_THREADS to what one rank of a run gets (1 with the README's launch on 2 cores).
 """
 
@@ -64,6 +67,7 @@ def measure(preset: str, args: argparse.Namespace) -> dict:
     overrides = [f"model.preset={preset}", f"data.batch_size={args.batch}", f"train.zero_stage={args.zero}",
                  f"train.precision={args.precision}", f"train.steps={args.warmup + args.steps}",
                  f"parallel.activation_checkpointing={str(args.activation_checkpointing).lower()}",
+                 f"parallel.compile={str(args.compile).lower()}",
                  *args.overrides]
     cfg = load_config(args.config, overrides)
     info = dist.init_distributed()
@@ -87,7 +91,7 @@ def measure(preset: str, args: argparse.Namespace) -> dict:
         if cuda:
             torch.cuda.synchronize()
 
-    times, losses = [], []
+    times, losses, first_step = [], [], 0.0
     for i in range(args.warmup + args.steps):
         sync()
         t0 = time.perf_counter()
@@ -96,6 +100,8 @@ def measure(preset: str, args: argparse.Namespace) -> dict:
             engine.backward(loss)
             engine.step()
         sync()
+        if i == 0:
+            first_step = time.perf_counter() - t0  # with parallel.compile: the compile time, mostly
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
             losses.append(float(loss.detach()))
@@ -110,10 +116,10 @@ def measure(preset: str, args: argparse.Namespace) -> dict:
         "preset": preset, "params_m": round(cost.params / 1e6, 1), "batch": b,
         "grad_accum": cfg.train.grad_accum, "precision": "bf16" if bf16 else "fp32",
         "zero": cfg.train.zero_stage,
-        "activation_checkpointing": cfg.parallel.activation_checkpointing,
+        "activation_checkpointing": cfg.parallel.activation_checkpointing, "compile": cfg.parallel.compile,
         "attention": attention.backend_for(q),
         "device": torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)",
-        "step_s": step, "step_s_min": min(times), "samples_per_s": samples_per_s,
+        "step_s": step, "step_s_min": min(times), "first_step_s": first_step, "samples_per_s": samples_per_s,
         "tokens_per_s": samples_per_s * cost.tokens, "tflops": tflops, "mfu": tflops / peak if peak else None,
         "peak_mem_gib": mem, "final_loss": losses[-1], "steps": args.steps,
         "finite": all(x == x and abs(x) != float("inf") for x in losses),
@@ -121,17 +127,19 @@ def measure(preset: str, args: argparse.Namespace) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| preset | params (M) | batch | precision | ZeRO | attention | step (median) | samples/s | "
-            "TFLOP/s | MFU | peak memory |")
-    lines = [head, "| --- | ---: | ---: | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    head = ("| preset | params (M) | batch | precision | ZeRO | attention | step (median) | first step | "
+            "samples/s | TFLOP/s | MFU | peak memory |")
+    lines = [head, "| --- | ---: | ---: | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['preset']} | failed: {r['error']} |")
             continue
         mfu = f"{100 * r['mfu']:.1f} %" if r["mfu"] is not None else "-"
+        attention = r["attention"] + (", compiled" if r.get("compile") else "")
         lines.append(f"| {r['preset']} | {r['params_m']} | {r['batch']}x{r['grad_accum']} | "
-                     f"{r['precision']} | {r['zero']} | {r['attention']} | {1000 * r['step_s']:.1f} ms | "
-                     f"{r['samples_per_s']:.1f} | {r['tflops']:.3f} | {mfu} | {r['peak_mem_gib']:.2f} GiB |")
+                     f"{r['precision']} | {r['zero']} | {attention} | {1000 * r['step_s']:.1f} ms | "
+                     f"{r['first_step_s']:.1f} s | {r['samples_per_s']:.1f} | {r['tflops']:.3f} | {mfu} | "
+                     f"{r['peak_mem_gib']:.2f} GiB |")
     return "\n".join(lines)
 
 
@@ -144,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--zero", type=int, default=1)
     p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--compile", action="store_true", help="parallel.compile=true: torch.compile per block")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
@@ -161,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         env["CUDA_VISIBLE_DEVICES"] = ""
     child = ["--config", args.config, "--batch", str(args.batch), "--precision", args.precision,
              "--zero", str(args.zero), "--warmup", str(args.warmup), "--steps", str(args.steps),
-             *(["--activation-checkpointing"] if args.activation_checkpointing else []), *args.overrides]
+             *(["--activation-checkpointing"] if args.activation_checkpointing else []),
+             *(["--compile"] if args.compile else []), *args.overrides]
     rows = []
     for preset in args.presets.split(","):
         proc = subprocess.run([sys.executable, __file__, "--one", preset, *child], env=env,

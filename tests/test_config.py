@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -150,3 +151,32 @@ def test_world_size_checks():
     # Under tensor parallelism the data-parallel size is world / tensor.
     validate_world(load_config(None, ["data.global_batch_size=8", "data.batch_size=4", "parallel.tensor=3",
                                       "model.decoder_heads=3", "model.decoder_dim=96"]), 6)
+
+
+def test_profile_section_names_unknown_keys_and_checks_its_values():
+    cfg = load_config(None, ["train.profile.start_step=2", "train.profile.steps=2",
+                             "train.profile.ranks=[0, 1]", "train.profile.memory=true"])
+    p = cfg.train.profile
+    assert (p.start_step, p.steps, p.ranks, p.memory, p.record_shapes) == (2, 2, [0, 1], True, False)
+    assert load_config(None, []).train.profile.start_step == 0  # off by default
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["train.profile.start=2"])
+    msg = str(e.value)
+    assert "unknown config key 'train.profile.start'" in msg and "Did you mean 'start_step'" in msg
+    assert "Valid keys in 'train.profile': memory, ranks, record_shapes, start_step, steps" in msg
+    for override, fragment in [("train.profile.steps=0", "train.profile.steps: must be >= 1"),
+                               ("train.profile.start_step=500", "train.profile.start_step: 500 must be in"),
+                               ("train.profile.ranks=[]", "train.profile.ranks"),
+                               ("train.profile.ranks=0", "train.profile.ranks: expected a list")]:
+        with pytest.raises(ConfigError, match=re.escape(fragment)):
+            load_config(None, [override])
+    with pytest.raises(ConfigError, match=r"train.profile.ranks: \[0, 2\]: every rank must be below"):
+        validate_world(load_config(None, ["train.profile.start_step=1", "train.profile.ranks=[0, 2]"]), 2)
+    validate_world(load_config(None, ["train.profile.ranks=[0, 2]"]), 2)  # off: the ranks do not matter
+
+
+def test_compile_is_off_by_default_and_a_bool():
+    assert load_config(None, []).parallel.compile is False
+    assert load_config(None, ["parallel.compile=true"]).parallel.compile is True
+    with pytest.raises(ConfigError, match="parallel.compile: expected true or false"):
+        load_config(None, ["parallel.compile=yes please"])

@@ -185,6 +185,17 @@ class OptimConfig:
 
 
 @dataclass
+class ProfileConfig:
+    """A torch.profiler window over a few optimizer steps; traces to <run>/profile/ (one per rank)."""
+
+    start_step: int = 0  # the first recorded step (1-based, as in metrics.jsonl); 0: off
+    steps: int = 3  # steps recorded from start_step on
+    ranks: list[int] = field(default_factory=lambda: [0])  # global ranks that profile
+    record_shapes: bool = False  # input shapes per op (key averages grouped by shape cost more)
+    memory: bool = False  # allocations and frees per op (profile_memory)
+
+
+@dataclass
 class TrainConfig:
     steps: int = 100  # optimizer steps (the schedule spans these)
     stop_at: int = 0  # leave after this step with a checkpoint (time-sliced jobs); 0: run to `steps`
@@ -208,12 +219,16 @@ class TrainConfig:
     # typed config above (DEEPSPEED_OWNED) are refused. Overrides reach nested keys:
     # train.deepspeed.zero_optimization.overlap_comm=true
     deepspeed: dict[str, Any] = field(default_factory=dict)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
 
 @dataclass
 class ParallelConfig:
     tensor: int = 1  # megatron-core tensor parallel degree (divides heads, MLP width and world size)
     activation_checkpointing: bool = False  # recompute each transformer block in the backward pass
+    # torch.compile each encoder and decoder block in place (after TP and activation checkpointing);
+    # state-dict names, checkpoints and exports are unchanged. The first steps pay the compile time.
+    compile: bool = False
     # Peak dense bf16 TFLOP/s of one device, for MFU; 0 = look the device name up (H100, H200, A100).
     peak_tflops: float = 0.0
 
@@ -522,6 +537,11 @@ def validate(cfg: Config) -> None:
            f"{cfg.data.min_clip_s} must be >= 0 and below data.max_clip_s ({cfg.data.max_clip_s})")
     _check(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
     check_deepspeed_extra(t.deepspeed)
+    pr = t.profile
+    _check(0 <= pr.start_step <= t.steps, "train.profile.start_step",
+           f"{pr.start_step} must be in [0, train.steps={t.steps}] (0: off)")
+    _check(pr.steps >= 1, "train.profile.steps", "must be >= 1")
+    _check(bool(pr.ranks) and min(pr.ranks) >= 0, "train.profile.ranks", "one or more ranks, each >= 0")
     e = cfg.eval
     _check(e.every >= 0, "eval.every", "must be >= 0 (0: off)")
     _check(e.clips >= 4 and e.batch_size >= 1 and e.pictures >= 0, "eval",
@@ -549,6 +569,10 @@ def validate_world(cfg: Config, world_size: int) -> None:
     """Checks that need the number of processes (WORLD_SIZE, known before the process group starts)."""
     tp = cfg.parallel.tensor
     _check(world_size % tp == 0, "parallel.tensor", f"{tp} must divide the world size ({world_size})")
+    if cfg.train.profile.start_step:
+        ranks = cfg.train.profile.ranks
+        _check(max(ranks) < world_size, "train.profile.ranks",
+               f"{ranks}: every rank must be below the world size ({world_size})")
     gb, accum, micro = cfg.data.global_batch_size, cfg.train.grad_accum, cfg.data.batch_size
     if gb:
         dp = world_size // tp

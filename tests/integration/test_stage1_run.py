@@ -74,6 +74,9 @@ def test_two_process_run_learns_and_leaves_its_artefacts(uninterrupted):
         assert 0 <= r["data_wait_s"] <= r["step_time_s"], r
         assert r["data_wait_frac"] == pytest.approx(r["data_wait_s"] / r["step_time_s"])
     assert max(r["data_wait_s"] for r in records) > 0
+    # Peak memory, the fullest rank's: on CPU the peak resident size of a rank's process, which never falls.
+    peaks = [r["mem_peak_gib"] for r in records]
+    assert 0.1 < peaks[0] < 16 and peaks == sorted(peaks) and "mem_reserved_gib" not in record
     # train.deepspeed reached DeepSpeed (logged once, merged) and is saved with the checkpoint's config.
     out = output(proc)
     logged = [line for line in out.splitlines() if "DeepSpeed config: " in line]
@@ -114,7 +117,8 @@ def test_unknown_key_fails_before_start(corpus, tmp_path):
 
 
 def test_two_nodes_over_torchrun_rendezvous(corpus, tmp_path):
-    """Two 'nodes' on this machine: two torchrun agents, --nnodes 2, meeting over loopback."""
+    """Two 'nodes' on this machine: two torchrun agents, --nnodes 2, meeting over loopback; both ranks
+    profile steps 2-3 (train.profile)."""
     port, run_dir = free_port(), tmp_path / "two-nodes"
     env = run_env()
     agents = [
@@ -123,6 +127,7 @@ def test_two_nodes_over_torchrun_rendezvous(corpus, tmp_path):
              "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
              "launchers/stage1.py", "--config", "configs/stage1/tiny.yaml", *SMALL, *OVERRIDES,
              "train.steps=4", "parallel.peak_tflops=0.5", f"data.shards={corpus}",
+             "train.profile.start_step=2", "train.profile.steps=2", "train.profile.ranks=[0, 1]",
              f"train.out_dir={tmp_path}",
              f"train.run_name={run_dir.name}"],
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -134,3 +139,12 @@ def test_two_nodes_over_torchrun_rendezvous(corpus, tmp_path):
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert records[-1]["samples_per_s"] > 0 and 0 < records[-1]["mfu"] < 1
     assert "world 2 (TP 1 x DP 2)" in outputs[0]
+    # One Chrome trace per rank holding steps 2 and 3 only (ProfilerStep#N is step N on a fresh run),
+    # the model's ops in them; rank 0 logs the top ops by self time.
+    for rank in (0, 1):
+        (trace,) = (run_dir / "profile").glob(f"rank{rank}.*.pt.trace.json")
+        names = {e.get("name") for e in json.loads(trace.read_text())["traceEvents"]}
+        steps = sorted(n for n in names if n.startswith("ProfilerStep#"))
+        assert steps == ["ProfilerStep#2", "ProfilerStep#3"], (rank, steps)
+        assert {"aten::linear", "aten::scaled_dot_product_attention"} <= names
+    assert "profile of steps 2-3" in outputs[0] and "Self CPU" in outputs[0]

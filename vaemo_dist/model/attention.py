@@ -47,8 +47,9 @@ def segment_bounds(segments: Sequence[int], batch: int, device: torch.device) ->
 
 def block_diagonal_mask(segments: Sequence[int], device: torch.device) -> torch.Tensor:
     """[L, L] bool, True where query and key are in the same segment (SDPA's allowed positions)."""
-    ids = torch.repeat_interleave(torch.arange(len(segments), device=device),
-                                  torch.tensor(list(segments), device=device))
+    # Built from Python ints (not repeat_interleave of a tensor of lengths), so torch.compile traces it
+    # without a graph break.
+    ids = torch.cat([torch.full((n,), i, device=device) for i, n in enumerate(segments)])
     return ids[:, None] == ids[None, :]
 
 
@@ -56,13 +57,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               segments: Sequence[int] | None = None) -> torch.Tensor:
     """Softmax attention. q, k, v: [B, heads, L, head_dim] -> [B, heads, L, head_dim]."""
     backend = backend_for(q)
-    _announce(backend)
+    if not torch.compiler.is_compiling():  # a logging call would split a compiled block's graph in two
+        _announce(backend)
     if backend == "flash":
         return _flash_attention(q, k, v, segments)
     mask = None if segments is None or len(segments) == 1 else block_diagonal_mask(segments, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+# Eager inside compiled blocks (parallel.compile), one graph break per block: flash-attn before 2.7 has
+# no torch custom ops for dynamo to trace, and the varlen call's cu_seqlens are built from the Python
+# segment lengths and the batch size. Not yet run compiled on a GPU.
+@torch.compiler.disable
 def _flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      segments: Sequence[int] | None) -> torch.Tensor:
     dense, varlen = _flash()

@@ -4,6 +4,9 @@
    ColumnParallelLinear, attention-out and MLP-out become RowParallelLinear. Each rank keeps its
    heads and its slice of the MLP; one all-reduce after attention and one after the MLP.
 2. activation checkpointing: each block is recomputed in the backward pass.
+3. torch.compile: each encoder and decoder block (with its checkpoint wrapper, if any) is compiled in
+   place with `nn.Module.compile()`, so parameter and state-dict names stay those of the eager model.
+   Last, so that the compiled code is that of the final (sharded, checkpointed) block.
 
 Data parallelism and ZeRO come from DeepSpeed (train/trainer.py), over the data-parallel group.
 The model code itself knows nothing of either.
@@ -27,6 +30,8 @@ def parallelize(model: nn.Module, parallel: ParallelConfig) -> nn.Module:
         apply_tensor_parallel(model, parallel.tensor)
     if parallel.activation_checkpointing:
         apply_activation_checkpointing(model)
+    if parallel.compile:
+        apply_compile(model)
     return model
 
 
@@ -113,3 +118,24 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
 
     # Non-reentrant checkpointing; the wrapper keeps state-dict names unchanged.
     wrap(model, check_fn=lambda m: isinstance(m, Block))
+
+
+def apply_compile(model: nn.Module) -> None:
+    """torch.compile every transformer block in place (`nn.Module.compile`: the module keeps its
+    parameters and names; its calls go through the compiled forward). A checkpoint-wrapped block is
+    compiled with its wrapper, so the recomputation is part of the compiled graph."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+    def is_block(m: nn.Module) -> bool:
+        return isinstance(m, Block) or (isinstance(m, CheckpointWrapper)
+                                        and isinstance(m._checkpoint_wrapped_module, Block))
+
+    # The outermost module at each block position: a wrapped Block is compiled once, through its wrapper.
+    blocks = [child for parent in model.modules() if not is_block(parent)
+              for child in parent.children() if is_block(child)]
+    from vaemo_dist.model.attention import _flash
+
+    _flash()  # resolve (and cache) the flash-attn import now, eagerly, not inside the first traced call
+    for block in blocks:
+        block.compile()
+    log.info("torch.compile: %d transformer blocks, compiled on first use", len(blocks))

@@ -1,19 +1,27 @@
-"""Metrics out of the loop: a JSONL file, wandb, and a rank-0 progress bar."""
+"""Metrics out of the loop: a JSONL file, wandb, a rank-0 progress bar, peak memory, a profiler window."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import resource
+import sys
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
+from vaemo_dist.config import ProfileConfig
+
 log = logging.getLogger(__name__)
+
+GIB = float(2**30)
 
 
 class MetricsLogger:
@@ -87,3 +95,50 @@ def _start_wandb(run_dir: Path, mode: str, project: str, entity: str, name: str,
     os.environ.setdefault("WANDB_SILENT", "true")
     return wandb.init(project=project, entity=entity or None, name=name or None, id=run_id,
                       resume="allow", mode=mode, dir=str(run_dir), config=config)
+
+
+def memory_stats(device: torch.device) -> dict[str, float]:
+    """Peak memory in GiB. CUDA: the caching allocator's peak allocated (`mem_peak_gib`) and reserved
+    (`mem_reserved_gib`) bytes since the previous call, whose peaks this call resets. Elsewhere: the
+    process's peak resident set size (whole process, DataLoader workers not included; it never goes down)."""
+    if device.type == "cuda":
+        stats = {"mem_peak_gib": torch.cuda.max_memory_allocated(device) / GIB,
+                 "mem_reserved_gib": torch.cuda.max_memory_reserved(device) / GIB}
+        torch.cuda.reset_peak_memory_stats(device)
+        return stats
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return {"mem_peak_gib": peak * (1 if sys.platform == "darwin" else 1024) / GIB}
+
+
+def profile_window(cfg: ProfileConfig, rank: int, run_dir: Path, device: torch.device,
+                   first_step: int) -> contextlib.AbstractContextManager[torch.profiler.profile | None]:
+    """A torch.profiler that records optimizer steps cfg.start_step .. cfg.start_step + cfg.steps - 1
+    (1-based, as in metrics.jsonl) on the ranks in cfg.ranks and writes one Chrome/TensorBoard trace
+    per rank to <run>/profile/; elsewhere (off, another rank, a window already past at resume) a
+    nullcontext, which costs nothing. `first_step`: the step the loop starts after (0, or the resumed step).
+
+    The loop calls `prof.step()` at the start of every step, so the profiler's step n is the trainer's
+    step first_step + n (ProfilerStep#n in the trace; the same numbers on a fresh run)."""
+    if not cfg.start_step or rank not in cfg.ranks or cfg.start_step <= first_step:
+        return contextlib.nullcontext()
+    from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
+
+    out = run_dir / "profile"
+    write = tensorboard_trace_handler(str(out), worker_name=f"rank{rank}")
+    cuda = device.type == "cuda"
+    last = cfg.start_step + cfg.steps - 1
+
+    def ready(prof: profile) -> None:
+        write(prof)
+        if rank == 0:
+            table = prof.key_averages().table(
+                sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=15)
+            log.info("profile of steps %d-%d (traces in %s), top ops by self time:\n%s",
+                     cfg.start_step, last, out, table)
+
+    # One warm-up step before the window (the profiler's start-up cost stays out of the record).
+    first = cfg.start_step - first_step  # the profiler's step of the first recorded step, >= 1
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    return profile(activities=activities, schedule=schedule(wait=first - 1, warmup=1, active=cfg.steps,
+                                                            repeat=1),
+                   on_trace_ready=ready, record_shapes=cfg.record_shapes, profile_memory=cfg.memory)

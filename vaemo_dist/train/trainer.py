@@ -25,7 +25,7 @@ from vaemo_dist.dist import DistInfo, MegatronMpu, reduce_over_ranks
 from vaemo_dist.model.flops import peak_tflops
 from vaemo_dist.secrets import redact_config
 from vaemo_dist.train.checkpoint import load_checkpoint, resolve, save_checkpoint
-from vaemo_dist.train.metrics import MetricsLogger
+from vaemo_dist.train.metrics import MetricsLogger, memory_stats, profile_window
 from vaemo_dist.train.schedule import build_optimizer, warmup_cosine
 from vaemo_dist.watchdog import PeerWatch
 
@@ -122,6 +122,10 @@ class Trainer:
                      "from step %d to %d", t.run_name, sum(p.numel() for p in self.model.parameters()),
                      d.world_size, d.tp_size, d.dp_size, d.device, "bf16" if bf16 else "fp32",
                      t.zero_stage, step, t.steps)
+            if cfg.parallel.compile and t.zero_stage == 3:
+                log.warning("parallel.compile under ZeRO-3: DeepSpeed's parameter hooks break each compiled "
+                            "block into per-layer pieces; expect the compile time and no speed-up "
+                            "(docs/scaling.md)")
         evaluator = None
         if cfg.eval.every:
             from vaemo_dist.eval.online import OnlineEvaluator, log_pictures
@@ -131,85 +135,90 @@ class Trainer:
         start_time = time.perf_counter()
         stop = t.stop_at or t.steps
         in_a_row = 0
-        while step < stop:
-            t0 = time.perf_counter()
-            faults.at_step_start(step + 1, d.rank)
-            if self.watch is not None:
-                self.watch.step = step + 1
-            sums: dict[str, float] = {}
-            data_wait = 0.0  # seconds this rank waited for its batches in this step
-            optimizer.skipped_last = False
-            for _ in range(t.grad_accum):
-                t_wait = time.perf_counter()
-                batch = next(batches)
-                data_wait += time.perf_counter() - t_wait
-                data_state.update(batch)
-                loss, m = self.compute_loss(engine, batch.to(d.device, dtype))
-                injected = faults.poison_loss(loss, step + 1, d.rank)
-                if injected is not loss:
-                    loss, m = injected, {**m, "loss": float(injected.detach())}
-                engine.backward(loss)
-                engine.step()
-                for k, v in m.items():
-                    sums[k] = sums.get(k, 0.0) + v / t.grad_accum
-            step += 1
-            # A non-finite loss or gradient never reaches the weights: DeepSpeed's own overflow check
-            # or SkipNonFiniteAdamW skipped the update on every rank alike.
-            if engine.was_step_applied() and not optimizer.skipped_last:
-                in_a_row = 0
-            else:
-                nonfinite, in_a_row = nonfinite + 1, in_a_row + 1
-                log.warning("step %d skipped: non-finite loss or gradient (%d in a row, %d in all); loss %s; "
-                            "keys %s", step, in_a_row, nonfinite, m.get("loss"), batch.keys[:4])
-                if in_a_row >= t.max_nonfinite_steps:
-                    raise TrainingError(
-                        f"{in_a_row} steps in a row (up to step {step}) had a non-finite loss or gradient "
-                        f"(train.max_nonfinite_steps={t.max_nonfinite_steps}); the weights are those of step "
-                        f"{step - in_a_row}. Lower optim.lr, check the data, or resume from an earlier "
-                        "checkpoint.")
-            step_time = time.perf_counter() - t0
-            train_flops = step * samples_per_step * self.flops_per_sample  # cumulative, for logs and evals
-            self._check_skips(data_state)
+        # The profiler window (train.profile; off: a nullcontext) counts steps through prof.step().
+        with profile_window(t.profile, d.rank, self.run_dir, d.device, step) as prof:
+            while step < stop:
+                if prof is not None:
+                    prof.step()  # the profiler's step n: this process's step n (the trainer's on a fresh run)
+                t0 = time.perf_counter()
+                faults.at_step_start(step + 1, d.rank)
+                if self.watch is not None:
+                    self.watch.step = step + 1
+                sums: dict[str, float] = {}
+                data_wait = 0.0  # seconds this rank waited for its batches in this step
+                optimizer.skipped_last = False
+                for _ in range(t.grad_accum):
+                    t_wait = time.perf_counter()
+                    batch = next(batches)
+                    data_wait += time.perf_counter() - t_wait
+                    data_state.update(batch)
+                    loss, m = self.compute_loss(engine, batch.to(d.device, dtype))
+                    injected = faults.poison_loss(loss, step + 1, d.rank)
+                    if injected is not loss:
+                        loss, m = injected, {**m, "loss": float(injected.detach())}
+                    engine.backward(loss)
+                    engine.step()
+                    for k, v in m.items():
+                        sums[k] = sums.get(k, 0.0) + v / t.grad_accum
+                step += 1
+                # A non-finite loss or gradient never reaches the weights: DeepSpeed's own overflow check
+                # or SkipNonFiniteAdamW skipped the update on every rank alike.
+                if engine.was_step_applied() and not optimizer.skipped_last:
+                    in_a_row = 0
+                else:
+                    nonfinite, in_a_row = nonfinite + 1, in_a_row + 1
+                    log.warning("step %d skipped: non-finite loss or gradient (%d in a row, %d in all); "
+                                "loss %s; keys %s", step, in_a_row, nonfinite, m.get("loss"), batch.keys[:4])
+                    if in_a_row >= t.max_nonfinite_steps:
+                        raise TrainingError(
+                            f"{in_a_row} steps in a row (up to step {step}) had a non-finite loss or "
+                            f"gradient (train.max_nonfinite_steps={t.max_nonfinite_steps}); the weights are "
+                            f"those of step {step - in_a_row}. Lower optim.lr, check the data, or resume "
+                            "from an earlier checkpoint.")
+                step_time = time.perf_counter() - t0
+                train_flops = step * samples_per_step * self.flops_per_sample  # cumulative: logs, evals
+                self._check_skips(data_state)
 
-            if step % t.log_every == 0 or step == t.steps:
-                # Skip counts, in all and per kind (decode/no_audio -> skipped/no_audio); every rank
-                # has the same keys, so they ride in the same collective and add up over DP ranks.
-                skips = data_state.totals()
-                counts = {"skipped_decode": skips["decode"], "skipped_shards": skips["shard"]}
-                counts.update({"skipped/" + k[len("decode/"):]: v for k, v in skips.items()
-                               if k.startswith("decode/")})
-                times = {"step_time_s": step_time, "data_wait_s": data_wait}  # the slowest rank's: it gates
-                last = reduce_over_ranks({**sums, **counts, **times}, d.device, d.dp_group,
-                                         sums=counts, maxes=times)  # the rest: means over DP ranks
-                for k in counts:
-                    last[k] = round(last[k])
-                last["data_wait_frac"] = last["data_wait_s"] / last["step_time_s"]
-                samples_per_s = samples_per_step / last["step_time_s"]
-                last.update(lr=scheduler.get_last_lr()[0], samples_per_s=samples_per_s,
-                            tokens_per_s=samples_per_s * self.tokens_per_sample,
-                            grad_norm=float(engine.get_global_grad_norm() or 0.0),
-                            samples_seen=step * samples_per_step, train_flops=train_flops,
-                            nonfinite_steps=nonfinite, optimizer_steps=applied_updates(optimizer),
-                            elapsed_s=time.perf_counter() - start_time)
-                if self.flops_per_sample:
-                    tflops = self.flops_per_sample * samples_per_s / d.world_size / 1e12
-                    last["tflops_per_device"] = tflops
-                    if peak:
-                        last["mfu"] = tflops / peak
-                metrics.log(step, last)
-            # On every rank, so that tensor-parallel collectives inside the model stay matched.
-            if evaluator is not None and evaluator.due(step):
-                figures, pictures = evaluator.run(engine.module, step, train_flops=train_flops)
-                metrics.log(step, figures)
-                log_pictures(metrics.wandb, pictures, step)
-            metrics.advance(1, {"loss": f"{last.get('loss', float('nan')):.4f}",
-                                "samples/s": f"{samples_per_step / step_time:.1f}",
-                                "data": f"{last.get('data_wait_frac', float('nan')):.0%}"})
+                if step % t.log_every == 0 or step == t.steps:
+                    # Skip counts, in all and per kind (decode/no_audio -> skipped/no_audio); every rank
+                    # has the same keys, so they ride in the same collective and add up over DP ranks.
+                    skips = data_state.totals()
+                    counts = {"skipped_decode": skips["decode"], "skipped_shards": skips["shard"]}
+                    counts.update({"skipped/" + k[len("decode/"):]: v
+                                   for k, v in skips.items() if k.startswith("decode/")})
+                    # Maxima: the slowest rank's times (it gates the step), the fullest rank's memory.
+                    maxes = {"step_time_s": step_time, "data_wait_s": data_wait, **memory_stats(d.device)}
+                    last = reduce_over_ranks({**sums, **counts, **maxes}, d.device, d.dp_group,
+                                             sums=counts, maxes=maxes)  # the rest: means over DP ranks
+                    for k in counts:
+                        last[k] = round(last[k])
+                    last["data_wait_frac"] = last["data_wait_s"] / last["step_time_s"]
+                    samples_per_s = samples_per_step / last["step_time_s"]
+                    last.update(lr=scheduler.get_last_lr()[0], samples_per_s=samples_per_s,
+                                tokens_per_s=samples_per_s * self.tokens_per_sample,
+                                grad_norm=float(engine.get_global_grad_norm() or 0.0),
+                                samples_seen=step * samples_per_step, train_flops=train_flops,
+                                nonfinite_steps=nonfinite, optimizer_steps=applied_updates(optimizer),
+                                elapsed_s=time.perf_counter() - start_time)
+                    if self.flops_per_sample:
+                        tflops = self.flops_per_sample * samples_per_s / d.world_size / 1e12
+                        last["tflops_per_device"] = tflops
+                        if peak:
+                            last["mfu"] = tflops / peak
+                    metrics.log(step, last)
+                # On every rank, so that tensor-parallel collectives inside the model stay matched.
+                if evaluator is not None and evaluator.due(step):
+                    figures, pictures = evaluator.run(engine.module, step, train_flops=train_flops)
+                    metrics.log(step, figures)
+                    log_pictures(metrics.wandb, pictures, step)
+                metrics.advance(1, {"loss": f"{last.get('loss', float('nan')):.4f}",
+                                    "samples/s": f"{samples_per_step / step_time:.1f}",
+                                    "data": f"{last.get('data_wait_frac', float('nan')):.0%}"})
 
-            if step % t.ckpt_every == 0 or step == stop:
-                save_checkpoint(engine, self.ckpt_root, step, d.rank,
-                                {"data": data_state.to_dict(), "nonfinite_steps": nonfinite},
-                                public_config, t.keep_last)
+                if step % t.ckpt_every == 0 or step == stop:
+                    save_checkpoint(engine, self.ckpt_root, step, d.rank,
+                                    {"data": data_state.to_dict(), "nonfinite_steps": nonfinite},
+                                    public_config, t.keep_last)
         metrics.close()
         return last
 
