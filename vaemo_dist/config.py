@@ -255,6 +255,11 @@ class EvalConfig:
     batch_size: int = 16
     pictures: int = 4  # clips shown in the reconstruction PNG; 0: no pictures
     probe_l2: float = 1e-2  # ridge penalty of the closed-form linear probe
+    # Stage 2 (a model with a text head): zero-shot classification of the held-out clips against
+    # class prompts. Names of the held-out labels 0, 1, ...; empty: the synthetic corpus's own names,
+    # known when the held-out set has data.synth's classes (eval.classes 0 or equal).
+    zero_shot: bool = True
+    class_names: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -232,3 +232,47 @@ def test_log_pictures_sends_images_to_wandb(setup, tmp_path):
     assert len(calls) == 1 and calls[0][1] == 30 and len(calls[0][0]["eval/reconstruction"]) == 1
     log_pictures(None, [png], 30)  # rank != 0 or wandb disabled: nothing to do
     assert Path(png).is_file()
+
+
+def test_stage2_models_get_zero_shot_figures_that_match_an_independent_computation(setup):
+    """Zero-shot UAR/WAR as the evaluator reports them, recomputed here from the text encoder, the
+    model's head and joint embeddings, with scikit-learn's balanced accuracy as the UAR."""
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score
+
+    from vaemo_dist.config import Stage2Config
+    from vaemo_dist.data.synth import class_name
+    from vaemo_dist.eval.online import ZERO_SHOT_NAMES
+    from vaemo_dist.objectives.stage2 import Stage2Model
+    from vaemo_dist.text.encode import embed_texts, load_text_encoder
+    from vaemo_dist.text.synthetic import class_prompts
+
+    cfg, evaluator, model, _ = setup
+    torch.manual_seed(1)
+    stage2 = Stage2Model(copy.deepcopy(model), 384, Stage2Config(), cfg.loss).eval()
+    figures, _ = evaluator.run(SimpleNamespace(module=stage2), 5)  # as the trainer passes a DeepSpeed engine
+    assert set(ZERO_SHOT_NAMES) <= figures.keys()
+
+    names = [class_name(c) for c in range(cfg.data.synth.classes)]
+    prompts = [class_prompts(n) for n in names]
+    per_class = min(len(p) for p in prompts)
+    frozen = embed_texts([w for p in prompts for w in p[:per_class]], load_text_encoder())
+    class_emb = F.normalize(stage2.embed_text(frozen).reshape(len(names), per_class, -1).mean(dim=1), dim=-1)
+    with torch.no_grad():
+        joint = stage2.vaemo.encode(evaluator.video, evaluator.audio).joint_emb
+    pred = (joint @ class_emb.T).argmax(dim=1).numpy()
+    labels = evaluator.labels.numpy()
+    assert figures["eval/zero_shot_uar"] == pytest.approx(balanced_accuracy_score(labels, pred), abs=1e-9)
+    assert figures["eval/zero_shot_war"] == pytest.approx(accuracy_score(labels, pred), abs=1e-9)
+
+    figures1, _ = evaluator.run(stage2.vaemo, 5)  # a stage-1 model has no text head: no zero-shot keys
+    assert not set(ZERO_SHOT_NAMES) & figures1.keys()
+
+
+def test_zero_shot_needs_the_names_of_the_heldout_labels(setup):
+    from vaemo_dist.eval.online import heldout_class_names
+
+    cfg, _, _, _ = setup
+    assert heldout_class_names(cfg) == ["neutral", "happy", "sad", "angry"]
+    assert heldout_class_names(load_config(None, [*TINY, "eval.classes=32"])) is None  # label k moves
+    named = load_config(None, [*TINY, "eval.shards=/some/val", "eval.class_names=[calm,tense]"])
+    assert heldout_class_names(named) == ["calm", "tense"]

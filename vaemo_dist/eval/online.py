@@ -12,6 +12,11 @@
   loss.video_weight * rec_video + loss.audio_weight * rec_audio): the training forward and the
   stage-1 masked MSE, with masks drawn from a dedicated generator seeded identically at every
   evaluation, so the figures compare across steps and the training RNG stream is not touched.
+* Zero-shot (stage 2, a model with a text head: `eval/zero_shot_uar`, `eval/zero_shot_war`, and
+  `eval/zero_shot_uar_audio` / `_video` for path 2): each held-out clip's joint (audio, visual)
+  embedding against the class prompts of `vaemo_dist.text.synthetic.class_prompts`, embedded once by
+  the frozen text encoder and projected by the current text head at each evaluation. Needs the
+  names of the held-out labels (`eval.class_names`, or the synthetic corpus's own); skipped otherwise.
 * Pictures: on the main rank, a PNG of input / masked / reconstruction of the first
   `eval.pictures` clips (`vaemo_dist/eval/pictures.py`) under `<run>/pictures/`.
 
@@ -41,6 +46,8 @@ log = logging.getLogger(__name__)
 
 METRIC_NAMES = ("eval/probe_uar", "eval/probe_war", "eval/r1_v2a", "eval/r1_a2v", "eval/rec_loss",
                 "eval/rec_video", "eval/rec_audio")
+ZERO_SHOT_NAMES = ("eval/zero_shot_uar", "eval/zero_shot_war", "eval/zero_shot_uar_audio",
+                   "eval/zero_shot_uar_video")  # stage 2 only
 PICTURES_DIR = "pictures"
 MASK_SEED = 0x5EED  # offset of the validation masks' seed from train.seed
 
@@ -70,6 +77,20 @@ def prepare_online_eval(cfg: Config, progress: bool = False) -> None:
 
     heldout_corpus(cfg, heldout_dir(cfg), seed=heldout_seed(cfg), clips=cfg.eval.clips,
                    classes=cfg.eval.classes, progress=progress)
+
+
+def heldout_class_names(cfg: Config) -> list[str] | None:
+    """Names of the held-out labels 0, 1, ... for zero-shot prompts: `eval.class_names`, else the
+    synthetic corpus's own names when the held-out corpus has the training corpus's classes (with
+    another count, label k sits elsewhere on the generator's cue scale, so the names do not carry
+    over); None when unknown."""
+    if cfg.eval.class_names:
+        return list(cfg.eval.class_names)
+    if cfg.eval.shards == "synthetic" and cfg.eval.classes in (0, cfg.data.synth.classes):
+        from vaemo_dist.data.synth import class_name
+
+        return [class_name(c) for c in range(cfg.data.synth.classes)]
+    return None
 
 
 def load_online_heldout(cfg: Config) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -183,6 +204,9 @@ class OnlineEvaluator:
         self.cfg, self.device, self.dtype, self.is_main = cfg, torch.device(device), dtype, is_main
         self.pictures_dir = Path(run_dir) / PICTURES_DIR
         self.mask_seed = cfg.train.seed + MASK_SEED
+        self.class_names = heldout_class_names(cfg)
+        self._class_text: torch.Tensor | None = None  # zero-shot prompts, embedded on first need
+        self._said_no_names = False
         start = time.perf_counter()
         self.keys, self.labels, self.video, self.audio = load_online_heldout(cfg)
         if len(self.keys) < 2:
@@ -218,8 +242,9 @@ class OnlineEvaluator:
         vaemo.eval()
         try:
             with torch.no_grad(), torch.random.fork_rng(devices=cuda):
-                features, video_emb, audio_emb = self._embed(vaemo)
+                features, video_emb, audio_emb, joint_emb = self._embed(vaemo)
                 rec_video, rec_audio, shown = self._reconstruct(vaemo)
+                zero_shot = self._zero_shot(model, joint_emb, audio_emb, video_emb)
         finally:
             for m, mode in modes:  # per module: a stage-2 model may keep frozen parts in eval mode
                 m.training = mode
@@ -234,6 +259,7 @@ class OnlineEvaluator:
             "eval/rec_loss": w.video_weight * rec_video + w.audio_weight * rec_audio,
             "eval/rec_video": rec_video,
             "eval/rec_audio": rec_audio,
+            **zero_shot,
         }
         paths: list[Path] = []
         if shown is not None:
@@ -257,14 +283,55 @@ class OnlineEvaluator:
             yield (self.video[i : i + bs].to(self.device, self.dtype),
                    self.audio[i : i + bs].to(self.device, self.dtype))
 
-    def _embed(self, vaemo: VAEmoModel) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        feats, v_emb, a_emb = [], [], []
+    def _embed(self, vaemo: VAEmoModel) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(probe features, video, audio and joint embeddings) of every held-out clip, on the CPU."""
+        feats, v_emb, a_emb, j_emb = [], [], [], []
         for video, audio in self._batches():
             enc = vaemo.encode(video, audio)
             feats.append(torch.cat([enc.video_pooled, enc.audio_pooled], dim=1).float().cpu())
             v_emb.append(enc.video_emb.float().cpu())
             a_emb.append(enc.audio_emb.float().cpu())
-        return torch.cat(feats), torch.cat(v_emb), torch.cat(a_emb)
+            j_emb.append(enc.joint_emb.float().cpu())
+        return torch.cat(feats), torch.cat(v_emb), torch.cat(a_emb), torch.cat(j_emb)
+
+    def _zero_shot(self, model: torch.nn.Module, joint: torch.Tensor, audio: torch.Tensor,
+                   video: torch.Tensor) -> dict[str, float]:
+        """Zero-shot UAR/WAR of a stage-2 model (one with `text_head` / `embed_text`); {} otherwise."""
+        inner = getattr(model, "module", model)  # a DeepSpeed engine's module
+        head = getattr(inner, "text_head", None)
+        if head is None or not self.cfg.eval.zero_shot:
+            return {}
+        if self.class_names is None:
+            if self.is_main and not self._said_no_names:
+                log.info("zero-shot evaluation skipped: the names of the held-out labels are unknown "
+                         "(set eval.class_names, or eval.classes to data.synth.classes)")
+            self._said_no_names = True
+            return {}
+        from vaemo_dist.text.retrieval import class_embeddings, zero_shot_scores
+
+        if self._class_text is None:  # frozen prompt embeddings [C, P, T], once per run
+            from vaemo_dist.text.encode import embed_texts, load_text_encoder
+            from vaemo_dist.text.synthetic import class_prompts
+
+            prompts = [class_prompts(n) for n in self.class_names]
+            per_class = min(len(p) for p in prompts)
+            encoder = load_text_encoder(self.cfg.stage2.text_encoder)
+            flat = embed_texts([w for p in prompts for w in p[:per_class]], encoder)
+            self._class_text = flat.reshape(len(prompts), per_class, -1)
+        c, p, t = self._class_text.shape
+        param = head.log_logit_scale
+        text = inner.embed_text(self._class_text.reshape(c * p, t).to(param.device, param.dtype))
+        class_emb = class_embeddings(text.float().cpu().reshape(c, p, -1))
+        known = (self.labels >= 0) & (self.labels < c)
+        labels = self.labels[known].numpy()
+        out = {}
+        for suffix, clips in (("", joint), ("_audio", audio), ("_video", video)):
+            pred = zero_shot_scores(clips[known], class_emb).argmax(dim=1).numpy()
+            m = classification_metrics(labels, pred, c)
+            out[f"eval/zero_shot_uar{suffix}"] = float(m["uar"])
+            if not suffix:
+                out["eval/zero_shot_war"] = float(m["war"])
+        return out
 
     def _reconstruct(
         self, vaemo: VAEmoModel
