@@ -65,6 +65,9 @@ def test_two_process_run_learns_and_leaves_its_artefacts(uninterrupted):
     for rank in (0, 1):
         assert (ckpts / "step_00000020" / f"vaemo_rank{rank:05d}.json").exists()
     assert not list(ckpts.glob(".tmp-*"))
+    from PIL import Image
+
+    assert Image.open(run_dir / "curves.png").size[0] > 1000  # drawn by rank 0 at the end
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     record = records[-1]
     assert record["tflops_per_device"] > 0 and record["tokens_per_s"] > 0

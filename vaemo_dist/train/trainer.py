@@ -113,6 +113,7 @@ class Trainer:
         batches: Iterator[Batch] = iter(loader)
         dtype = torch.bfloat16 if bf16 else torch.float32
         samples_per_step = cfg.data.batch_size * t.grad_accum * d.dp_size
+        self._scheduler, self._optimizer, self._peak = scheduler, optimizer, peak  # for _step_record
 
         public_config = redact_config(cfg.to_dict())  # what is written: no URL credentials
         metrics = MetricsLogger(self.run_dir, d.is_main, t.steps, step, public_config, cfg.wandb.mode,
@@ -132,7 +133,7 @@ class Trainer:
 
             evaluator = OnlineEvaluator(cfg, d.device, dtype, self.run_dir, d.is_main)
         last: dict[str, float] = {}
-        start_time = time.perf_counter()
+        self._start_time = time.perf_counter()
         stop = t.stop_at or t.steps
         in_a_row = 0
         # The profiler window (train.profile; off: a nullcontext) counts steps through prof.step().
@@ -180,31 +181,8 @@ class Trainer:
                 self._check_skips(data_state)
 
                 if step % t.log_every == 0 or step == t.steps:
-                    # Skip counts, in all and per kind (decode/no_audio -> skipped/no_audio); every rank
-                    # has the same keys, so they ride in the same collective and add up over DP ranks.
-                    skips = data_state.totals()
-                    counts = {"skipped_decode": skips["decode"], "skipped_shards": skips["shard"]}
-                    counts.update({"skipped/" + k[len("decode/"):]: v
-                                   for k, v in skips.items() if k.startswith("decode/")})
-                    # Maxima: the slowest rank's times (it gates the step), the fullest rank's memory.
-                    maxes = {"step_time_s": step_time, "data_wait_s": data_wait, **memory_stats(d.device)}
-                    last = reduce_over_ranks({**sums, **counts, **maxes}, d.device, d.dp_group,
-                                             sums=counts, maxes=maxes)  # the rest: means over DP ranks
-                    for k in counts:
-                        last[k] = round(last[k])
-                    last["data_wait_frac"] = last["data_wait_s"] / last["step_time_s"]
-                    samples_per_s = samples_per_step / last["step_time_s"]
-                    last.update(lr=scheduler.get_last_lr()[0], samples_per_s=samples_per_s,
-                                tokens_per_s=samples_per_s * self.tokens_per_sample,
-                                grad_norm=float(engine.get_global_grad_norm() or 0.0),
-                                samples_seen=step * samples_per_step, train_flops=train_flops,
-                                nonfinite_steps=nonfinite, optimizer_steps=applied_updates(optimizer),
-                                elapsed_s=time.perf_counter() - start_time)
-                    if self.flops_per_sample:
-                        tflops = self.flops_per_sample * samples_per_s / d.world_size / 1e12
-                        last["tflops_per_device"] = tflops
-                        if peak:
-                            last["mfu"] = tflops / peak
+                    last = self._step_record(engine, step, sums, step_time, data_wait, data_state, nonfinite,
+                                             train_flops)
                     metrics.log(step, last)
                 # On every rank, so that tensor-parallel collectives inside the model stay matched.
                 if evaluator is not None and evaluator.due(step):
@@ -220,7 +198,52 @@ class Trainer:
                                     {"data": data_state.to_dict(), "nonfinite_steps": nonfinite},
                                     public_config, t.keep_last)
         metrics.close()
+        if d.is_main:
+            self._plot_curves()
         return last
+
+    def _step_record(self, engine: Any, step: int, sums: dict[str, float], step_time: float,
+                     data_wait: float, data_state: DataState, nonfinite: int,
+                     train_flops: float) -> dict[str, float]:
+        """The metrics.jsonl record of a logged step: this rank's loss terms averaged over the
+        data-parallel ranks, skip counts summed, times and memory the maximum (one collective)."""
+        cfg, d = self.cfg, self.dist
+        samples_per_step = cfg.data.batch_size * cfg.train.grad_accum * d.dp_size
+        # Skip counts, in all and per kind (decode/no_audio -> skipped/no_audio); every rank has the
+        # same keys, so they ride in the same collective and add up over DP ranks.
+        skips = data_state.totals()
+        counts = {"skipped_decode": skips["decode"], "skipped_shards": skips["shard"]}
+        counts.update({"skipped/" + k[len("decode/"):]: v
+                       for k, v in skips.items() if k.startswith("decode/")})
+        # Maxima: the slowest rank's times (it gates the step), the fullest rank's memory.
+        maxes = {"step_time_s": step_time, "data_wait_s": data_wait, **memory_stats(d.device)}
+        record = reduce_over_ranks({**sums, **counts, **maxes}, d.device, d.dp_group,
+                                   sums=counts, maxes=maxes)  # the rest: means over DP ranks
+        for k in counts:
+            record[k] = round(record[k])
+        record["data_wait_frac"] = record["data_wait_s"] / record["step_time_s"]
+        samples_per_s = samples_per_step / record["step_time_s"]
+        record.update(lr=self._scheduler.get_last_lr()[0], samples_per_s=samples_per_s,
+                      tokens_per_s=samples_per_s * self.tokens_per_sample,
+                      grad_norm=float(engine.get_global_grad_norm() or 0.0),
+                      samples_seen=step * samples_per_step, train_flops=train_flops,
+                      nonfinite_steps=nonfinite, optimizer_steps=applied_updates(self._optimizer),
+                      elapsed_s=time.perf_counter() - self._start_time)
+        if self.flops_per_sample:
+            tflops = self.flops_per_sample * samples_per_s / d.world_size / 1e12
+            record["tflops_per_device"] = tflops
+            if self._peak:
+                record["mfu"] = tflops / self._peak
+        return record
+
+    def _plot_curves(self) -> None:
+        """<run>/curves.png (vaemo-plot) at the end of a run; a plot never fails the run."""
+        from vaemo_dist.train.curves import CURVES_FILE, plot_runs
+
+        try:
+            plot_runs([self.run_dir], self.run_dir / CURVES_FILE)
+        except Exception as e:  # noqa: BLE001 - the run itself is done and saved
+            log.warning("could not draw %s: %s", self.run_dir / CURVES_FILE, e)
 
     def _maybe_resume(self, engine: Any) -> tuple[int, DataState | None, int]:
         """(step, data position, non-finite steps so far) of the checkpoint to resume from, if any."""
