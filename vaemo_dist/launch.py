@@ -35,13 +35,14 @@ def setup_logging(rank: int) -> None:
                         datefmt="%H:%M:%S", force=True)
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    # DeepSpeed's ZeRO code (the ZeRO-1/2 step's all_gather_dp_groups, ZeRO-3's parameter all-gather)
-    # calls torch.distributed.all_gather_into_tensor through deepspeed.comm, an alias torch 2.13
-    # deprecates for all_gather_single: a FutureWarning per rank and call site, which only DeepSpeed can
-    # act on. Only that message is ignored (it is attributed to torch's c10d_logger wrapper, not to
-    # DeepSpeed, so the message is what identifies it); every other warning still shows.
-    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
-                            category=FutureWarning)
+    # DeepSpeed's ZeRO code (the ZeRO-1/2 step's all_gather_dp_groups, ZeRO-3's parameter all-gather
+    # and gradient reduce-scatter) calls torch.distributed.all_gather_into_tensor and
+    # reduce_scatter_tensor through deepspeed.comm, aliases torch 2.13 deprecates: a FutureWarning per
+    # rank and call site, which only DeepSpeed can act on. Only those two messages are ignored (they are
+    # attributed to torch's c10d_logger wrapper, not to DeepSpeed, so the message is what identifies
+    # them); every other warning still shows.
+    deprecated = r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated"
+    warnings.filterwarnings("ignore", message=deprecated, category=FutureWarning)
     install_log_masking()
 
 

@@ -98,6 +98,7 @@ class Trainer:
         bf16 = use_bf16(cfg, d.device)
         optimizer = build_optimizer(self.model, cfg.optim)
         scheduler = warmup_cosine(optimizer, t.steps, cfg.optim)
+        n_params = sum(p.numel() for p in self.model.parameters())  # before ZeRO-3 partitions them
         ds_config = deepspeed_config(cfg, d.dp_size, bf16)
         if d.is_main:  # what DeepSpeed gets, train.deepspeed merged in
             log.info("DeepSpeed config: %s", json.dumps(redact_config(ds_config), sort_keys=True))
@@ -120,7 +121,7 @@ class Trainer:
                                 cfg.wandb.project, cfg.wandb.entity, t.run_name)
         if d.is_main:
             log.info("training %s: %d params per TP rank, world %d (TP %d x DP %d) on %s, %s, ZeRO-%d, "
-                     "from step %d to %d", t.run_name, sum(p.numel() for p in self.model.parameters()),
+                     "from step %d to %d", t.run_name, n_params,
                      d.world_size, d.tp_size, d.dp_size, d.device, "bf16" if bf16 else "fp32",
                      t.zero_stage, step, t.steps)
             if cfg.parallel.compile and t.zero_stage == 3:
