@@ -49,6 +49,14 @@ def prepare(cfg: Config) -> None:
         from vaemo_dist.text.encode import ensure_embeddings
 
         ensure_embeddings(cfg.data.shards, s2.text_encoder)
+    if cfg.eval.every:
+        # The online evaluation's zero-shot prompts, embedded now by the encoder that embedded the
+        # descriptions: a text model that cannot load fails the launch, not an evaluation hours in.
+        from vaemo_dist.eval.online import prepare_zero_shot
+        from vaemo_dist.text.encode import TextEmbeddingTable
+
+        encoder = TextEmbeddingTable(embeddings_path(cfg)).meta.get("encoder") or s2.text_encoder
+        prepare_zero_shot(cfg, Path(cfg.train.out_dir) / cfg.train.run_name, encoder)
 
 
 def build(cfg: Config, info: Any) -> tuple[Any, Callable[[Any, Any], Any]]:

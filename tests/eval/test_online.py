@@ -234,45 +234,79 @@ def test_log_pictures_sends_images_to_wandb(setup, tmp_path):
     assert Path(png).is_file()
 
 
-def test_stage2_models_get_zero_shot_figures_that_match_an_independent_computation(setup):
+def test_stage2_models_get_zero_shot_figures_that_match_an_independent_computation(setup, tmp_path):
     """Zero-shot UAR/WAR as the evaluator reports them, recomputed here from the text encoder, the
-    model's head and joint embeddings, with scikit-learn's balanced accuracy as the UAR."""
+    model's head and the clips' embeddings, with scikit-learn's balanced accuracy as the UAR."""
     from sklearn.metrics import accuracy_score, balanced_accuracy_score
 
     from vaemo_dist.config import Stage2Config
     from vaemo_dist.data.synth import class_name
-    from vaemo_dist.eval.online import ZERO_SHOT_NAMES
+    from vaemo_dist.eval.online import ZERO_SHOT_NAMES, prepare_zero_shot
     from vaemo_dist.objectives.stage2 import Stage2Model
-    from vaemo_dist.text.encode import embed_texts, load_text_encoder
+    from vaemo_dist.text.encode import DEFAULT_ENCODER, embed_texts, load_text_encoder
     from vaemo_dist.text.synthetic import class_prompts
 
-    cfg, evaluator, model, _ = setup
+    cfg, _, model, _ = setup
+    encoder = load_text_encoder()
+    run_dir = tmp_path / "run"
+    path = prepare_zero_shot(cfg, run_dir, DEFAULT_ENCODER, encoder)
+    assert path is not None and path.is_file()
+    mtime = path.stat().st_mtime_ns
+    assert prepare_zero_shot(cfg, run_dir, DEFAULT_ENCODER) == path and path.stat().st_mtime_ns == mtime
+    evaluator = OnlineEvaluator(cfg, torch.device("cpu"), torch.float32, run_dir, is_main=True)
     torch.manual_seed(1)
     stage2 = Stage2Model(copy.deepcopy(model), 384, Stage2Config(), cfg.loss).eval()
     figures, _ = evaluator.run(SimpleNamespace(module=stage2), 5)  # as the trainer passes a DeepSpeed engine
     assert set(ZERO_SHOT_NAMES) <= figures.keys()
 
-    names = [class_name(c) for c in range(cfg.data.synth.classes)]
-    prompts = [class_prompts(n) for n in names]
-    per_class = min(len(p) for p in prompts)
-    frozen = embed_texts([w for p in prompts for w in p[:per_class]], load_text_encoder())
-    class_emb = F.normalize(stage2.embed_text(frozen).reshape(len(names), per_class, -1).mean(dim=1), dim=-1)
+    class_emb = []
+    for c in range(cfg.data.synth.classes):  # every wording of every class, averaged per class
+        text = stage2.embed_text(embed_texts(class_prompts(class_name(c)), encoder))
+        class_emb.append(F.normalize(text.mean(dim=0), dim=-1))
+    class_emb = torch.stack(class_emb)
     with torch.no_grad():
-        joint = stage2.vaemo.encode(evaluator.video, evaluator.audio).joint_emb
-    pred = (joint @ class_emb.T).argmax(dim=1).numpy()
+        enc = stage2.vaemo.encode(evaluator.video, evaluator.audio)
     labels = evaluator.labels.numpy()
-    assert figures["eval/zero_shot_uar"] == pytest.approx(balanced_accuracy_score(labels, pred), abs=1e-9)
-    assert figures["eval/zero_shot_war"] == pytest.approx(accuracy_score(labels, pred), abs=1e-9)
+    for key, emb in (("", enc.joint_emb), ("_audio", enc.audio_emb), ("_video", enc.video_emb)):
+        pred = (emb @ class_emb.T).argmax(dim=1).numpy()
+        uar = balanced_accuracy_score(labels, pred)
+        assert figures[f"eval/zero_shot_uar{key}"] == pytest.approx(uar, abs=1e-9), key
+        if not key:
+            assert figures["eval/zero_shot_war"] == pytest.approx(accuracy_score(labels, pred), abs=1e-9)
 
     figures1, _ = evaluator.run(stage2.vaemo, 5)  # a stage-1 model has no text head: no zero-shot keys
     assert not set(ZERO_SHOT_NAMES) & figures1.keys()
+    off = OnlineEvaluator(copy.deepcopy(cfg), torch.device("cpu"), torch.float32, run_dir, is_main=True)
+    off.cfg.eval.zero_shot = False
+    assert not set(ZERO_SHOT_NAMES) & off.run(stage2, 5)[0].keys()
 
 
-def test_zero_shot_needs_the_names_of_the_heldout_labels(setup):
-    from vaemo_dist.eval.online import heldout_class_names
+def test_zero_shot_without_prepared_prompts_is_skipped_and_said_once(setup, tmp_path, caplog):
+    from vaemo_dist.config import Stage2Config
+    from vaemo_dist.eval.online import ZERO_SHOT_NAMES
+    from vaemo_dist.objectives.stage2 import Stage2Model
+
+    cfg, _, model, _ = setup
+    evaluator = OnlineEvaluator(cfg, torch.device("cpu"), torch.float32, tmp_path / "bare", is_main=True)
+    stage2 = Stage2Model(copy.deepcopy(model), 384, Stage2Config(), cfg.loss).eval()
+    with caplog.at_level("WARNING"):
+        for step in (5, 10):
+            assert not set(ZERO_SHOT_NAMES) & evaluator.run(stage2, step)[0].keys()
+    assert caplog.text.count("zero-shot evaluation skipped") == 1
+
+
+def test_zero_shot_needs_the_names_of_the_heldout_labels(setup, tmp_path):
+    from vaemo_dist.eval.online import heldout_class_names, prepare_zero_shot
 
     cfg, _, _, _ = setup
     assert heldout_class_names(cfg) == ["neutral", "happy", "sad", "angry"]
-    assert heldout_class_names(load_config(None, [*TINY, "eval.classes=32"])) is None  # label k moves
+    many = load_config(None, [*TINY, "eval.classes=32"])
+    assert heldout_class_names(many) is None  # label k sits elsewhere on the cue scale
+    assert prepare_zero_shot(many, tmp_path, "unused") is None  # nothing to embed, no model loaded
     named = load_config(None, [*TINY, "eval.shards=/some/val", "eval.class_names=[calm,tense]"])
     assert heldout_class_names(named) == ["calm", "tense"]
+    shards = tmp_path / "val"
+    shards.mkdir()
+    (shards / "manifest.json").write_text(json.dumps({"class_names": ["calm", "tense", "sad"]}))
+    from_manifest = load_config(None, [*TINY, f"eval.shards={shards}"])
+    assert heldout_class_names(from_manifest) == ["calm", "tense", "sad"]

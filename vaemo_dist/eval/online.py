@@ -14,9 +14,11 @@
   evaluation, so the figures compare across steps and the training RNG stream is not touched.
 * Zero-shot (stage 2, a model with a text head: `eval/zero_shot_uar`, `eval/zero_shot_war`, and
   `eval/zero_shot_uar_audio` / `_video` for path 2): each held-out clip's joint (audio, visual)
-  embedding against the class prompts of `vaemo_dist.text.synthetic.class_prompts`, embedded once by
-  the frozen text encoder and projected by the current text head at each evaluation. Needs the
-  names of the held-out labels (`eval.class_names`, or the synthetic corpus's own); skipped otherwise.
+  embedding against the class prompts of `vaemo_dist.text.synthetic.class_prompts`, projected by the
+  current text head at each evaluation. The prompts are embedded by the frozen text encoder once,
+  before training (`prepare_zero_shot`, called by launchers/stage2.py per node), so no text model is
+  loaded mid-run. Needs the names of the held-out labels (`eval.class_names`, the held-out manifest's
+  `class_names`, or the synthetic corpus's own); skipped otherwise.
 * Pictures: on the main rank, a PNG of input / masked / reconstruction of the first
   `eval.pictures` clips (`vaemo_dist/eval/pictures.py`) under `<run>/pictures/`.
 
@@ -27,7 +29,9 @@ parallelism, ZeRO-3 gathers) stay matched; only the main rank writes files.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
 import time
 import zlib
 from collections.abc import Sequence
@@ -50,6 +54,7 @@ ZERO_SHOT_NAMES = ("eval/zero_shot_uar", "eval/zero_shot_war", "eval/zero_shot_u
                    "eval/zero_shot_uar_video")  # stage 2 only
 PICTURES_DIR = "pictures"
 MASK_SEED = 0x5EED  # offset of the validation masks' seed from train.seed
+ZERO_SHOT_PROMPTS = "zero_shot_prompts.safetensors"  # stage 2: class prompts, embedded before training
 
 
 # --------------------------------------------------------------------------------------------
@@ -86,11 +91,54 @@ def heldout_class_names(cfg: Config) -> list[str] | None:
     over); None when unknown."""
     if cfg.eval.class_names:
         return list(cfg.eval.class_names)
-    if cfg.eval.shards == "synthetic" and cfg.eval.classes in (0, cfg.data.synth.classes):
+    if cfg.eval.shards == "synthetic":
+        if cfg.eval.classes not in (0, cfg.data.synth.classes):
+            return None
         from vaemo_dist.data.synth import class_name
 
         return [class_name(c) for c in range(cfg.data.synth.classes)]
-    return None
+    spec = Path(cfg.eval.shards)  # a vaemo-shard folder or its manifest.json names its classes
+    manifest = spec if spec.name == "manifest.json" else spec / "manifest.json"
+    try:
+        names = json.loads(manifest.read_text()).get("class_names")
+    except (OSError, ValueError):
+        return None
+    return list(names) if names else None
+
+
+def zero_shot_prompts_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / ZERO_SHOT_PROMPTS
+
+
+def prepare_zero_shot(cfg: Config, run_dir: str | Path, encoder_name: str,
+                      encoder: Any = None) -> Path | None:
+    """Embed the held-out labels' class prompts with the frozen text encoder that embedded the
+    descriptions (`encoder_name`; `encoder`: that model already loaded) into `<run>/zero_shot_prompts
+    .safetensors`. Call once per node before training (a missing model fails the launch, not an
+    evaluation hours in); an up-to-date file is kept. None when zero-shot does not apply."""
+    names = heldout_class_names(cfg)
+    if not (cfg.eval.every > 0 and cfg.eval.zero_shot and names):
+        return None
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = zero_shot_prompts_path(run_dir)
+    meta = {"names": json.dumps(names), "encoder": encoder_name}
+    if path.is_file():
+        with safe_open(str(path), "pt") as f:
+            stored = f.metadata() or {}
+        if all(stored.get(k) == v for k, v in meta.items()):
+            return path
+    from vaemo_dist.text.encode import load_text_encoder
+    from vaemo_dist.text.retrieval import class_prompt_embeddings
+
+    per_class = class_prompt_embeddings(names, encoder or load_text_encoder(encoder_name))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # several nodes may write it at once
+    save_file({"prompts": torch.cat(per_class)}, str(tmp),
+              metadata={**meta, "counts": json.dumps([len(p) for p in per_class])})
+    os.replace(tmp, path)
+    return path
 
 
 def load_online_heldout(cfg: Config) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -204,9 +252,9 @@ class OnlineEvaluator:
         self.cfg, self.device, self.dtype, self.is_main = cfg, torch.device(device), dtype, is_main
         self.pictures_dir = Path(run_dir) / PICTURES_DIR
         self.mask_seed = cfg.train.seed + MASK_SEED
-        self.class_names = heldout_class_names(cfg)
-        self._class_text: torch.Tensor | None = None  # zero-shot prompts, embedded on first need
-        self._said_no_names = False
+        self.prompts_path = zero_shot_prompts_path(run_dir)
+        self._prompts: tuple[torch.Tensor, list[int]] | None = None  # (flat [P, T], prompts per class)
+        self._said_why = False
         start = time.perf_counter()
         self.keys, self.labels, self.video, self.audio = load_online_heldout(cfg)
         if len(self.keys) < 2:
@@ -296,32 +344,23 @@ class OnlineEvaluator:
 
     def _zero_shot(self, model: torch.nn.Module, joint: torch.Tensor, audio: torch.Tensor,
                    video: torch.Tensor) -> dict[str, float]:
-        """Zero-shot UAR/WAR of a stage-2 model (one with `text_head` / `embed_text`); {} otherwise."""
+        """Zero-shot UAR/WAR of a stage-2 model (one with `text_head` / `embed_text`); {} otherwise.
+        Every rank decides alike (same config, same prompts file), so the text head's forward, a
+        collective under ZeRO-3, runs on all ranks or none."""
         inner = getattr(model, "module", model)  # a DeepSpeed engine's module
         head = getattr(inner, "text_head", None)
         if head is None or not self.cfg.eval.zero_shot:
             return {}
-        if self.class_names is None:
-            if self.is_main and not self._said_no_names:
-                log.info("zero-shot evaluation skipped: the names of the held-out labels are unknown "
-                         "(set eval.class_names, or eval.classes to data.synth.classes)")
-            self._said_no_names = True
+        prompts = self._load_prompts(head)
+        if prompts is None:
             return {}
         from vaemo_dist.text.retrieval import class_embeddings, zero_shot_scores
 
-        if self._class_text is None:  # frozen prompt embeddings [C, P, T], once per run
-            from vaemo_dist.text.encode import embed_texts, load_text_encoder
-            from vaemo_dist.text.synthetic import class_prompts
-
-            prompts = [class_prompts(n) for n in self.class_names]
-            per_class = min(len(p) for p in prompts)
-            encoder = load_text_encoder(self.cfg.stage2.text_encoder)
-            flat = embed_texts([w for p in prompts for w in p[:per_class]], encoder)
-            self._class_text = flat.reshape(len(prompts), per_class, -1)
-        c, p, t = self._class_text.shape
+        flat, counts = prompts
         param = head.log_logit_scale
-        text = inner.embed_text(self._class_text.reshape(c * p, t).to(param.device, param.dtype))
-        class_emb = class_embeddings(text.float().cpu().reshape(c, p, -1))
+        text = inner.embed_text(flat.to(param.device, param.dtype)).float().cpu()
+        class_emb = class_embeddings(list(text.split(counts)))
+        c = len(counts)
         known = (self.labels >= 0) & (self.labels < c)
         labels = self.labels[known].numpy()
         out = {}
@@ -332,6 +371,32 @@ class OnlineEvaluator:
             if not suffix:
                 out["eval/zero_shot_war"] = float(m["war"])
         return out
+
+    def _load_prompts(self, head: torch.nn.Module) -> tuple[torch.Tensor, list[int]] | None:
+        """The prepared prompt embeddings (`prepare_zero_shot`), read once; None, said once, when
+        there are none or they do not fit the head."""
+        if self._prompts is not None:
+            return self._prompts
+        why = ""
+        if not self.prompts_path.is_file():
+            why = (f"no {self.prompts_path.name} in the run folder: the names of the held-out labels are "
+                   "unknown (set eval.class_names, or eval.classes to data.synth.classes), or the launcher "
+                   "did not call prepare_zero_shot")
+        else:
+            from safetensors import safe_open
+
+            with safe_open(str(self.prompts_path), "pt") as f:
+                flat, counts = f.get_tensor("prompts"), json.loads(f.metadata()["counts"])
+            width = next(m.in_features for m in head.modules() if isinstance(m, torch.nn.Linear))
+            if flat.shape[1] != width:
+                why = (f"{self.prompts_path} holds {flat.shape[1]}-d prompt embeddings, the text head takes "
+                       f"{width}-d ones (another text encoder?)")
+            else:
+                self._prompts = flat, counts
+        if why and self.is_main and not self._said_why:
+            log.warning("zero-shot evaluation skipped: %s", why)
+        self._said_why = True
+        return self._prompts
 
     def _reconstruct(
         self, vaemo: VAEmoModel

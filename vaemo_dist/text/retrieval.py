@@ -121,6 +121,16 @@ def class_embeddings(prompt_emb: torch.Tensor | Sequence[torch.Tensor]) -> torch
     return F.normalize(torch.stack([p.mean(dim=0) for p in prompt_emb]), dim=-1)
 
 
+def class_prompt_embeddings(names: Sequence[str], encoder: Any) -> list[torch.Tensor]:
+    """Per class, the frozen text embeddings [P_c, T] of its prompts (`text.synthetic.class_prompts`;
+    classes may have different numbers of wordings)."""
+    from vaemo_dist.text.encode import embed_texts
+    from vaemo_dist.text.synthetic import class_prompts
+
+    prompts = [class_prompts(n) for n in names]
+    return list(embed_texts([w for p in prompts for w in p], encoder).split([len(p) for p in prompts]))
+
+
 def zero_shot_scores(clip_emb: torch.Tensor, class_emb: torch.Tensor) -> torch.Tensor:
     """[N, C] cosine similarities of L2-normalised clip embeddings [N, E] to class embeddings [C, E];
     the argmax over classes is the zero-shot prediction."""
@@ -211,7 +221,6 @@ def prepare_heldout(cfg: Config, out_dir: str | Path, *, seed: int = 1, clips: i
     from vaemo_dist.text.encode import (
         EMBEDDINGS,
         TextEmbeddingTable,
-        embed_texts,
         ensure_embeddings,
         load_text_encoder,
     )
@@ -227,11 +236,9 @@ def prepare_heldout(cfg: Config, out_dir: str | Path, *, seed: int = 1, clips: i
     ensure_embeddings(described, encoder_name, encoder=encoder)
     table = TextEmbeddingTable(described / EMBEDDINGS)
     keys, labels, video, audio = load_clips(expand_shards(str(synth.dir)), cfg)
-    prompts_file = out / "class_prompts.json"
     names = [class_name(c) for c in range(synth.classes)]
-    prompts = [class_prompts(n) for n in names]
-    per_class = min(len(p) for p in prompts)
-    class_text = embed_texts([s for p in prompts for s in p[:per_class]], encoder)
-    prompts_file.write_text(json.dumps(dict(zip(names, prompts)), indent=1))
+    per_class = class_prompt_embeddings(names, encoder)
+    wordings = min(len(p) for p in per_class)  # a dense [C, P, T]: as many wordings for every class
+    (out / "class_prompts.json").write_text(json.dumps({n: class_prompts(n) for n in names}, indent=1))
     return HeldOut(keys=keys, labels=labels, text=table.lookup(keys),
-                   class_text=class_text.reshape(len(names), per_class, -1), video=video, audio=audio)
+                   class_text=torch.stack([p[:wordings] for p in per_class]), video=video, audio=audio)

@@ -26,7 +26,8 @@ CURVES_FILE = "curves.png"
 # Loss terms by stage, drawn when logged (the first is the total).
 LOSS_TERMS = ("loss", "rec_video", "rec_audio", "contrastive", "text_joint", "text_audio", "text_video",
               "stage1_loss", "ce")
-EVAL_SCORES = ("eval/probe_uar", "eval/probe_war", "eval/r1_v2a", "eval/r1_a2v")
+EVAL_SCORES = ("eval/probe_uar", "eval/probe_war", "eval/r1_v2a", "eval/r1_a2v", "eval/zero_shot_uar",
+               "eval/zero_shot_war", "eval/zero_shot_uar_audio", "eval/zero_shot_uar_video")
 EVAL_LOSSES = ("eval/rec_loss", "eval/rec_video", "eval/rec_audio")
 SKIP_COUNTS = ("skipped_decode", "skipped_shards", "nonfinite_steps")
 
