@@ -180,3 +180,16 @@ def test_compile_is_off_by_default_and_a_bool():
     assert load_config(None, ["parallel.compile=true"]).parallel.compile is True
     with pytest.raises(ConfigError, match="parallel.compile: expected true or false"):
         load_config(None, ["parallel.compile=yes please"])
+
+
+def test_deepspeed_values_json_cannot_hold_are_refused_at_load():
+    # A YAML date would reach DeepSpeed's JSON only on rank 0 (the logged config) and fail there alone.
+    with pytest.raises(ConfigError, match=r"train.deepspeed.x.when: .* is not a JSON value"):
+        load_config(None, ["train.deepspeed.x.when=2024-01-01"])
+
+
+def test_eval_class_names_are_two_or_more_distinct_names():
+    assert load_config(None, ["eval.class_names=[calm, tense]"]).eval.class_names == ["calm", "tense"]
+    for bad in ("[calm]", "[calm, calm]"):
+        with pytest.raises(ConfigError, match="eval.class_names: .*two or more distinct names"):
+            load_config(None, [f"eval.class_names={bad}"])

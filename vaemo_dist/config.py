@@ -462,6 +462,9 @@ def _free_form(value: Any, where: str) -> Any:
     if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value):
         number = float(value)
         return int(number) if number.is_integer() else number
+    if value is not None and not isinstance(value, (str, int, float, bool)):
+        # YAML dates, sets, ...: JSON has no such value; refused here, on every rank alike.
+        raise ConfigError(f"{where}: {value!r} ({type(value).__name__}) is not a JSON value")
     return value
 
 
@@ -549,6 +552,8 @@ def validate(cfg: Config) -> None:
     _check(bool(pr.ranks) and min(pr.ranks) >= 0, "train.profile.ranks", "one or more ranks, each >= 0")
     e = cfg.eval
     _check(e.every >= 0, "eval.every", "must be >= 0 (0: off)")
+    _check(not e.class_names or (len(e.class_names) >= 2 and len(set(e.class_names)) == len(e.class_names)),
+           "eval.class_names", f"{e.class_names}: two or more distinct names (label 0, 1, ...), or none")
     _check(e.clips >= 4 and e.batch_size >= 1 and e.pictures >= 0, "eval",
            "clips >= 4, batch_size >= 1, pictures >= 0")
     _check(len(cfg.optim.betas) == 2, "optim.betas", "needs two values")
