@@ -59,6 +59,7 @@ from vaemo_dist.export import (  # noqa: E402
 )
 from vaemo_dist.model.vaemo import VAEmoModel  # noqa: E402
 from vaemo_dist.pretrained import from_pretrained  # noqa: E402
+from vaemo_dist.train.curves import read_metrics  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 FEATURES = ["concat_pooled", "joint_pooled", "video_pooled", "audio_pooled", "joint_emb"]
@@ -182,8 +183,7 @@ def main() -> int:
                           f"± {100 * summary['uar_std']:4.1f}  WAR {100 * summary['war_mean']:5.1f}",
                           file=sys.stderr)
 
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    metrics = [m for m in metrics if "loss" in m]  # training steps only, not the online eval's records
+    metrics, _ = read_metrics(run_dir / "metrics.jsonl")  # training steps, not the online eval's records
     last = metrics[-5:]
     report = {"run_dir": str(run_dir), "checkpoint": str(checkpoint), "export_seconds": round(export_s, 2),
               "heldout": {"classes": args.heldout_classes, "clips": args.heldout_clips,

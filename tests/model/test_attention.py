@@ -50,7 +50,7 @@ def test_flash_packing_matches_padded_attention(monkeypatch):
             outs.append(math_attention(*seg).transpose(0, 1))
         return torch.cat(outs)
 
-    monkeypatch.setattr(attn_mod, "_flash", lambda: (dense, varlen))
+    monkeypatch.setattr(attn_mod, "flash_functions", lambda: (dense, varlen))
     q, k, v = qkv(length=9)
     torch.testing.assert_close(attn_mod._flash_attention(q, k, v, None), math_attention(q, k, v))
     segmented = attn_mod._flash_attention(q, k, v, [5, 4])

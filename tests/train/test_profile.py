@@ -34,7 +34,7 @@ def test_the_window_records_exactly_the_chosen_steps_also_after_a_resume(tmp_pat
     cfg = ProfileConfig(start_step=3, steps=2)
     for first_step in (0, 1):  # a fresh run, and one resumed after step 1
         run_dir = tmp_path / f"from{first_step}"
-        _loop(profile_window(cfg, 0, run_dir, CPU, first_step), first_step, 7)
+        _loop(profile_window(cfg, 0, run_dir, CPU, first_step, 7), first_step, 7)
         names = {e["name"] for e in _events(run_dir)}
         assert sorted(n for n in names if n.startswith("train_step_")) == ["train_step_3", "train_step_4"]
         # The profiler counts this process's steps: on a fresh run its numbers are the trainer's.
@@ -46,15 +46,18 @@ def test_the_window_records_exactly_the_chosen_steps_also_after_a_resume(tmp_pat
     assert len(tables) == 2 and "aten::mm" in tables[0] and "Self CPU" in tables[0]
 
 
-def test_off_other_ranks_and_a_past_window_cost_nothing(tmp_path):
-    on = ProfileConfig(start_step=2, steps=2, ranks=[1])
-    for window in (profile_window(ProfileConfig(), 0, tmp_path, CPU, 0),  # start_step 0: off
-                   profile_window(on, 0, tmp_path, CPU, 0),  # rank 0 does not profile
-                   profile_window(on, 1, tmp_path, CPU, 5)):  # resumed after the window
+def test_off_other_ranks_and_a_past_window_cost_nothing(tmp_path, caplog):
+    caplog.set_level("INFO", logger="vaemo_dist.train.metrics")
+    on = ProfileConfig(start_step=2, steps=5, ranks=[1])
+    for window in (profile_window(ProfileConfig(), 0, tmp_path, CPU, 0, 3),  # start_step 0: off
+                   profile_window(on, 0, tmp_path, CPU, 0, 3),  # rank 0 does not profile
+                   profile_window(on, 1, tmp_path, CPU, 5, 9)):  # resumed after the window
         assert isinstance(window, contextlib.nullcontext)
     assert not (tmp_path / "profile").exists()
-    _loop(profile_window(on, 1, tmp_path, CPU, 0), 0, 3)  # the run ends with the window: still written
+    _loop(profile_window(on, 1, tmp_path, CPU, 0, 3), 0, 3)  # the run ends inside the window: still written
     assert {e["name"] for e in _events(tmp_path, rank=1)} >= {"train_step_2", "train_step_3"}
+    # The first profiled rank logs the table, naming only the steps the run has.
+    assert any(r.getMessage().startswith("profile of steps 2-3") for r in caplog.records)
 
 
 def _rss_gib() -> float:

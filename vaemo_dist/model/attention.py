@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 
 
 @functools.cache
-def _flash() -> tuple[Callable, Callable] | None:
+def flash_functions() -> tuple[Callable, Callable] | None:
+    """flash-attn's (dense, varlen) functions, or None where it is not installed (imported once)."""
     try:
         from flash_attn import flash_attn_func, flash_attn_varlen_func
     except ImportError:
@@ -29,7 +30,7 @@ def _flash() -> tuple[Callable, Callable] | None:
 
 def backend_for(q: torch.Tensor) -> str:
     """"flash" for CUDA fp16/bf16 tensors when flash-attn is installed, else "sdpa"."""
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _flash() is not None:
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and flash_functions() is not None:
         return "flash"
     return "sdpa"
 
@@ -71,7 +72,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 @torch.compiler.disable
 def _flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      segments: Sequence[int] | None) -> torch.Tensor:
-    dense, varlen = _flash()
+    dense, varlen = flash_functions()
     b, h, length, d = q.shape
     # flash-attn wants [B, L, heads, head_dim]; packed varlen wants [total, heads, head_dim].
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))

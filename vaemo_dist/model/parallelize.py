@@ -133,9 +133,9 @@ def apply_compile(model: nn.Module) -> None:
     # The outermost module at each block position: a wrapped Block is compiled once, through its wrapper.
     blocks = [child for parent in model.modules() if not is_block(parent)
               for child in parent.children() if is_block(child)]
-    from vaemo_dist.model.attention import _flash
+    from vaemo_dist.model.attention import flash_functions
 
-    _flash()  # resolve (and cache) the flash-attn import now, eagerly, not inside the first traced call
+    flash_functions()  # the flash-attn import resolved (and cached) now, not inside the first traced call
     for block in blocks:
         block.compile()
     log.info("torch.compile: %d transformer blocks, compiled on first use", len(blocks))

@@ -110,8 +110,8 @@ def memory_stats(device: torch.device) -> dict[str, float]:
     return {"mem_peak_gib": peak * (1 if sys.platform == "darwin" else 1024) / GIB}
 
 
-def profile_window(cfg: ProfileConfig, rank: int, run_dir: Path, device: torch.device,
-                   first_step: int) -> contextlib.AbstractContextManager[torch.profiler.profile | None]:
+def profile_window(cfg: ProfileConfig, rank: int, run_dir: Path, device: torch.device, first_step: int,
+                   total_steps: int) -> contextlib.AbstractContextManager[torch.profiler.profile | None]:
     """A torch.profiler that records optimizer steps cfg.start_step .. cfg.start_step + cfg.steps - 1
     (1-based, as in metrics.jsonl) on the ranks in cfg.ranks and writes one Chrome/TensorBoard trace
     per rank to <run>/profile/; elsewhere (off, another rank, a window already past at resume) a
@@ -126,11 +126,11 @@ def profile_window(cfg: ProfileConfig, rank: int, run_dir: Path, device: torch.d
     out = run_dir / "profile"
     write = tensorboard_trace_handler(str(out), worker_name=f"rank{rank}")
     cuda = device.type == "cuda"
-    last = cfg.start_step + cfg.steps - 1
+    last = min(cfg.start_step + cfg.steps - 1, total_steps)
 
     def ready(prof: profile) -> None:
         write(prof)
-        if rank == 0:
+        if rank == min(cfg.ranks):  # one table, from the first profiled rank
             table = prof.key_averages().table(
                 sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=15)
             log.info("profile of steps %d-%d (traces in %s), top ops by self time:\n%s",

@@ -138,7 +138,7 @@ class Trainer:
         stop = t.stop_at or t.steps
         in_a_row = 0
         # The profiler window (train.profile; off: a nullcontext) counts steps through prof.step().
-        with profile_window(t.profile, d.rank, self.run_dir, d.device, step) as prof:
+        with profile_window(t.profile, d.rank, self.run_dir, d.device, step, stop) as prof:
             while step < stop:
                 if prof is not None:
                     prof.step()  # the profiler's step n: this process's step n (the trainer's on a fresh run)
