@@ -311,13 +311,19 @@ class Config:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Build a Config from an optional YAML file and `a.b=value` overrides, then validate it."""
+    return config_from_dict(read_config_dict(path, overrides))
+
+
+def read_config_dict(path: str | Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """The raw mapping of a YAML file (its `base:` files merged in) with `a.b=value` overrides set, not
+    yet typed or validated (for callers that replace sections first, e.g. fine-tuning's model)."""
     raw: dict[str, Any] = _read_yaml(Path(path)) if path else {}
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. model.depth=8)")
         _set_dotted(raw, key.strip(), yaml.safe_load(value))
-    return config_from_dict(raw)
+    return raw
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:

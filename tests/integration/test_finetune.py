@@ -25,13 +25,17 @@ TRAIN = ["train.steps=6", "data.batch_size=4", "optim.warmup_steps=2", "wandb.mo
          "train.log_every=1"]
 
 
-@pytest.fixture(scope="module")
-def export(tmp_path_factory) -> Path:
-    cfg = load_config(None, TINY_MODEL)
+def _export(folder: Path, overrides: list[str]) -> Path:
+    cfg = load_config(None, overrides)
     torch.manual_seed(0)
     state = VAEmoModel(cfg.model, cfg.inputs).state_dict()
     weights = {k: v for k, v in state.items() if not is_decoder_key(k)}
-    return save_pretrained(tmp_path_factory.mktemp("export"), weights, cfg)
+    return save_pretrained(folder, weights, cfg)
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory) -> Path:
+    return _export(tmp_path_factory.mktemp("export"), TINY_MODEL)
 
 
 @pytest.fixture(scope="module")
@@ -115,3 +119,23 @@ def test_finetune_two_processes_zero2_splits_the_evaluation(export, manifest, tm
     with (tmp_path / "ft2" / "predictions.csv").open() as f:
         assert sorted(r["key"] for r in csv.DictReader(f)) == ["clip-000000", "clip-000003", "clip-000006",
                                                                "clip-000009"]
+
+
+def test_finetune_under_tensor_parallelism_trains_the_same_classifier(export, manifest, tmp_path):
+    # TP 2 x DP 1 on two processes sees the same batches as one process: the merged classifier it
+    # saves must be the one-process run's, up to the order of float sums.
+    from safetensors.torch import load_file
+
+    export = _export(tmp_path / "export", [*TINY_MODEL, "model.heads=4"])  # heads split 2 ways
+    one = run_finetune(export, manifest, tmp_path / "tp1", "train.zero_stage=1")
+    two = run_finetune(export, manifest, tmp_path / "tp2", "train.zero_stage=1", "parallel.tensor=2",
+                       processes=2)
+    a = load_file(str(tmp_path / "tp1" / "fold_A" / "classifier.safetensors"))
+    b = load_file(str(tmp_path / "tp2" / "fold_A" / "classifier.safetensors"))
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst < 1e-4, worst
+    moved = max((a[k] - load_file(str(export / "model.safetensors")).get(k.removeprefix("backbone."), a[k]))
+                .abs().max().item() for k in a if k.startswith("backbone."))
+    assert moved > 1e-3  # the backbone did train, so the match above says something
+    assert two["folds"]["A"]["n"] == one["folds"]["A"]["n"] == 4

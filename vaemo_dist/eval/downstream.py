@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import hashlib
 import json
 import logging
@@ -221,15 +222,18 @@ def _file_digest(folder: Path) -> str:
 
 def finetune_config(args: argparse.Namespace, export_config: dict[str, Any]) -> Any:
     """The trainer's Config: --config + overrides, with model / inputs / loss from the export."""
-    from vaemo_dist.config import ConfigError, config_from_dict, load_config
+    from vaemo_dist.config import ConfigError, LossConfig, config_from_dict, read_config_dict
 
     touched = [o for o in args.overrides if o.split("=", 1)[0].split(".")[0] in ("model", "inputs")]
     if touched:
         raise ConfigError(f"{touched}: model and inputs come from the pretrained export and cannot be "
                           "overridden")
-    raw = load_config(args.config, args.overrides).to_dict()
+    # Validated once, with the export's architecture in place (parallel.tensor must divide its heads).
+    raw = read_config_dict(args.config, args.overrides)
     raw["model"], raw["inputs"] = export_config["model"], export_config["inputs"]
-    raw["loss"].update({k: v for k, v in export_config.get("loss", {}).items() if k in raw["loss"]})
+    loss_keys = {f.name for f in dataclasses.fields(LossConfig)}
+    raw["loss"] = {**(raw.get("loss") or {}),
+                   **{k: v for k, v in export_config.get("loss", {}).items() if k in loss_keys}}
     return config_from_dict(raw)
 
 
@@ -362,12 +366,14 @@ def run_finetune(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    if cfg.parallel.tensor != 1:
-        print("config error: parallel.tensor: fine-tuning runs data-parallel only for now", file=sys.stderr)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world % cfg.parallel.tensor:
+        print(f"config error: parallel.tensor: {cfg.parallel.tensor} does not divide the world size {world}",
+              file=sys.stderr)
         return 2
     exit_code = 0
     try:
-        info = dist.init_distributed(cfg.train.dist_timeout_s)
+        info = dist.init_distributed(cfg.train.dist_timeout_s, cfg.parallel.tensor)
         exit_code = _finetune_folds(args, cfg, info, open_source(args.data, args.classes.split(",")
                                                                   if args.classes else None))
     except Exception:  # noqa: BLE001 - report and leave with a non-zero code instead of hanging peers
@@ -384,6 +390,7 @@ def _finetune_folds(args: argparse.Namespace, cfg: Any, info: Any, source: Any) 
 
     from vaemo_dist import dist
     from vaemo_dist.export import consolidate, resolve_checkpoint
+    from vaemo_dist.model.parallelize import parallelize
     from vaemo_dist.objectives.finetune import FinetuneObjective
     from vaemo_dist.train.trainer import Trainer
 
@@ -414,7 +421,10 @@ def _finetune_folds(args: argparse.Namespace, cfg: Any, info: Any, source: Any) 
             fold_cfg.train.steps = max(1, math.ceil(args.epochs * len(train_keys) / per_step))
             fold_cfg.train.stop_at = 0
         fold_cfg.train.ckpt_every = min(fold_cfg.train.ckpt_every, fold_cfg.train.steps)
-        model = build_classifier(args.pretrained, len(class_names), args, cfg.train.seed)
+        # Tensor parallelism (parallel.tensor) splits the pretrained blocks as in pretraining; the
+        # evaluation below runs the consolidated (merged) classifier whole on every rank.
+        model = parallelize(build_classifier(args.pretrained, len(class_names), args, cfg.train.seed),
+                            cfg.parallel)
 
         def compute_loss(engine: Any, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
             return objective(engine, batch.video, batch.audio, batch.label)
