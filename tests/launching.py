@@ -23,11 +23,13 @@ SMALL = [
 ]
 
 
-def stage1_command(run_dir: Path, shards: str | Path, nproc: int, *extra: str) -> list[str]:
-    """`deepspeed --num_gpus nproc launchers/stage1.py ...` (or the launcher alone for one process)."""
+def stage1_command(run_dir: Path, shards: str | Path, nproc: int, *extra: str,
+                   script: str = "launchers/stage1.py") -> list[str]:
+    """`deepspeed --num_gpus nproc launchers/stage1.py ...` (or the launcher alone for one process);
+    `script`: another entry point taking the same arguments (a test's probe around run_stage)."""
     launcher = ([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port",
                  str(free_port())] if nproc > 1 else [sys.executable])
-    return [*launcher, "launchers/stage1.py", "--config", "configs/stage1/tiny.yaml", *SMALL,
+    return [*launcher, script, "--config", "configs/stage1/tiny.yaml", *SMALL,
             f"data.shards={shards}", f"train.out_dir={run_dir.parent}", f"train.run_name={run_dir.name}",
             *extra]
 
@@ -41,12 +43,13 @@ def run_env(**extra: str) -> dict[str, str]:
 
 
 def run_stage1(run_dir: Path, shards: str | Path, nproc: int, *extra: str, faults: str = "",
-               env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+               env: dict[str, str] | None = None, timeout: float = 300,
+               script: str = "launchers/stage1.py") -> subprocess.CompletedProcess:
     full_env = run_env(**(env or {}))
     if faults:
         full_env["VAEMO_FAULTS"] = faults
-    return subprocess.run(stage1_command(run_dir, shards, nproc, *extra), cwd=REPO, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(stage1_command(run_dir, shards, nproc, *extra, script=script), cwd=REPO,
+                          env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
 def output(proc: subprocess.CompletedProcess) -> str:

@@ -65,7 +65,7 @@ from vaemo_dist.config import (
     VideoInput,
     config_from_dict,
 )
-from vaemo_dist.train.checkpoint import safe_torch_load
+from vaemo_dist.train.checkpoint import safe_torch_load, weights_only_torch
 
 log = logging.getLogger(__name__)
 
@@ -99,29 +99,11 @@ def is_decoder_key(name: str) -> bool:
 # Reading DeepSpeed checkpoints without unpickling arbitrary objects
 
 
-class _WeightsOnlyTorch:
-    """Stands in for the `torch` module inside deepspeed.utils.zero_to_fp32, whose loaders call
-    torch.load(weights_only=False); everything but `load` is the real torch."""
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(torch, name)
-
-    @staticmethod
-    def load(path: Any, map_location: Any = None, mmap: bool | None = None, **_ignored: Any) -> Any:
-        return safe_torch_load(path, map_location=map_location, mmap=mmap)
-
-
 @contextlib.contextmanager
 def _weights_only_torch() -> Iterator[Any]:
     """deepspeed.utils.zero_to_fp32 with its torch.load forced to weights_only=True, for the duration."""
-    from deepspeed.utils import zero_to_fp32
-
-    real = zero_to_fp32.torch
-    zero_to_fp32.torch = _WeightsOnlyTorch()
-    try:
+    with weights_only_torch("deepspeed.utils.zero_to_fp32") as (zero_to_fp32,):
         yield zero_to_fp32
-    finally:
-        zero_to_fp32.torch = real
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,14 @@ def run_stage(name: str, build: Callable[[Config, Any], tuple[torch.nn.Module, A
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)
+    if cfg.train.resume:  # a tensor-parallel change or a resize DeepSpeed cannot do stops here, not mid-run
+        from vaemo_dist.train.checkpoint import CheckpointError, plan_resume
+
+        try:
+            plan_resume(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        except CheckpointError as e:
+            print(f"resume error: {e}", file=sys.stderr)
+            sys.exit(2)
 
     from vaemo_dist.watchdog import PeerWatch, describe_failure
 

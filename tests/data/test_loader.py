@@ -4,7 +4,7 @@ import webdataset as wds
 
 from tests.data.batches import take
 from vaemo_dist.config import DataConfig, InputConfig, SynthConfig
-from vaemo_dist.data.loader import DataState, build_loader
+from vaemo_dist.data.loader import DataState, build_loader, resize_data_states
 from vaemo_dist.data.synth import build_corpus
 from vaemo_dist.data.types import DECODE_KINDS
 
@@ -131,3 +131,24 @@ def test_auto_decoder_is_pyav_without_a_gpu(shards):
     assert resolve_decoder("auto") == "pyav"  # CI has no GPU
     with pytest.raises(ValueError, match="unknown decoder"):
         resolve_decoder("ffmpeg")
+
+
+def test_resume_on_other_ranks_and_workers_reads_the_rest_of_the_epoch_once(shards):
+    """1 rank x 2 DataLoader workers stop mid-epoch; 2 ranks x 1 worker take over from the resized
+    data states: the rest of the epoch, each clip once, then the next epoch."""
+    urls = shards[:4]  # 4 good shards of 4 clips: 16 clips an epoch
+    cfg = DataConfig(shards="unused", batch_size=2, num_workers=2, shuffle_seed=5)
+    state = DataState(2, 1)
+    before = [k for b in take(build_loader(urls, cfg, INPUTS, 0, 1), 3, state) for k in b.keys]
+    saved = DataState.from_dict(state.to_dict())
+    new = resize_data_states([saved], len(urls), cfg.shuffle_seed, world_size=2, num_workers=1)
+    one = DataConfig(shards="unused", batch_size=2, num_workers=1, shuffle_seed=5)
+    after, next_epoch = [], []
+    for rank in (0, 1):
+        resumed = DataState.from_dict(new[rank].to_dict())  # as it travels through a checkpoint
+        for batch in take(build_loader(urls, one, INPUTS, rank, 2, resume=resumed), 5):
+            begun = batch.state["position"]["epoch"] < resumed.next_epoch
+            (after if begun else next_epoch).append(batch.keys)
+    seen = before + [k for keys in after for k in keys]
+    assert len(seen) == len(set(seen)) == 16
+    assert next_epoch and all(k in seen for keys in next_epoch for k in keys)

@@ -4,7 +4,9 @@ Each DataLoader worker is one slot of `shards.iter_slot`; it validates, skips an
 and collates micro-batches itself (DataLoader(batch_size=None)). The DataLoader hands batches out
 round-robin over workers, so after `n` batches the next one comes from worker `n % W`. On resume,
 physical worker p plays logical worker (p + n) % W, which makes the resumed order identical to an
-uninterrupted run.
+uninterrupted run. Resuming on another number of ranks or workers (`resize_data_states`) gives every
+new slot its part of the rest of the begun epoch (`shards.plan_remainder`), carried in the data state
+until that epoch is done.
 
 Two decoders (`data.decoder`):
 * pyav: workers decode on the CPU and hand out finished `Batch`es.
@@ -21,7 +23,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
@@ -30,7 +32,15 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vaemo_dist.config import DataConfig, InputConfig
 from vaemo_dist.data import storage
-from vaemo_dist.data.shards import ShardTrouble, StreamPosition, iter_slot
+from vaemo_dist.data.shards import (
+    PlanEntry,
+    Remainder,
+    ShardTrouble,
+    SlotState,
+    StreamPosition,
+    iter_slot,
+    plan_remainder,
+)
 from vaemo_dist.data.types import DECODE_KINDS, Batch, DecodeError, DecodeLimits, collate
 
 log = logging.getLogger(__name__)
@@ -93,12 +103,20 @@ class DataState:
 
     num_workers: int
     world_size: int
-    batches: int = 0  # batches handed to the trainer so far
+    batches: int = 0  # batches handed to the trainer so far (in this layout)
     workers: dict[int, StreamPosition] = field(default_factory=dict)  # logical worker -> position
     # Counted skips, cumulative per logical worker: {"decode": n, "shard": n, "samples": n,
     # "decode/<kind>": n, ...} (see new_counts; checkpoints written before the kinds lack them).
     counts: dict[int, dict[str, int]] = field(default_factory=dict)
     recent_bad: list[str] = field(default_factory=list)  # a few "key: reason" lines for messages
+    # After a resize: each logical worker's remainder plan (shards.plan_remainder), read before the
+    # ordinary plan resumes at epoch `next_epoch` (0: no resize), for a list of `n_shards` shards.
+    remainder: dict[int, list[PlanEntry]] = field(default_factory=dict)
+    next_epoch: int = 0
+    n_shards: int = 0
+    # Lines of this rank's data.log_keys file written before this layout's first batch (a resize
+    # starts counting `batches` from zero again).
+    key_log_base: int = 0
 
     def update(self, batch: Batch) -> None:
         s = batch.state
@@ -116,24 +134,107 @@ class DataState:
                 out[k] = out.get(k, 0) + v
         return out
 
+    def remainder_of(self, worker: int) -> Remainder | None:
+        """The remainder plan of a logical worker (None without a resize)."""
+        if not self.next_epoch:
+            return None
+        return Remainder(self.next_epoch, tuple(self.remainder.get(worker, ())))
+
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "num_workers": self.num_workers,
             "world_size": self.world_size,
             "batches": self.batches,
             "workers": {str(k): v.to_dict() for k, v in self.workers.items()},
             "counts": {str(k): v for k, v in self.counts.items()},
         }
+        # Only after a resize, so that checkpoints of runs that never resized stay as they were.
+        if self.next_epoch:
+            plans = {str(k): [e.to_list() for e in v] for k, v in self.remainder.items()}
+            d["remainder"] = {"next_epoch": self.next_epoch, "n_shards": self.n_shards, "workers": plans}
+        if self.key_log_base:
+            d["key_log_base"] = self.key_log_base
+        return d
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> DataState:
+        rem = d.get("remainder") or {}
         return DataState(
             num_workers=int(d["num_workers"]),
             world_size=int(d["world_size"]),
             batches=int(d["batches"]),
             workers={int(k): StreamPosition.from_dict(v) for k, v in d["workers"].items()},
             counts={int(k): dict(v) for k, v in d["counts"].items()},
+            remainder={int(k): [PlanEntry.from_list(e) for e in v]
+                       for k, v in rem.get("workers", {}).items()},
+            next_epoch=int(rem.get("next_epoch", 0)),
+            n_shards=int(rem.get("n_shards", 0)),
+            key_log_base=int(d.get("key_log_base", 0)),
         )
+
+
+def resize_data_states(old: Sequence[DataState], n_shards: int, seed: int, world_size: int,
+                       num_workers: int, resampled: bool = False) -> list[DataState]:
+    """The data states of the `world_size` data-parallel ranks of a new layout (`num_workers` each)
+    that continue the streams of `old` (one state per old data-parallel rank, in rank order).
+
+    Every sample the old ranks had not trained on in the epochs they had begun is read once by
+    the new ranks, from the remainder plans (`shards.plan_remainder`); the samples they had
+    trained on are not read again in those epochs. Skip counts are carried: the old ranks' totals
+    go to worker 0 of new rank 0, so sums over ranks go on counting. Pure: nothing is read.
+    """
+    if not old or len(old) != old[0].world_size:
+        raise ValueError(f"resize needs the data states of all {old[0].world_size if old else '?'} old "
+                         f"data-parallel ranks, got {len(old)}")
+    if any((s.num_workers, s.world_size) != (old[0].num_workers, old[0].world_size) for s in old):
+        raise ValueError("the old ranks' data states disagree on the layout (num_workers, world size)")
+    if any(s.n_shards and s.n_shards != n_shards for s in old):
+        raise ValueError(f"the checkpoint's remainder plan is for {old[0].n_shards} shards, data.shards now "
+                         f"names {n_shards}: resume with the same shard list")
+    old_workers = max(1, old[0].num_workers)
+    n_old = len(old) * old_workers
+    slots = [SlotState(r * old_workers + w, n_old, s.workers.get(w, StreamPosition()), s.remainder_of(w))
+             for r, s in enumerate(old) for w in range(old_workers)]
+    workers = max(1, num_workers)
+    next_epoch, plans = plan_remainder(n_shards, seed, slots, world_size * workers, resampled)
+    carried = new_counts()
+    for s in old:
+        for k, v in s.totals().items():
+            carried[k] = carried.get(k, 0) + v
+    return [DataState(num_workers, world_size,
+                      counts={0: carried} if r == 0 else {},
+                      remainder={w: plans[r * workers + w] for w in range(workers)},
+                      next_epoch=next_epoch, n_shards=n_shards,
+                      key_log_base=old[r].key_log_base + old[r].batches if r < len(old) else 0)
+            for r in range(world_size)]
+
+
+def cut_key_log(log_dir: str, rank: int, lines: int) -> None:
+    """Cut `<log_dir>/keys-rank<rank>.txt` (data.log_keys) to its first `lines` lines, if it exists."""
+    path = os.path.join(log_dir, f"keys-rank{rank}.txt")
+    if os.path.exists(path):
+        with open(path, "r+b") as f:
+            _cut_to_lines(f, lines)
+
+
+def count_key_log(log_dir: str, rank: int) -> int:
+    """Lines of `<log_dir>/keys-rank<rank>.txt` (0 if there is none)."""
+    path = os.path.join(log_dir, f"keys-rank{rank}.txt")
+    if not os.path.exists(path):
+        return 0
+    with open(path, "rb") as f:
+        return sum(1 for _ in f)
+
+
+def _cut_to_lines(f: BinaryIO, lines: int) -> int:
+    """Cut an open file to its first `lines` lines; return how many it had up to that many."""
+    f.seek(0)
+    end = kept = 0
+    while kept < lines and (line := f.readline()):
+        end += len(line)
+        kept += 1
+    f.truncate(end)  # in place: a crash here loses nothing that should stay
+    return kept
 
 
 class ClipStream(IterableDataset):
@@ -180,7 +281,7 @@ class ClipStream(IterableDataset):
 
         clips: list[Any] = []
         stream = iter_slot(self.urls, self.data.shuffle_seed, slot, n_slots, start, on_trouble,
-                           resampled=self.data.resampled)
+                           resampled=self.data.resampled, remainder=self.resume.remainder_of(logical))
         for sample, position in stream:
             counts["samples"] += 1
             try:
@@ -205,16 +306,16 @@ class BatchLoader:
     (with `data.log_keys`) writes the keys of every batch handed to the trainer to
     `<log_keys>/keys-rank<R>.txt` (R: the global rank), one line per batch, keys separated by
     spaces: a debugging aid for checking that no sample is lost or repeated. The file is first cut
-    to the `resume.batches` batches the resumed run starts after (none for a fresh start): lines
-    written after the last checkpoint, for batches that were never trained on or are read again,
-    go. So across crashes and resumes it lists exactly the batches the model trained on.
+    to the batches the resumed run starts after (`resume.key_log_base + resume.batches`; none for a
+    fresh start): lines written after the last checkpoint, for batches that were never trained on or
+    are read again, go. So across crashes and resumes it lists exactly the batches the model trained on.
     """
 
     def __init__(self, loader: Iterable[Batch | PendingBatch], data: DataConfig, inputs: InputConfig,
                  rank: int, resume: DataState | None = None) -> None:
         self.loader, self.data, self.inputs, self.rank = loader, data, inputs, rank
         # A number, not the DataState: the trainer keeps updating the object it resumed from.
-        self.resume_batches = resume.batches if resume is not None else 0
+        self.resume_batches = resume.key_log_base + resume.batches if resume is not None else 0
         self._dali: Any = None
         # Clips that passed the workers' probe but failed in the main process, per logical worker
         # (counts by key, as in new_counts); added to the worker's cumulative counts so the
@@ -242,15 +343,10 @@ class BatchLoader:
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else self.rank
         path = os.path.join(self.data.log_keys, f"keys-rank{rank}.txt")
         f = open(path, "a+b")  # noqa: SIM115 (closed by __iter__)
-        f.seek(0)
-        end = lines = 0
-        while lines < self.resume_batches and (line := f.readline()):
-            end += len(line)
-            lines += 1
+        lines = _cut_to_lines(f, self.resume_batches)
         if lines < self.resume_batches:
             log.warning("%s has %d lines but the run resumes after %d batches: it does not cover the "
                         "whole run", path, lines, self.resume_batches)
-        f.truncate(end)  # in place: a crash here loses nothing that should stay
         return f
 
     def _decoder(self) -> Any:
@@ -307,8 +403,11 @@ def build_loader(
         raise ValueError(
             f"exact resume needs the same data layout: the checkpoint has data.num_workers="
             f"{resume.num_workers} and world size {resume.world_size}, this run has "
-            f"{data.num_workers} and {world_size}"
+            f"{data.num_workers} and {world_size} (resize_data_states makes the states of a new layout)"
         )
+    if resume is not None and resume.n_shards and resume.n_shards != len(urls):
+        raise ValueError(f"the data state's remainder plan is for {resume.n_shards} shards, data.shards "
+                         f"names {len(urls)}: resume with the same shard list")
     decoder = resolve_decoder(data.decoder)
     storage.configure_from(data)
     stream = ClipStream(urls, data, inputs, rank, world_size, resume, decoder, gpu=torch.cuda.is_available())

@@ -11,6 +11,13 @@ With `resampled=True` each slot instead draws its shards with replacement (webda
 "resampled" mode, for corpora mixed from many sources): epoch e of slot s is a list of draws from a
 random generator seeded by (seed, slot, e), so a position (epoch, draw, sample) still says exactly
 where the stream stands and where a resumed run continues.
+
+Resuming on another number of slots (elastic resume): `plan_remainder` turns the positions of every
+slot of the old layout into a *remainder plan* per new slot, the pieces (`PlanEntry`: shard, first
+sample, and for the fewer-shards-than-slots split a stride) of every begun epoch that no old slot
+has read; each new slot reads its pieces, then the ordinary plan for the new slot count from the
+next epoch on (`Remainder.next_epoch`). A position (epoch, shard, sample) with an epoch below
+`next_epoch` indexes the remainder plan instead of an epoch's plan.
 """
 
 from __future__ import annotations
@@ -20,8 +27,8 @@ import json
 import logging
 import os
 import random
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -105,19 +112,141 @@ def shards_from_manifest(url: str) -> list[str]:
     return [base + name for name in names]
 
 
-def slot_plan(urls: list[str], epoch: int, seed: int, slot: int, n_slots: int,
-              resampled: bool = False) -> tuple[list[str], bool]:
-    """The shards slot `slot` reads in `epoch`, and whether it must keep only every n-th sample."""
+def _plan_indices(n_shards: int, epoch: int, seed: int, slot: int, n_slots: int,
+                  resampled: bool) -> tuple[list[int], bool]:
+    """`slot_plan` on shard indices: the same shuffle and the same draws (both depend on the list's
+    length only), so plans can be stored and compared without their URLs."""
     if resampled:
         # As many draws per epoch as a whole-shard split would give the slot; str seeds are
         # hashed deterministically (not with Python's per-process hash randomisation).
         rng = random.Random(f"resampled:{seed}:{slot}:{epoch}")
-        return [rng.choice(urls) for _ in range(max(1, len(urls) // n_slots))], False
-    order = list(urls)
+        indices = range(n_shards)
+        return [rng.choice(indices) for _ in range(max(1, n_shards // n_slots))], False
+    order = list(range(n_shards))
     random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    if len(order) >= n_slots:
+    if n_shards >= n_slots:
         return order[slot::n_slots], False
     return order, True
+
+
+def slot_plan(urls: list[str], epoch: int, seed: int, slot: int, n_slots: int,
+              resampled: bool = False) -> tuple[list[str], bool]:
+    """The shards slot `slot` reads in `epoch`, and whether it must keep only every n-th sample."""
+    indices, modulo = _plan_indices(len(urls), epoch, seed, slot, n_slots, resampled)
+    return [urls[i] for i in indices], modulo
+
+
+@dataclass(frozen=True)
+class PlanEntry:
+    """One piece of a remainder plan: of shard `shard` (an index into the shard list: checkpoints
+    hold no URLs, which may carry credentials), the samples from number `first` on whose number is
+    `offset` modulo `stride` (stride 1: all of them; more under the fewer-shards-than-slots split),
+    belonging to `epoch`."""
+
+    epoch: int
+    shard: int
+    first: int = 0
+    stride: int = 1
+    offset: int = 0
+
+    def to_list(self) -> list[int]:
+        return [self.epoch, self.shard, self.first, self.stride, self.offset]
+
+    @staticmethod
+    def from_list(v: Sequence[int]) -> PlanEntry:
+        return PlanEntry(*(int(x) for x in v))
+
+
+@dataclass(frozen=True)
+class Remainder:
+    """What a slot reads after a resize before its ordinary plan resumes at epoch `next_epoch`."""
+
+    next_epoch: int
+    entries: tuple[PlanEntry, ...] = ()
+
+
+@dataclass(frozen=True)
+class SlotState:
+    """Where one slot of a layout stands: its number among `n_slots`, the position after its last
+    sample the trainer took, and the remainder plan it was given by an earlier resize, if any."""
+
+    slot: int
+    n_slots: int
+    position: StreamPosition
+    remainder: Remainder | None = None
+
+
+def epoch_entries(n_shards: int, epoch: int, seed: int, slot: int, n_slots: int,
+                  resampled: bool = False) -> list[PlanEntry]:
+    """A slot's ordinary plan of `epoch` as plan entries."""
+    indices, modulo = _plan_indices(n_shards, epoch, seed, slot, n_slots, resampled)
+    stride, offset = (n_slots, slot) if modulo else (1, 0)
+    return [PlanEntry(epoch, i, 0, stride, offset) for i in indices]
+
+
+def _in_remainder(s: SlotState) -> bool:
+    return s.remainder is not None and s.position.epoch < s.remainder.next_epoch
+
+
+def _current_epoch(s: SlotState) -> int:
+    """The epoch the piece a slot is reading belongs to."""
+    if _in_remainder(s):
+        entries = s.remainder.entries
+        return entries[s.position.shard].epoch if s.position.shard < len(entries) else s.remainder.next_epoch
+    return s.position.epoch
+
+
+def _unread(n_shards: int, seed: int, s: SlotState, resampled: bool, until: int) -> list[PlanEntry]:
+    """The pieces of slot `s`'s stream after its position, up to (not including) epoch `until`."""
+    p, out = s.position, []
+    if _in_remainder(s):
+        entries = s.remainder.entries
+        if p.shard < len(entries):
+            out.append(replace(entries[p.shard], first=max(entries[p.shard].first, p.sample)))
+            out.extend(entries[p.shard + 1:])
+        epoch, shard, sample = s.remainder.next_epoch, 0, 0
+    else:
+        epoch, shard, sample = p.epoch, p.shard, p.sample
+    for e in range(epoch, until):
+        plan = epoch_entries(n_shards, e, seed, s.slot, s.n_slots, resampled)
+        if shard < len(plan):
+            out.append(replace(plan[shard], first=max(plan[shard].first, sample)))
+            out.extend(plan[shard + 1:])
+        shard, sample = 0, 0
+    return out
+
+
+def plan_remainder(n_shards: int, seed: int, old: Sequence[SlotState], n_slots: int,
+                   resampled: bool = False) -> tuple[int, list[list[PlanEntry]]]:
+    """(next epoch, the remainder plan of each of `n_slots` new slots) after the old slots `old`
+    (all slots of the old layout) stopped where their positions say.
+
+    Every sample of every epoch an old slot has begun that no old slot has read is in exactly one
+    new plan, once; what the old slots read is in none. The next epoch is the first that no old
+    slot has begun (slots drift apart when shards differ in size); from there on the new slots
+    follow their ordinary plan. Pieces are dealt largest first to the least loaded slot, shards
+    assumed equal in size (as the ordinary split assumes), their size estimated by the furthest
+    sample position seen; each slot reads its pieces in the old streams' order.
+    """
+    if n_slots < 1 or not old:
+        raise ValueError(f"plan_remainder needs old slots and n_slots >= 1 (got {len(old)}, {n_slots})")
+    until = max(max(_current_epoch(s) + 1 for s in old),
+                max((s.remainder.next_epoch for s in old if s.remainder is not None), default=0))
+    pieces = [(entry.epoch, k, n, entry) for k, s in enumerate(old)
+              for n, entry in enumerate(_unread(n_shards, seed, s, resampled, until))]
+    size = max([1] + [s.position.sample for s in old]
+               + [e.first for s in old if s.remainder is not None for e in s.remainder.entries])
+
+    def load(e: PlanEntry) -> float:  # the expected share of a shard still to read
+        return max(0.0, 1.0 - e.first / size) / e.stride
+
+    plans: list[list[tuple[int, int, int, PlanEntry]]] = [[] for _ in range(n_slots)]
+    loads = [0.0] * n_slots
+    for piece in sorted(pieces, key=lambda p: (-load(p[3]), p[:3])):
+        target = min(range(n_slots), key=lambda i: (loads[i], len(plans[i]), i))
+        plans[target].append(piece)
+        loads[target] += load(piece[3])
+    return until, [[p[3] for p in sorted(plan, key=lambda p: p[:3])] for plan in plans]
 
 
 def read_shard(url: str) -> Iterator[dict[str, Any]]:
@@ -142,39 +271,57 @@ def iter_slot(
     start: StreamPosition,
     on_trouble: Any = None,
     resampled: bool = False,
+    remainder: Remainder | None = None,
 ) -> Iterator[tuple[dict[str, Any], StreamPosition]]:
     """Yield (sample, position after it) for one slot, forever, starting at `start`.
+
+    With a `remainder` (after a resize), a start before `remainder.next_epoch` lies in the remainder
+    plan: its pieces are read first, then the ordinary plan from `next_epoch` on.
 
     A shard that cannot be opened or is cut short (truncated tar) is reported through
     `on_trouble(ShardTrouble)` and the stream moves on to the next shard; the samples before the
     cut are kept. If a whole epoch yields nothing, the shards are unusable and we stop loudly.
     """
     epoch, first_shard, skip = start.epoch, start.shard, start.sample
+    if remainder is not None and epoch < remainder.next_epoch:
+        for idx in range(first_shard, len(remainder.entries)):
+            e = remainder.entries[idx]
+            for i, sample in _read(urls[e.shard], max(e.first, skip), e.stride, e.offset, on_trouble):
+                yield sample, StreamPosition(e.epoch, idx, i + 1)
+            skip = 0
+        epoch, first_shard, skip = remainder.next_epoch, 0, 0
     while True:
         plan, modulo = slot_plan(urls, epoch, seed, slot, n_slots, resampled)
+        stride, offset = (n_slots, slot) if modulo else (1, 0)
         whole_epoch = first_shard == 0 and skip == 0
         yielded = 0
         for shard_idx in range(first_shard, len(plan)):
-            url = plan[shard_idx]
-            n_read = 0
-            try:
-                for sample in read_shard(url):
-                    i, n_read = n_read, n_read + 1
-                    if i < skip or (modulo and i % n_slots != slot):
-                        continue
-                    yielded += 1
-                    yield sample, StreamPosition(epoch, shard_idx, i + 1)
-            except Exception as e:  # noqa: BLE001 - any read failure of one shard is reported, not fatal
-                trouble = ShardTrouble(url, n_read, f"{type(e).__name__}: {e}")
-                log.warning("shard %s failed after %d samples: %s", storage.redact(url), n_read,
-                            trouble.error)
-                if on_trouble is not None:
-                    on_trouble(trouble)
+            for i, sample in _read(plan[shard_idx], skip, stride, offset, on_trouble):
+                yielded += 1
+                yield sample, StreamPosition(epoch, shard_idx, i + 1)
             skip = 0
         if whole_epoch and yielded == 0:
             raise ShardError(f"slot {slot}/{n_slots} read no samples in epoch {epoch} "
                              f"from {len(plan)} shards")
         epoch, first_shard = epoch + 1, 0
+
+
+def _read(url: str, skip: int, stride: int, offset: int,
+          on_trouble: Any) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(number, sample) of the samples of one shard from number `skip` on that are `offset` modulo
+    `stride`; a read failure is reported (`on_trouble`) and ends the shard."""
+    n_read = 0
+    try:
+        for sample in read_shard(url):
+            i, n_read = n_read, n_read + 1
+            if i < skip or i % stride != offset:
+                continue
+            yield i, sample
+    except Exception as e:  # noqa: BLE001 - any read failure of one shard is reported, not fatal
+        trouble = ShardTrouble(url, n_read, f"{type(e).__name__}: {e}")
+        log.warning("shard %s failed after %d samples: %s", storage.redact(url), n_read, trouble.error)
+        if on_trouble is not None:
+            on_trouble(trouble)
 
 
 class ShardSetWriter:

@@ -13,15 +13,34 @@ and only then named in `latest` (itself replaced atomically). A process killed m
 
 Loading never unpickles arbitrary objects: DeepSpeed's files are read with torch.load(weights_only=True)
 and our own state is JSON and safetensors.
+
+Resuming on another data-parallel size (`plan_resume`, checked by the launcher before any process
+group starts): ZeRO-0 keeps everything whole in the model-states file and loads as is; for ZeRO 1-3,
+whose optimizer partitions depend on the data-parallel size, global rank 0 converts the checkpoint
+once with DeepSpeed's `ds_to_universal` into `step_.../universal/` (per-parameter fp32 weights and
+Adam moments) and every rank loads it with DeepSpeed's `checkpoint.load_universal`, re-partitioned
+for the new size. Tensor parallelism must stay the same; ZeRO-3 under tensor parallelism and NVMe
+optimizer offload cannot be resized (refused at start-up, with the ways out).
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import datetime
+import hashlib
+import importlib
+import io
 import json
 import logging
 import os
+import re
 import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -35,10 +54,19 @@ log = logging.getLogger(__name__)
 
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
+UNIVERSAL = "universal"  # the converted copy inside a step folder, for resuming on another DP size
+# How long the other ranks wait for rank 0's conversion: it reads and writes the whole optimizer
+# state once, which on a large model takes far longer than an ordinary collective may.
+CONVERT_TIMEOUT_S = 3 * 3600
+_RANK_FILE = re.compile(r"vaemo_rank(\d+)\.json$")
 
 
 class CheckpointError(RuntimeError):
     pass
+
+
+class ResumeError(CheckpointError):
+    """The checkpoint cannot be resumed as this run is configured: reported at start-up."""
 
 
 def tag_for(step: int) -> str:
@@ -137,15 +165,263 @@ def safe_torch_load(path: Any, map_location: Any = "cpu", mmap: bool | None = No
         return torch.load(path, map_location=map_location, mmap=mmap, weights_only=True)
 
 
+class _WeightsOnlyTorch:
+    """Stands in for the `torch` module inside DeepSpeed modules whose loaders call
+    torch.load(weights_only=False); everything but `load` is the real torch."""
+
+    def __init__(self, drop_none_module_entries: bool = False) -> None:
+        self._drop_none = drop_none_module_entries
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+    def load(self, path: Any, map_location: Any = None, mmap: bool | None = None, **_ignored: Any) -> Any:
+        state = safe_torch_load(path, map_location=map_location, mmap=mmap)
+        if self._drop_none and isinstance(state, dict) and isinstance(state.get("module"), dict):
+            # megatron-core's layers put `_extra_state: None` in the state dict (TransformerEngine's
+            # slot); ds_to_universal would call .float() on it. It carries nothing.
+            state = {**state, "module": {k: v for k, v in state["module"].items() if v is not None}}
+        return state
+
+
+@contextlib.contextmanager
+def weights_only_torch(*module_names: str,
+                       drop_none_module_entries: bool = False) -> Iterator[list[ModuleType]]:
+    """The named modules with their torch.load forced to weights_only=True (DeepSpeed's few classes
+    allowed, `safe_torch_load`), for the duration; yields the modules."""
+    modules = [importlib.import_module(name) for name in module_names]
+    real = [m.torch for m in modules]
+    for m in modules:
+        m.torch = _WeightsOnlyTorch(drop_none_module_entries)
+    try:
+        yield modules
+    finally:
+        for m, t in zip(modules, real):
+            m.torch = t
+
+
+# DeepSpeed modules that call torch.load themselves: the universal-checkpoint converter and what it
+# reads with, and the loaders of a universal checkpoint (per-parameter files, the optimizer's state).
+_CONVERTER_MODULES = ("deepspeed.checkpoint.ds_to_universal", "deepspeed.checkpoint.deepspeed_checkpoint",
+                      "deepspeed.checkpoint.zero_checkpoint", "deepspeed.checkpoint.reshape_3d_utils",
+                      "deepspeed.checkpoint.autoep_universal")
+_UNIVERSAL_LOADER_MODULES = ("deepspeed.checkpoint.universal_checkpoint", "deepspeed.runtime.base_optimizer",
+                             "deepspeed.runtime.zero.stage3")
+
+
 def load_checkpoint(engine: Any, folder: Path, rank: int) -> dict[str, Any]:
     """Restore model, optimizer, scheduler and RNG; return our per-rank state dict."""
-    engine.checkpoint_engine.load = safe_torch_load  # DeepSpeed's own loader unpickles freely
-    path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_optimizer_states=True,
-                                     load_lr_scheduler_states=True)
-    if path is None:
-        raise CheckpointError(f"DeepSpeed could not load the checkpoint in {folder}")
+    load_model_state(engine, folder)
     state_file = folder / f"vaemo_rank{rank:05d}.json"
     if not state_file.exists():
         raise CheckpointError(f"{state_file} is missing: was the checkpoint written with another world size?")
     set_rng_state(load_file(str(folder / f"rng_rank{rank:05d}.safetensors")))
     return json.loads(state_file.read_text())
+
+
+def load_model_state(engine: Any, folder: Path, universal: Path | None = None) -> None:
+    """Restore model, optimizer and scheduler from `folder`, or from its converted copy `universal`
+    (the engine's config then has checkpoint.load_universal)."""
+    engine.checkpoint_engine.load = safe_torch_load  # DeepSpeed's own loader unpickles freely
+    source = universal or folder
+    with weights_only_torch(*_UNIVERSAL_LOADER_MODULES):
+        path, _ = engine.load_checkpoint(str(source.parent), tag=source.name, load_optimizer_states=True,
+                                         load_lr_scheduler_states=True)
+    if path is None:
+        raise CheckpointError(f"DeepSpeed could not load the checkpoint in {source}")
+    if universal is not None and engine.zero_optimization_partition_weights():
+        _undo_zero3_universal_slips(engine, universal)
+
+
+def _undo_zero3_universal_slips(engine: Any, universal: Path) -> None:
+    """DeepSpeed 0.19.8's ZeRO-3 universal load (load_hp_checkpoint_state_from_checkpoint_dir_stage3)
+    gives every parameter group the hyperparameters of the first, so our no-decay group (norms,
+    biases, the logit scale) would be decayed, and every sub-group one shared `step` tensor, which
+    AdamW advances in place once per sub-group and step. Each group gets its saved values back and
+    each sub-group a step of its own."""
+    base = engine.optimizer.optimizer
+    state_file = universal / "zero" / "optimizer_state.pt"  # mmap: only the small group dicts are read
+    saved = safe_torch_load(state_file, mmap=True)["optimizer_state_dict"]["param_groups"]
+    if len(saved) != len(base.param_groups):
+        raise CheckpointError(f"{universal}: {len(saved)} parameter groups saved, the optimizer has "
+                              f"{len(base.param_groups)}")
+    for group, old in zip(base.param_groups, saved):
+        group.update({k: v for k, v in old.items() if k != "params"})
+    seen: set[int] = set()
+    for state in base.state.values():
+        step = state.get("step")
+        if isinstance(step, torch.Tensor):
+            if id(step) in seen:
+                state["step"] = step.clone()
+            seen.add(id(step))
+
+
+def read_rank_states(folder: Path) -> list[dict[str, Any]]:
+    """Our state of every rank that wrote `folder` (vaemo_rank*.json), in rank order."""
+    found = {int(m.group(1)): p for p in folder.iterdir() if (m := _RANK_FILE.match(p.name))}
+    if not found or sorted(found) != list(range(len(found))):
+        raise CheckpointError(f"{folder} holds per-rank states for ranks {sorted(found)}: not 0..N-1")
+    return [json.loads(found[r].read_text()) for r in range(len(found))]
+
+
+@dataclass(frozen=True)
+class CheckpointMeta:
+    """What a resume must know of the run that wrote a checkpoint, from our files alone."""
+
+    folder: Path
+    step: int
+    world_size: int  # processes that wrote it
+    tp_size: int
+    zero_stage: int
+    num_workers: int
+    nvme_offload: bool
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size // self.tp_size
+
+
+def read_meta(folder: Path) -> CheckpointMeta:
+    config_file = folder / "config.yaml"
+    if not config_file.is_file():
+        raise CheckpointError(f"{config_file} is missing: was this checkpoint written by vaemo_dist's "
+                              "trainer?")
+    raw = yaml.safe_load(config_file.read_text()) or {}
+    train, parallel = raw.get("train") or {}, raw.get("parallel") or {}
+    zero = ((train.get("deepspeed") or {}).get("zero_optimization") or {})
+    states = read_rank_states(folder)
+    steps = {int(s["step"]) for s in states}
+    if len(steps) != 1:
+        raise CheckpointError(f"the ranks of {folder} disagree on the step: {sorted(steps)}")
+    tp = int(parallel.get("tensor", 1))
+    if len(states) % tp:
+        raise CheckpointError(f"{folder}: {len(states)} rank states, not a multiple of parallel.tensor={tp}")
+    return CheckpointMeta(folder=folder, step=steps.pop(), world_size=len(states), tp_size=tp,
+                          zero_stage=int(train.get("zero_stage", 1)),
+                          num_workers=int(states[0]["data"]["num_workers"]),
+                          nvme_offload=(zero.get("offload_optimizer") or {}).get("device") == "nvme")
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    """How this run resumes from `old`: as is, or onto another data-parallel size or worker count."""
+
+    old: CheckpointMeta
+    dp_size: int
+    num_workers: int
+
+    @property
+    def folder(self) -> Path:
+        return self.old.folder
+
+    @property
+    def resize_model(self) -> bool:
+        """The data-parallel size changes: optimizer partitions (ZeRO 1-3) and RNG states do not fit."""
+        return self.old.dp_size != self.dp_size
+
+    @property
+    def resize_data(self) -> bool:
+        """The data slots change: the rest of the epoch is dealt anew (data.loader.resize_data_states)."""
+        return (self.old.dp_size, self.old.num_workers) != (self.dp_size, self.num_workers)
+
+    @property
+    def universal(self) -> bool:
+        """Loading needs the universal conversion (ZeRO 1-3 onto another data-parallel size)."""
+        return self.resize_model and self.old.zero_stage > 0
+
+
+def plan_resume(cfg: Any, world_size: int) -> ResumePlan | None:
+    """The resume `cfg.train.resume` asks for on `world_size` processes (None: a fresh start), or a
+    ResumeError saying why it cannot be done and what to do instead. Reads only our small files, so
+    the launcher calls it before any process group exists."""
+    if not cfg.train.resume:
+        return None
+    folder = resolve(cfg.train.resume, Path(cfg.train.out_dir) / cfg.train.run_name / "checkpoints")
+    if folder is None:
+        return None
+    old = read_meta(folder)
+    tp, stage = cfg.parallel.tensor, cfg.train.zero_stage
+    plan = ResumePlan(old, world_size // tp, cfg.data.num_workers)
+    if old.tp_size != tp:
+        raise ResumeError(
+            f"cannot resume from {folder}: it was written with parallel.tensor={old.tp_size} and this run "
+            f"has parallel.tensor={tp}. Tensor parallelism must stay the same across a resume (every weight "
+            f"is sharded by it); set parallel.tensor={old.tp_size}. The data-parallel size may change.")
+    if not plan.resize_model:
+        return plan
+    where = (f"from {folder} ({old.dp_size} data-parallel ranks x TP {old.tp_size}) onto {plan.dp_size} "
+             f"data-parallel ranks")
+    way_out = (f"Resume on {old.dp_size} data-parallel ranks (world size {old.dp_size * tp}), or keep the "
+               f"weights only: `vaemo-export {folder} --out DIR` and start a fresh run from them (for a "
+               f"stage-2 run: stage2.init_from={folder}); the optimizer state and the data position are "
+               "lost that way.")
+    if stage != old.zero_stage:
+        raise ResumeError(f"cannot resume {where}: the checkpoint is ZeRO-{old.zero_stage} and this run asks "
+                          f"for train.zero_stage={stage}; a resize keeps the ZeRO stage (set "
+                          f"train.zero_stage={old.zero_stage}). {way_out}")
+    if old.zero_stage == 3 and tp > 1:
+        raise ResumeError(f"cannot resume {where}: DeepSpeed's ZeRO-3 universal-checkpoint loader does not "
+                          "cut tensor-parallel shards (it stops on the merged weights), so ZeRO-3 under "
+                          f"parallel.tensor={tp} keeps its data-parallel size. {way_out}")
+    if old.nvme_offload:
+        raise ResumeError(f"cannot resume {where}: ZeRO-{old.zero_stage} with NVMe optimizer offload keeps "
+                          "its optimizer state per rank in swap files (offloaded_tensors/), which DeepSpeed "
+                          f"cannot re-partition. {way_out}")
+    return plan
+
+
+def ensure_universal(folder: Path, rank: int, world_size: int) -> tuple[Path, float]:
+    """Collective: the universal copy of `folder` (converted by global rank 0 if there is none yet,
+    the others waiting) and the seconds rank 0 spent converting (0 when it already existed)."""
+    out, took, error = folder / UNIVERSAL, 0.0, ""
+    if rank == 0:
+        try:
+            took = convert_to_universal(folder)
+        except Exception as e:  # noqa: BLE001 - told to the other ranks, then raised here
+            error = f"{type(e).__name__}: {e}"
+    if world_size > 1:
+        # Its own gloo group: a long timeout for this wait only, and CPU tensors on any backend.
+        timeout = datetime.timedelta(seconds=CONVERT_TIMEOUT_S)
+        group = torch.distributed.new_group(backend="gloo", timeout=timeout)
+        verdict = torch.tensor([1 if error else 0, took])
+        torch.distributed.broadcast(verdict, src=0, group=group)
+        torch.distributed.destroy_process_group(group)
+        if verdict[0] and not error:
+            error = "rank 0 could not convert it (its log says why)"
+        took = float(verdict[1])
+    if error:
+        raise CheckpointError(f"converting {folder} to a universal checkpoint failed: {error}")
+    return out, took
+
+
+def convert_to_universal(folder: Path) -> float:
+    """DeepSpeed's ds_to_universal on `folder` into `folder/universal`, reading only under
+    weights-only loading; a no-op when that copy exists. Returns the seconds it took."""
+    out = folder / UNIVERSAL
+    if out.is_dir():  # complete: it is renamed into place only when done
+        return 0.0
+    # The converter walks the whole folder: debris of an interrupted conversion must go first.
+    for stale in folder.glob(TMP_PREFIX + UNIVERSAL + "-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = folder / f"{TMP_PREFIX}{UNIVERSAL}-{os.getpid()}"
+    args = argparse.Namespace(input_folder=str(folder), output_folder=str(tmp), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              inject_missing_state=True)  # our engines record no universal info
+    start = time.perf_counter()
+    chatter = io.StringIO()  # its prints and progress bars
+    with (weights_only_torch(*_CONVERTER_MODULES, drop_none_module_entries=True) as (ds_to_universal, *_),
+          contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter)):
+        ds_to_universal.main(args)
+    log.debug("ds_to_universal: %s", chatter.getvalue())
+    (folder / "latest_universal").unlink(missing_ok=True)  # it names the temporary folder; unused
+    os.replace(tmp, out)
+    _fsync_dir(folder)
+    return time.perf_counter() - start
+
+
+def resized_seed(seed: int, dp_rank: int, step: int) -> int:
+    """The torch seed of a data-parallel rank after a resize (its saved RNG state belongs to another
+    layout): a hash of (train.seed, data-parallel rank, step), so reruns draw the same masks and
+    the ranks of a tensor-parallel group the same ones."""
+    digest = hashlib.sha256(f"vaemo-resize:{seed}:{dp_rank}:{step}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)

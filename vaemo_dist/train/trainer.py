@@ -16,15 +16,26 @@ from typing import Any
 
 import deepspeed
 import torch
+from safetensors.torch import load_file
 
 from vaemo_dist import faults
 from vaemo_dist.config import Config, check_deepspeed_extra
-from vaemo_dist.data.loader import DataState, build_loader
+from vaemo_dist.data.loader import DataState, build_loader, count_key_log, cut_key_log, resize_data_states
 from vaemo_dist.data.types import Batch
 from vaemo_dist.dist import DistInfo, MegatronMpu, reduce_over_ranks
 from vaemo_dist.model.flops import peak_tflops
 from vaemo_dist.secrets import redact_config
-from vaemo_dist.train.checkpoint import load_checkpoint, resolve, save_checkpoint
+from vaemo_dist.train.checkpoint import (
+    ResumePlan,
+    ensure_universal,
+    load_checkpoint,
+    load_model_state,
+    plan_resume,
+    read_rank_states,
+    resized_seed,
+    save_checkpoint,
+    set_rng_state,
+)
 from vaemo_dist.train.metrics import MetricsLogger, memory_stats, profile_window
 from vaemo_dist.train.schedule import build_optimizer, warmup_cosine
 from vaemo_dist.watchdog import PeerWatch
@@ -99,7 +110,15 @@ class Trainer:
         optimizer = build_optimizer(self.model, cfg.optim)
         scheduler = warmup_cosine(optimizer, t.steps, cfg.optim)
         n_params = sum(p.numel() for p in self.model.parameters())  # before ZeRO-3 partitions them
+        # Decided before the engine exists: a resize of ZeRO 1-3 loads a universal copy of the
+        # checkpoint (converted now by rank 0 if need be), which DeepSpeed must be told at initialize.
+        plan = plan_resume(cfg, d.world_size)
+        universal, convert_s = None, 0.0
+        if plan is not None and plan.universal:
+            universal, convert_s = ensure_universal(plan.folder, d.rank, d.world_size)
         ds_config = deepspeed_config(cfg, d.dp_size, bf16)
+        if universal is not None:
+            ds_config = merge_deepspeed(ds_config, {"checkpoint": {"load_universal": True}})
         if d.is_main:  # what DeepSpeed gets, train.deepspeed merged in
             log.info("DeepSpeed config: %s", json.dumps(redact_config(ds_config), sort_keys=True))
         engine, _, _, _ = deepspeed.initialize(model=self.model, optimizer=optimizer, lr_scheduler=scheduler,
@@ -108,7 +127,7 @@ class Trainer:
         torch.manual_seed(t.seed * 7919 + d.dp_rank)
         peak = peak_tflops(cfg.parallel.peak_tflops, d.device)
 
-        step, data_state, nonfinite = self._maybe_resume(engine)
+        step, data_state, nonfinite = self._maybe_resume(engine, plan, universal, convert_s)
         loader = build_loader(self.urls, cfg.data, cfg.inputs, d.dp_rank, d.dp_size, resume=data_state)
         data_state = data_state or DataState(cfg.data.num_workers, d.dp_size)
         batches: Iterator[Batch] = iter(loader)
@@ -246,17 +265,71 @@ class Trainer:
         except Exception as e:  # noqa: BLE001 - the run itself is done and saved
             log.warning("could not draw %s: %s", self.run_dir / CURVES_FILE, e)
 
-    def _maybe_resume(self, engine: Any) -> tuple[int, DataState | None, int]:
+    def _maybe_resume(self, engine: Any, plan: ResumePlan | None, universal: Path | None = None,
+                      convert_s: float = 0.0) -> tuple[int, DataState | None, int]:
         """(step, data position, non-finite steps so far) of the checkpoint to resume from, if any."""
-        if not self.cfg.train.resume:
+        if plan is None:
+            if self.cfg.train.resume:
+                log.info("no checkpoint in %s yet: starting from step 0", self.ckpt_root)
             return 0, None, 0
-        folder = resolve(self.cfg.train.resume, self.ckpt_root)
-        if folder is None:
-            log.info("no checkpoint in %s yet: starting from step 0", self.ckpt_root)
-            return 0, None, 0
+        if plan.resize_model or plan.resize_data:
+            return self._resume_resized(engine, plan, universal, convert_s)
+        folder = plan.folder
         state = load_checkpoint(engine, folder, self.dist.rank)
         log.info("resumed from %s at step %d", folder, state["step"])
         return int(state["step"]), DataState.from_dict(state["data"]), int(state.get("nonfinite_steps", 0))
+
+    def _resume_resized(self, engine: Any, plan: ResumePlan, universal: Path | None,
+                        convert_s: float) -> tuple[int, DataState, int]:
+        """Resume onto another data-parallel size or worker count: the model as DeepSpeed can (as is for
+        ZeRO-0, from the universal copy for ZeRO 1-3), the data as the rest of the begun epoch dealt to
+        the new slots; every rank reads the state of every old rank."""
+        started = time.perf_counter()
+        cfg, d, old = self.cfg, self.dist, plan.old
+        states = read_rank_states(plan.folder)
+        step = old.step
+        nonfinite = max(int(s.get("nonfinite_steps", 0)) for s in states)  # agreed over ranks: all equal
+        load_model_state(engine, plan.folder, universal)
+        if plan.resize_model:  # the saved RNG states belong to ranks of another layout
+            torch.manual_seed(resized_seed(cfg.train.seed, d.dp_rank, step))
+        else:  # only the worker count changed: every rank has its own RNG state
+            set_rng_state(load_file(str(plan.folder / f"rng_rank{d.rank:05d}.safetensors")))
+        # One state per old data-parallel rank; under TP its ranks are consecutive (megatron's order).
+        old_data = [DataState.from_dict(states[r * old.tp_size]["data"]) for r in range(old.dp_size)]
+        new_data = resize_data_states(old_data, len(self.urls), cfg.data.shuffle_seed, d.dp_size,
+                                      cfg.data.num_workers, cfg.data.resampled)
+        data_state = new_data[d.dp_rank]
+        if cfg.data.log_keys:
+            if d.rank >= old.world_size:  # no old rank of this number: its file, if any, stays whole
+                data_state.key_log_base = count_key_log(cfg.data.log_keys, d.rank)
+            if d.is_main:  # old ranks with no new process: their files keep the batches trained on
+                for g in range(d.world_size, old.world_size):
+                    gone = states[g]["data"]
+                    cut_key_log(cfg.data.log_keys, g, int(gone.get("key_log_base", 0)) + int(gone["batches"]))
+        if d.is_main:
+            pieces = [e for s in new_data for plan_of in s.remainder.values() for e in plan_of]
+            begun = sorted({e.epoch for e in pieces})
+            if old.zero_stage == 0:
+                model = "ZeRO-0 model and optimizer states loaded whole"
+            elif universal is not None:
+                how = f"converted in {convert_s:.1f} s" if convert_s else "converted earlier"
+                model = (f"ZeRO-{old.zero_stage} optimizer state re-partitioned from the universal "
+                         f"checkpoint {universal} ({how})")
+            else:
+                model = f"ZeRO-{old.zero_stage} states loaded as saved (same data-parallel size)"
+            log.info("resumed from %d ranks x %d workers onto %d x %d: step %d (%s%s); data: the rest of "
+                     "epoch %s (%d pieces) dealt to %d slots, the ordinary plan from epoch %d; model: %s; "
+                     "RNG: %s; skip counts carried (the old ranks' sum); %.1f s", old.dp_size,
+                     old.num_workers, d.dp_size, cfg.data.num_workers, step, plan.folder,
+                     f"; data-parallel ranks, tensor parallel {d.tp_size} kept" if d.tp_size > 1 else "",
+                     "/".join(map(str, begun)) or "-", len(pieces), d.dp_size * max(1, cfg.data.num_workers),
+                     new_data[0].next_epoch, model,
+                     "seeded per data-parallel rank from (train.seed, rank, step)" if plan.resize_model
+                     else "restored per rank", time.perf_counter() - started + convert_s)
+            if cfg.data.resampled:
+                log.info("data.resampled: the draws of the nominal epoch not yet read are read once by the "
+                         "new slots (draws repeat shards by design: once per draw, not per sample)")
+        return step, data_state, nonfinite
 
     def _check_skips(self, state: DataState) -> None:
         totals = state.totals()
