@@ -209,6 +209,9 @@ class TrainConfig:
     out_dir: str = "runs"
     run_name: str = "stage1-tiny"
     resume: str = ""  # "", "latest", or a checkpoint folder
+    # An existing run folder (out_dir/run_name) is refused without resume; overwrite moves it aside to
+    # <run>.old-<timestamp> (never deleted) and starts a fresh run.
+    overwrite: bool = False
     dist_timeout_s: int = 600  # collectives that wait longer than this fail (a dead or hung peer)
     # A step whose loss or gradient is not finite is skipped and counted; this many in a row stop
     # the run with an error.
@@ -245,9 +248,15 @@ class EvalConfig:
     """Online evaluation during pretraining (docs/scaling.md): every `every` steps, on held-out clips."""
 
     every: int = 0  # steps between evaluations; 0: off
-    # Labelled held-out clips. "synthetic": a corpus like data.synth with another seed, built on
-    # first use next to it; otherwise shards as in data.shards (labels from their json).
-    shards: str = "synthetic"
+    # Labelled held-out clips. "auto": the synthetic held-out corpus when training on the synthetic
+    # corpus, else eval.holdout of the training shards, else no evaluation (one start-up line says why).
+    # "synthetic": a corpus like data.synth with another seed, built on first use next to it;
+    # otherwise shards as in data.shards (labels from their json).
+    shards: str = "auto"
+    # With the user's own training shards and no eval.shards: a fraction (< 1) or a count (>= 1) of the
+    # training clips held out for evaluation, by speaker where the clips' json has one; those keys are
+    # never trained on and the split is written to <run>/holdout.json. 0: no held-out split.
+    holdout: float = 0.0
     clips: int = 64  # held-out clips used (probe: half fit, half scored; retrieval and rec loss: all)
     # Synthetic held-out classes; 0: as data.synth. More classes (e.g. 32) make neighbouring classes
     # close, so the probe does not saturate at chance-free 100% on the easy 4-class set.
