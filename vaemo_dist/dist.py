@@ -45,9 +45,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class PortInUseError(RuntimeError):
+    """Rank 0 could not listen on the rendezvous port (MASTER_PORT): another run holds it."""
+
+
+def port_in_use_message(port: str | int) -> str:
+    """What to do when the rendezvous port is taken: one line naming the port and the launcher flags."""
+    other = free_port()
+    return (f"the rendezvous port {port} (MASTER_PORT) is already in use on this machine, most likely by "
+            f"another run. Give this launch another port: `deepspeed --master_port {other} ...` or "
+            f"`torchrun --master_port {other} ...` (several nodes: `--rdzv-endpoint HOST:{other}`); "
+            f"port {other} is free right now")
+
+
+def _address_in_use(e: BaseException) -> bool:
+    text = str(e)
+    return "EADDRINUSE" in text or "ddress already in use" in text
+
+
 def init_distributed(timeout_s: int = 600, tensor_parallel: int = 1) -> DistInfo:
     """Start torch.distributed (NCCL on GPUs, gloo on CPU), megatron-core's tensor/data-parallel
-    groups, and hand it all to DeepSpeed."""
+    groups, and hand it all to DeepSpeed. PortInUseError when rank 0 cannot listen on MASTER_PORT."""
     if "RANK" not in os.environ:  # a world of one, started by hand
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
@@ -63,7 +81,12 @@ def init_distributed(timeout_s: int = 600, tensor_parallel: int = 1) -> DistInfo
 
     timeout = datetime.timedelta(seconds=timeout_s)
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, timeout=timeout)
+        try:
+            dist.init_process_group(backend=backend, timeout=timeout)
+        except RuntimeError as e:  # torch's DistNetworkError among them
+            if _address_in_use(e):
+                raise PortInUseError(port_in_use_message(os.environ.get("MASTER_PORT", "?"))) from e
+            raise
     import deepspeed
 
     deepspeed.init_distributed(dist_backend=backend, timeout=timeout)  # wraps the group made above

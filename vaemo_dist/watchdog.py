@@ -143,7 +143,8 @@ class PeerWatch:
         if latest is not None and latest.exists():
             return (f"Last complete checkpoint: {self.ckpt_root / latest.read_text().strip()}; relaunch "
                     "the same command with --resume latest to continue from it.")
-        return "No complete checkpoint yet: relaunching starts from step 0."
+        return ("No complete checkpoint yet: relaunch the same command with --resume latest (it starts from "
+                "step 0 and keeps the run's metrics) or with train.overwrite=true.")
 
     # ---- the thread and the signal
 

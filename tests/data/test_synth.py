@@ -288,3 +288,62 @@ def test_dynamics_class_still_sets_syllable_rate(dynamics_measures):
     nominal = 1.5 + 3.0 * m["label"] / (DYNAMICS.classes - 1)  # syllables/s, jittered +-8% per clip
     assert np.allclose(m["rate"], nominal, rtol=0.12), np.c_[m["label"], m["rate"]]
     assert anova_f(m["rate"], m["label"]) > 100
+
+
+# --------------------------------------------------------------------------------------------
+# The corpus is written only into its own folder (fsutil.claim_output_dir)
+
+SMALL_SYNTH = SynthConfig(clips=2, clips_per_shard=1, classes=2, size=32, duration=0.4)
+
+
+def _user_folder(tmp_path: Path) -> tuple[Path, bytes]:
+    folder = tmp_path / "my-clips"
+    folder.mkdir()
+    content = b"my own clip, not a synthetic one"
+    (folder / "clip.mp4").write_bytes(content)
+    return folder, content
+
+
+def test_a_folder_of_the_users_is_refused_and_left_as_it_was(tmp_path):
+    from vaemo_dist.fsutil import FolderInUseError
+
+    folder, content = _user_folder(tmp_path)
+    cfg = dataclasses.replace(SMALL_SYNTH, dir=str(folder))
+    with pytest.raises(FolderInUseError, match="refusing to write into .*my-clips.*Nothing was changed"):
+        ensure_corpus(cfg, progress=False)
+    with pytest.raises(FolderInUseError, match="--overwrite"):
+        build_corpus(cfg, folder, progress=False)
+    assert [p.name for p in folder.iterdir()] == ["clip.mp4"]  # not even a lock file
+    assert (folder / "clip.mp4").read_bytes() == content
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["my-clips"]
+
+
+def test_cli_refuses_a_users_folder_and_overwrite_moves_it_aside(tmp_path, capsys):
+    folder, content = _user_folder(tmp_path)
+    args = ["--out", str(folder), "--clips", "2", "--classes", "2", "--size", "32", "--duration", "0.4"]
+    assert synth.main(args) == 2
+    err = capsys.readouterr().err
+    assert "refusing to write into" in err and "--overwrite" in err
+    assert [p.name for p in folder.iterdir()] == ["clip.mp4"]
+    assert synth.main([*args, "--overwrite"]) == 0
+    (aside,) = tmp_path.glob("my-clips.old-*")
+    assert [p.name for p in aside.iterdir()] == ["clip.mp4"] and (aside / "clip.mp4").read_bytes() == content
+    assert json.loads((folder / "manifest.json").read_text())["total"] == 2
+
+
+def test_an_older_cache_is_adopted_and_rebuilt_for_other_settings(tmp_path, monkeypatch):
+    """A corpus built before folders were marked (no owner file) is the corpus's own: reused when its
+    settings match, rebuilt in place when they do not, as before."""
+    from vaemo_dist.fsutil import OWNER_FILE, folder_owner
+
+    cfg = dataclasses.replace(SMALL_SYNTH, dir=str(tmp_path / "cache"))
+    out = ensure_corpus(cfg, progress=False)
+    assert folder_owner(out) == synth.WRITER
+    (out / OWNER_FILE).unlink()
+    calls = []
+    real_build = synth.build_corpus
+    monkeypatch.setattr(synth, "build_corpus", lambda *a, **k: calls.append(1) or real_build(*a, **k))
+    assert ensure_corpus(cfg, progress=False) == out and not calls  # complete: nothing written
+    bigger = dataclasses.replace(cfg, clips=3)
+    ensure_corpus(bigger, progress=False)
+    assert len(calls) == 1 and corpus_is_complete(bigger, out) and folder_owner(out) == synth.WRITER

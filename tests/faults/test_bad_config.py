@@ -40,3 +40,59 @@ def test_bad_config_fails_before_the_process_group(overrides, fragments, tmp_pat
         assert fragment in proc.stderr, proc.stderr[-2000:]
     assert not any(tmp_path.iterdir())  # no run folder, corpus or checkpoint was started
     assert time.monotonic() - started < 60
+
+
+def _claimed_world(rank: int) -> dict[str, str]:
+    """This process as rank `rank` of a 2-process world whose other rank never comes."""
+    return run_env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(free_port()))
+
+
+def test_config_error_is_printed_by_rank_0_only(tmp_path):
+    quiet = subprocess.run([sys.executable, "launchers/stage1.py", f"train.out_dir={tmp_path}",
+                            "model.dpth=3"], cwd=REPO, env=_claimed_world(1), capture_output=True, text=True,
+                           timeout=120)
+    assert quiet.returncode == 2
+    assert "config error" not in quiet.stderr + quiet.stdout and "model.dpth" not in quiet.stderr
+
+
+def _folder_with(path, name: str, content: bytes) -> dict:
+    path.mkdir(parents=True)
+    (path / name).write_bytes(content)
+    return {p.name: p.read_bytes() for p in path.iterdir()}
+
+
+def test_an_earlier_run_is_refused_before_the_process_group(tmp_path):
+    run = tmp_path / "runs" / "mine"
+    before = _folder_with(run, "metrics.jsonl", b'{"step": 1, "loss": 2.0}\n')
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "launchers/stage1.py", f"train.out_dir={run.parent}",
+                           "train.run_name=mine", f"data.shards={tmp_path / 'none'}"],
+                          cwd=REPO, env=_claimed_world(0), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"refusing to write into {run}" in proc.stderr and "metrics.jsonl with 1 lines" in proc.stderr
+    for way in ("--resume latest", "train.run_name=", "train.overwrite=true", "mine.old-<timestamp>"):
+        assert way in proc.stderr, proc.stderr[-2000:]
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    assert sorted(p.name for p in run.parent.iterdir()) == ["mine"]
+    assert time.monotonic() - started < 60
+
+
+def test_resume_and_overwrite_together_are_refused(tmp_path):
+    proc = subprocess.run([sys.executable, "launchers/stage1.py", f"train.out_dir={tmp_path}", "--resume",
+                           "latest", "train.overwrite=true", f"data.shards={tmp_path / 'none'}"],
+                          cwd=REPO, env=_claimed_world(0), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "contradict each other" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_users_folder_as_the_synthetic_corpus_is_refused_before_the_process_group(tmp_path):
+    mine = tmp_path / "my-clips"
+    before = _folder_with(mine, "clip.mp4", b"my own clip")
+    proc = subprocess.run([sys.executable, "launchers/stage1.py", f"train.out_dir={tmp_path / 'runs'}",
+                           f"data.synth.dir={mine}"],
+                          cwd=REPO, env=_claimed_world(0), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"data.synth.dir: refusing to write into {mine}" in proc.stderr
+    assert "vaemo-synth --out" in proc.stderr and "--overwrite" in proc.stderr
+    assert {p.name: p.read_bytes() for p in mine.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["my-clips"]

@@ -20,6 +20,8 @@ only on the corpus seed and its index (not on sharding or worker count).
 
 Layout of `out_dir`: `shard-000000.tar ...`, `manifest.json`, and `_SUCCESS`, written last; a
 corpus without `_SUCCESS` (or built from a different config) is never used by `ensure_corpus`.
+The folder is claimed first (`.vaemo-owner.json`, fsutil.claim_output_dir): the builder never writes
+into a non-empty folder that is not a synthetic corpus (`vaemo-synth --overwrite` moves one aside).
 Each sample: `<key>.mp4` (H.264, yuv420p) or `<key>.webm` (VP9), `<key>.flac` (16 kHz mono),
 `<key>.json` (frames, fps, duration, sample_rate, label, class_name, seed).
 """
@@ -47,7 +49,7 @@ from tqdm import tqdm
 
 from vaemo_dist.config import SynthConfig
 from vaemo_dist.data.shards import ShardSetWriter
-from vaemo_dist.fsutil import folder_lock, write_atomic
+from vaemo_dist.fsutil import FolderInUseError, claim_output_dir, folder_lock, write_atomic
 
 FPS = 25
 SAMPLE_RATE = 16000
@@ -60,6 +62,7 @@ FORMAT_VERSION = 1
 _LATER_FIELDS = {"cues": "all"}
 CUES = ("all", "dynamics")
 BITEXACT = {"fflags": "+bitexact"}
+WRITER = "synthetic corpus"  # the owner recorded in the folder (fsutil.claim_output_dir)
 CLASS_NAMES = ["neutral", "happy", "sad", "angry", "fearful", "surprised", "disgusted", "calm"]
 
 
@@ -345,20 +348,46 @@ def _clips(cfg: SynthConfig, workers: int) -> Iterator[dict[str, Any]]:
         yield from pool.map(_make_clip_job, jobs, chunksize=4)
 
 
-def build_corpus(cfg: SynthConfig, out_dir: str | Path, *, progress: bool = True,
-                 workers: int | None = None) -> Path:
-    """Write the corpus described by `cfg` into `out_dir` (replacing any earlier one there).
+def holds_synthetic_corpus(out_dir: str | Path) -> bool:
+    """True if `out_dir` holds a complete synthetic corpus (of any settings): its `_SUCCESS` is the
+    config record only `build_corpus` writes. Such a folder, written before folders were marked with
+    their owner, is adopted as the synthetic corpus's own; anything else is the user's."""
+    try:
+        built = json.loads((Path(out_dir) / SUCCESS).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(built, dict) and "format_version" in built and "clips" in built \
+        and (Path(out_dir) / MANIFEST).is_file()
 
-    `workers` processes encode clips in parallel (default: all CPUs for 32+ clips, else 1); the
-    output does not depend on it.
-    """
+
+def claim_corpus_dir(out_dir: str | Path, *, overwrite: bool = False, flag: str = "--overwrite") -> Path:
+    """Make `out_dir` the synthetic corpus's folder, or raise fsutil.FolderInUseError (nothing changed)
+    if it is a non-empty folder the corpus builder did not create; `overwrite` moves such a folder aside
+    to `<out_dir>.old-<timestamp>` (never deleted). A folder holding a synthetic corpus is reused."""
+    out = Path(out_dir)
+    return claim_output_dir(out, WRITER, overwrite=overwrite, flag=flag, adopt=holds_synthetic_corpus(out))
+
+
+def check_settings(cfg: SynthConfig) -> None:
+    """ValueError for settings the builder cannot honour (before anything is written)."""
     if cfg.clips < 1 or cfg.clips_per_shard < 1 or cfg.classes < 2:
         raise ValueError("synth corpus needs clips >= 1, clips_per_shard >= 1 and classes >= 2")
     video_extension(cfg.codec)
     if cfg.cues not in CUES:
         raise ValueError(f"synth cues {cfg.cues!r} not supported; choose one of {', '.join(CUES)}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+
+
+def build_corpus(cfg: SynthConfig, out_dir: str | Path, *, progress: bool = True,
+                 workers: int | None = None, overwrite: bool = False, flag: str = "--overwrite") -> Path:
+    """Write the corpus described by `cfg` into `out_dir` (replacing an earlier synthetic corpus there).
+
+    `out_dir` must be new, empty or the synthetic corpus's own (claim_corpus_dir): a folder of anyone
+    else's raises fsutil.FolderInUseError naming `flag`, unless `overwrite` (moved aside, never deleted).
+    `workers` processes encode clips in parallel (default: all CPUs for 32+ clips, else 1); the
+    output does not depend on it.
+    """
+    check_settings(cfg)
+    out = claim_corpus_dir(out_dir, overwrite=overwrite, flag=flag)
     (out / SUCCESS).unlink(missing_ok=True)  # from here on the folder is "under construction"
     if workers is None:
         workers = (os.cpu_count() or 1) if cfg.clips >= 32 else 1
@@ -407,17 +436,22 @@ def corpus_is_complete(cfg: SynthConfig, out_dir: str | Path) -> bool:
     return built == _config_record(cfg) and all((out / s).is_file() for s in manifest.get("shards", []))
 
 
-def ensure_corpus(cfg: SynthConfig, out_dir: str | Path | None = None, *, progress: bool = True) -> Path:
+def ensure_corpus(cfg: SynthConfig, out_dir: str | Path | None = None, *, progress: bool = True,
+                  flag: str = "--overwrite") -> Path:
     """Return the corpus folder (default `cfg.dir`), building it first unless already complete.
 
+    The folder is claimed first (claim_corpus_dir): a non-empty folder that is not a synthetic corpus
+    raises fsutil.FolderInUseError (naming `flag`) before anything, lock file included, is written.
     Builders on one machine take turns through a lock file, so several ranks may call this at once.
     """
     out = Path(out_dir if out_dir is not None else cfg.dir)
-    if corpus_is_complete(cfg, out):
+    if corpus_is_complete(cfg, out):  # nothing to write (the folder may be read-only)
         return out
+    check_settings(cfg)
+    claim_corpus_dir(out, flag=flag)
     with folder_lock(out):
         if not corpus_is_complete(cfg, out):  # another process may have finished meanwhile
-            build_corpus(cfg, out, progress=progress)
+            build_corpus(cfg, out, progress=progress, flag=flag)
     return out
 
 
@@ -439,13 +473,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cues", choices=CUES, default=d.cues,
                    help="what the class drives: all cues, or only rhythm and motion speed")
     p.add_argument("--workers", type=int, default=None, help="encoding processes (default: all CPUs)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="--out is a non-empty folder that is not a synthetic corpus: move it aside to "
+                        "<out>.old-<timestamp> (never deleted) and build there")
     args = p.parse_args(argv)
     cfg = SynthConfig(dir=args.out, clips=args.clips, clips_per_shard=args.clips_per_shard,
                       classes=args.classes, size=args.size, duration=args.duration,
                       codec=args.codec, seed=args.seed, cues=args.cues)
     start = time.perf_counter()
     try:
-        out = build_corpus(cfg, args.out, progress=True, workers=args.workers)
+        out = build_corpus(cfg, args.out, progress=True, workers=args.workers, overwrite=args.overwrite)
+    except FolderInUseError as e:
+        print(f"vaemo-synth: {e}", file=sys.stderr)
+        return 2
     except ValueError as e:
         p.error(str(e))
     manifest = json.loads((out / MANIFEST).read_text())

@@ -7,6 +7,7 @@ import signal
 import sys
 from pathlib import Path
 
+from vaemo_dist.fsutil import FolderInUseError
 from vaemo_dist.sweep.plan import (
     SweepError,
     build_points,
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(text, end="")
         return 0
-    except SweepError as e:
+    except (SweepError, FolderInUseError) as e:  # FolderInUseError: data.synth.dir is a folder of the user's
         print(f"sweep error: {e}", file=sys.stderr)
         return 2
 

@@ -7,7 +7,9 @@ Panels: the loss and its terms, the online-evaluation figures (probe, retrieval,
 reconstruction), the learning rate, throughput with the share of each step spent waiting for data,
 the gradient norm, and what was skipped (bad clips, unreadable shards, non-finite steps), all against
 the step. Whatever a run did not log is left out: a stage-2 run shows its text-path terms instead of
-stage 1's, a run without online evaluation has no evaluation panel content.
+stage 1's, and a panel nothing was logged for (evaluation in a run without it, e.g. a fine-tuning
+fold) is not drawn. The evaluation panel's title names the held-out set the records say they used
+(`eval/set`). Several runs: one colour per run in every panel, named in a legend below the figure.
 """
 
 from __future__ import annotations
@@ -17,8 +19,12 @@ import json
 import math
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
@@ -78,14 +84,116 @@ def _smooth(ys: list[float], window: int) -> list[float]:
     return out
 
 
+@dataclass
+class _Series:
+    run: int  # index of the run
+    key: str  # metric name
+    steps: list[int]
+    ys: list[float]
+    slot: int  # index of the key among the panel's keys: its line style (several runs) or colour (one)
+    right: bool = False  # drawn on the panel's right-hand axis
+
+
+@dataclass
+class _Panel:
+    title: str
+    ylabel: str
+    kind: str  # "smooth" (faint per step, solid running mean), "points" (evaluations), "line", "count"
+    series: list[_Series] = field(default_factory=list)
+    right_label: str = ""
+    log_y: bool = False
+    note: str = ""  # text drawn in the panel (e.g. "nothing skipped")
+
+
+STYLES = ("-", "--", ":", "-.")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def run_colors(n: int) -> list[tuple[float, ...]]:
+    """`n` distinct colours, one per run: tab10 up to 10 runs, tab20 up to 20, then spread over turbo."""
+    import matplotlib.pyplot as plt
+
+    if n <= 10:
+        return [plt.get_cmap("tab10")(i) for i in range(n)]
+    if n <= 20:
+        return [plt.get_cmap("tab20")(i) for i in range(n)]
+    return [plt.get_cmap("turbo")(i / (n - 1)) for i in range(n)]
+
+
+def eval_sets(evals: list[dict[str, Any]]) -> list[str]:
+    """The names of the held-out sets a run's evaluation records say they used (`eval/set`), in order."""
+    names: list[str] = []
+    for r in evals:
+        name = r.get("eval/set")
+        if isinstance(name, str) and name not in names:
+            names.append(name)
+    return names
+
+
+def _panels(runs: list[tuple[str, list[dict[str, Any]], list[dict[str, Any]]]], terms: Sequence[str],
+            smooth: int) -> list[_Panel]:
+    """The panels, each with every run's series; a panel no run logged anything for has none."""
+    sets = [s for _, _, evals in runs for s in eval_sets(evals)]
+    on = f" on {', '.join(dict.fromkeys(sets))}" if sets else " (held-out clips)"
+    loss = _Panel(f"loss terms (faint: per step; solid: mean of {smooth})", "loss", "smooth")
+    evaluation = _Panel("online evaluation" + on, "probe UAR / WAR, recall@1 (fraction)", "points",
+                        right_label="validation reconstruction loss")
+    lr = _Panel("learning rate", "lr", "line")
+    speed = _Panel(f"throughput (faint: per step; solid: mean of {smooth})", "samples/s (global)", "smooth",
+                   right_label="waiting for data (% of the step)")
+    grad = _Panel("gradient norm (before clipping)", "global L2 norm", "smooth", log_y=True)
+    skip = _Panel("skipped so far", "count (cumulative)", "count")
+    loss_keys = [k for k in terms if any(k in logged(train, terms) for _, train, _ in runs)]
+    score_keys = [k for k in EVAL_SCORES if any(logged(evals, [k]) for _, _, evals in runs)]
+    rec_keys = [k for k in EVAL_LOSSES if any(logged(evals, [k]) for _, _, evals in runs)]
+    skip_keys = [k for k in SKIP_COUNTS if any(logged(train, [k]) for _, train, _ in runs)]
+
+    def add(panel: _Panel, r: int, records: list[dict[str, Any]], keys: list[str], offset: int = 0,
+            right: bool = False) -> None:
+        for i, key in enumerate(keys):
+            steps, ys = _series(records, key)
+            if ys:
+                panel.series.append(_Series(r, key, steps, ys, offset + i, right))
+
+    for r, (_, train, evals) in enumerate(runs):
+        add(loss, r, train, loss_keys)
+        add(evaluation, r, evals, score_keys)
+        add(evaluation, r, evals, rec_keys, offset=len(score_keys), right=True)
+        add(lr, r, train, ["lr"])
+        add(speed, r, train, ["samples_per_s"])
+        add(speed, r, train, ["data_wait_frac"], offset=1, right=True)
+        add(grad, r, train, ["grad_norm"])
+        add(skip, r, train, skip_keys)
+    if skip.series and not any(max(s.ys) for s in skip.series):
+        skip.note = "nothing skipped"
+    return [p for p in (loss, evaluation, lr, speed, grad, skip) if p.series]
+
+
 def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, smooth: int = 10,
               terms: Sequence[str] | None = None) -> Path:
     """Draw the curves of one or more runs (folders holding metrics.jsonl) into the PNG `out`. `terms`:
     the loss terms to draw (default: every one logged for a single run, only the total for several)."""
+    import matplotlib.pyplot as plt
+
+    fig = draw_runs(run_dirs, smooth, terms)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def draw_runs(run_dirs: Sequence[str | Path], smooth: int = 10,
+              terms: Sequence[str] | None = None) -> Figure:
+    """The figure of plot_runs. Only panels with data are drawn. One run: a colour per curve, each
+    panel's legend below it. Several runs: a colour per run, the same in every panel (named in the
+    legend below the figure); the curves of one panel are told apart by line style (its legend below
+    it). No legend sits on the data. Each curve's gid is `<run name>|<metric>`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     runs = []
     for d in run_dirs:
@@ -93,97 +201,73 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, smooth: int = 10,
         if not train and not evals:
             raise FileNotFoundError(f"no training or evaluation records in {Path(d) / METRICS_FILE}")
         runs.append((Path(d).name, train, evals))
+    names = [name for name, _, _ in runs]
+    if len(set(names)) < len(names):  # e.g. fold_1 of two fine-tunings: name them by their parent too
+        runs = [(f"{Path(d).parent.name}/{Path(d).name}", t, e) for d, (_, t, e) in zip(run_dirs, runs)]
     several = len(runs) > 1
     if terms is None:
         terms = ("loss",) if several else LOSS_TERMS
-    fig, axes = plt.subplots(2, 3, figsize=(17, 9))
-    (ax_loss, ax_eval, ax_lr), (ax_speed, ax_grad, ax_skip) = axes
-    colors = plt.get_cmap("tab10")
-    ax_rec = ax_wait = None  # right-hand axes, made when something is drawn on them
+    panels = _panels(runs, terms, smooth)
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.8 * cols, 4.6 * rows + (0.5 if several else 0)),
+                             squeeze=False, layout="constrained")
+    palette = run_colors(len(runs)) if several else plt.get_cmap("tab10").colors
+    for ax in axes.flat[len(panels):]:
+        ax.remove()  # a grid slot with no panel stays blank, not an empty frame
 
-    for r, (name, train, evals) in enumerate(runs):
-        prefix = f"{name}: " if several else ""
-        for t, key in enumerate(logged(train, terms)):
-            steps, ys = _series(train, key)
-            color = colors((r if several else t) % 10)
-            style = ("-", "--", ":", "-.")[t % 4] if several else "-"
-            ax_loss.plot(steps, ys, color=color, alpha=0.2, linewidth=0.7)
-            ax_loss.plot(steps, _smooth(ys, smooth), style, color=color,
-                         linewidth=1.6 if key == "loss" else 1.1, label=prefix + key)
-        for e, key in enumerate(logged(evals, EVAL_SCORES)):
-            steps, ys = _series(evals, key)
-            ax_eval.plot(steps, ys, "o-", color=colors((r * 4 + e) % 10), markersize=4,
-                         label=prefix + key.removeprefix("eval/"))
-        rec = logged(evals, EVAL_LOSSES)
-        if rec:
-            ax_rec = ax_rec or ax_eval.twinx()
-            for e, key in enumerate(rec):
-                steps, ys = _series(evals, key)
-                ax_rec.plot(steps, ys, "s--", color="grey", alpha=0.4 + 0.2 * e, markersize=3,
-                            label=prefix + key.removeprefix("eval/"))
-        color = colors(r % 10)
-        steps, ys = _series(train, "lr")
-        ax_lr.plot(steps, ys, color=color, label=name)
-        steps, ys = _series(train, "samples_per_s")
-        ax_speed.plot(steps, ys, color=color, alpha=0.25, linewidth=0.7)
-        ax_speed.plot(steps, _smooth(ys, smooth), color=color, label=prefix + "samples/s")
-        steps, ys = _series(train, "data_wait_frac")
-        if ys:
-            ax_wait = ax_wait or ax_speed.twinx()
-            ax_wait.plot(steps, [100 * y for y in _smooth(ys, smooth)], "--", color=color, alpha=0.7,
-                         label=prefix + "waiting for data (%)")
-            ax_wait.set_ylabel("waiting for data (% of the step)")
-            ax_wait.set_ylim(0, 100)
-        steps, ys = _series(train, "grad_norm")
-        if ys:
-            ax_grad.plot(steps, ys, color=color, alpha=0.25, linewidth=0.7)
-            ax_grad.plot(steps, _smooth(ys, smooth), color=color, label=name)
-        for s, key in enumerate(SKIP_COUNTS):
-            steps, ys = _series(train, key)
-            if ys:
-                ax_skip.step(steps, ys, where="post", color=colors((r * 3 + s) % 10), label=prefix + key)
-
-    ax_loss.set_title(f"loss terms (faint: per step; solid: mean of {smooth})")
-    ax_loss.set_ylabel("loss")
-    ax_eval.set_title("online evaluation (held-out clips)")
-    ax_eval.set_ylabel("probe UAR / WAR, recall@1 (fraction)")
-    ax_lr.set_title("learning rate")
-    ax_lr.set_ylabel("lr")
-    ax_speed.set_title("throughput")
-    ax_speed.set_ylabel("samples/s (global)")
-    ax_grad.set_title("gradient norm (before clipping)")
-    ax_grad.set_ylabel("global L2 norm")
-    ax_skip.set_title("skipped so far")
-    ax_skip.set_ylabel("count (cumulative)")
-    if any(ax_grad.lines):
-        ax_grad.set_yscale("log")
-    skipped = max((max(line.get_ydata(), default=0) for line in ax_skip.lines), default=0)
-    ax_skip.set_ylim(0, max(1, 1.1 * skipped))
-    ax_skip.yaxis.get_major_locator().set_params(integer=True)
-    if ax_skip.lines and not skipped:
-        ax_skip.text(0.5, 0.6, "nothing skipped", transform=ax_skip.transAxes, ha="center", color="grey")
-    for ax in axes.flat:
+    for panel, ax in zip(panels, axes.flat):
+        right = ax.twinx() if any(s.right for s in panel.series) else None
+        entries: dict[str, Line2D] = {}  # legend: one entry per curve (one run) or per key (several)
+        for s in panel.series:
+            target = right if s.right else ax
+            color = palette[s.run] if several else palette[s.slot % 10]
+            style = STYLES[s.slot % len(STYLES)] if several else ("--" if s.right else "-")
+            ys = [100 * y for y in s.ys] if s.key == "data_wait_frac" else s.ys
+            label = s.key.removeprefix("eval/")
+            if s.key == "data_wait_frac":
+                label = "waiting for data (%)"
+            marker = MARKERS[s.slot % len(MARKERS)] if panel.kind == "points" else None
+            if panel.kind == "smooth":
+                drawn = target.plot(s.steps, ys, color=color, alpha=0.2, linewidth=0.7)
+                drawn += target.plot(s.steps, _smooth(ys, smooth), style, color=color,
+                                     linewidth=1.6 if s.key == "loss" else 1.1)
+            elif panel.kind == "points":
+                drawn = target.plot(s.steps, ys, style, marker=marker, color=color, markersize=4,
+                                    alpha=0.7 if s.right else 1.0)
+            elif panel.kind == "count":
+                drawn = target.step(s.steps, ys, style, where="post", color=color)
+            else:
+                drawn = target.plot(s.steps, ys, style, color=color)
+            for line in drawn:
+                line.set_gid(f"{runs[s.run][0]}|{s.key}")
+            entries.setdefault(label, Line2D([], [], color="black" if several else color, linestyle=style,
+                                             marker=marker, markersize=4))
+        ax.set_title(panel.title, fontsize=10)
+        ax.set_ylabel(panel.ylabel)
         ax.set_xlabel("step")
         ax.grid(True, alpha=0.3)
-        handles, labels = ax.get_legend_handles_labels()
-        if ax is ax_eval and ax_rec is not None:
-            more = ax_rec.get_legend_handles_labels()
-            handles, labels = handles + more[0], labels + more[1]
-            ax_rec.set_ylabel("validation reconstruction loss (grey)")
-        if ax is ax_speed and ax_wait is not None:
-            more = ax_wait.get_legend_handles_labels()
-            handles, labels = handles + more[0], labels + more[1]
-        if handles:
-            ax.legend(handles, labels, fontsize=7)
-        else:
-            ax.text(0.5, 0.5, "not logged", transform=ax.transAxes, ha="center", va="center", color="grey")
+        if right is not None:
+            right.set_ylabel(panel.right_label)
+            if panel.right_label.startswith("waiting"):
+                right.set_ylim(0, 100)
+        if panel.log_y:
+            ax.set_yscale("log")
+        if panel.kind == "count":
+            top = max(max(s.ys) for s in panel.series)
+            ax.set_ylim(0, max(1, 1.1 * top))
+            ax.yaxis.get_major_locator().set_params(integer=True)
+        if panel.note:
+            ax.text(0.5, 0.6, panel.note, transform=ax.transAxes, ha="center", color="grey")
+        if len(entries) > 1:
+            ax.legend(list(entries.values()), list(entries), loc="upper center", bbox_to_anchor=(0.5, -0.16),
+                      ncol=min(3, len(entries)), fontsize=7, frameon=False)
+    if several:
+        handles = [Line2D([], [], color=palette[r], linewidth=2.5) for r in range(len(runs))]
+        fig.legend(handles, [name for name, _, _ in runs], loc="outside lower center",
+                   ncol=min(len(runs), 6), fontsize=8, frameon=False)
     fig.suptitle(", ".join(name for name, _, _ in runs))
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return fig
 
 
 def main(argv: list[str] | None = None) -> int:

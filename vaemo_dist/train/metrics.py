@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from vaemo_dist.config import ProfileConfig
+from vaemo_dist.fsutil import move_aside, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +53,21 @@ class MetricsLogger:
         self.wandb = _start_wandb(run_dir, wandb_mode, wandb_project, wandb_entity, run_name, config)
 
     def _truncate_after(self, step: int) -> None:
-        """On resume, drop lines from steps that the resumed run will do again."""
+        """Drop the lines of steps after `step`, which this run does again (a resume from a checkpoint
+        older than the last line, or step 0 when there is no checkpoint), and lines cut short by a kill.
+        Nothing is lost: whenever a line goes, the file as it was is first kept beside it as
+        `metrics.jsonl.old-<timestamp>` (fsutil.move_aside), and a warning says so."""
         if not self.path.exists():
             return
-        kept = [ln for ln in self.path.read_text().splitlines()
-                if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        self.path.write_text("".join(ln + "\n" for ln in kept))
+        lines = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
+        kept = [ln for ln in lines if _step_of(ln) is not None and _step_of(ln) <= step]
+        if len(kept) == len(lines):
+            return
+        old = move_aside(self.path)
+        write_atomic(self.path, "".join(ln + "\n" for ln in kept))
+        log.warning("%s: this run starts after step %d, so %d of its %d lines (later steps, or cut short) "
+                    "were dropped from it; the file as it was is kept as %s", self.path, step,
+                    len(lines) - len(kept), len(lines), old)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -80,6 +90,15 @@ class MetricsLogger:
             self.bar.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _step_of(line: str) -> int | None:
+    """The step of a metrics.jsonl line, or None for a line that is not a whole record."""
+    try:
+        record = json.loads(line)
+        return int(record.get("step", 0)) if isinstance(record, dict) else None
+    except (ValueError, TypeError):
+        return None
 
 
 def _start_wandb(run_dir: Path, mode: str, project: str, entity: str, name: str, config: dict[str, Any]):
