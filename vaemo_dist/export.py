@@ -34,6 +34,13 @@ How the full weights are recovered depends on how the run was sharded, read from
 Loading never unpickles arbitrary objects: DeepSpeed's files are read with
 torch.load(weights_only=True) and an allow-list of DeepSpeed's few classes, also inside DeepSpeed's
 consolidation code (see `_weights_only_torch`).
+
+The output folder is claimed first (fsutil.claim_output_dir): a new or empty folder, or an earlier
+vaemo-export output (replaced); a non-empty folder vaemo-export did not create is refused with
+nothing changed, unless `--overwrite` (moved aside to `<out>.old-<timestamp>`, never deleted). Given
+an export instead of a checkpoint, vaemo-export says so. `export_or_checkpoint` gives consumers that
+want an export (fine-tuning, say) one for either kind of folder, exporting a checkpoint once into a
+cache folder.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import io
 import json
 import logging
@@ -80,6 +88,8 @@ WEIGHTS = "model.safetensors"
 TEXT_HEAD_WEIGHTS = "text_head.safetensors"
 CONFIG = "config.json"
 CARD = "README.md"
+WRITER = "vaemo-export"  # the owner recorded in output folders (fsutil.claim_output_dir)
+CACHE_SOURCE = "export-source.json"  # export_or_checkpoint's record of the checkpoint a cached export is of
 
 # Parameters of the MAE reconstruction decoder (name prefixes in VAEmoModel.state_dict()).
 DECODER_PREFIXES = ("decoder_embed.", "mask_token", "dec_video_modality", "dec_audio_modality",
@@ -230,6 +240,74 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if not path.is_dir():
         raise ExportError(f"checkpoint folder not found: {path}")
     return path
+
+
+def is_export(path: str | Path) -> bool:
+    """True if `path` is an export folder (vaemo-export output: config.json of our format + weights)."""
+    path = Path(path)
+    if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
+        return False
+    try:
+        return json.loads((path / CONFIG).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def is_checkpoint(folder: str | Path) -> bool:
+    """True if `folder` is a checkpoint step folder (DeepSpeed model states)."""
+    return Path(folder).is_dir() and any(Path(folder).glob("*model_states.pt"))
+
+
+def describe_folder(path: str | Path) -> str:
+    """What kind of thing `path` is, in words ("an export (vaemo-export output) ...", "a DeepSpeed
+    checkpoint ...", "a described set ...", "a shard folder ...", ...): for the messages of tools that
+    were given the wrong kind of folder."""
+    from vaemo_dist.fsutil import OWNER_FILE, folder_owner
+    from vaemo_dist.train.checkpoint import LATEST
+
+    p = Path(path)
+    if not p.exists():
+        return "missing (nothing at that path)"
+    if p.is_file():
+        kind = {".csv": "a CSV file", ".json": "a JSON file", ".tar": "a shard file",
+                ".safetensors": "a safetensors file", ".yaml": "a YAML file"}.get(p.suffix.lower())
+        if p.name == LATEST:
+            kind = "a checkpoint pointer (checkpoints/latest)"
+        return kind or f"a file ({p.suffix or 'no extension'})"
+    if is_export(p):
+        try:
+            config = json.loads((p / CONFIG).read_text())
+        except (OSError, ValueError):
+            config = {}
+        source = config.get("source") or {}
+        return (f"an export (made by vaemo-export from {source.get('checkpoint', '?')} at step "
+                f"{source.get('step', '?')}, stage {config.get('stage', 1)})")
+    if is_checkpoint(p):
+        return f"a DeepSpeed checkpoint ({p.name})"
+    if (p / LATEST).is_file():
+        return "a checkpoints folder"
+    if (p / "checkpoints").is_dir() or (p / "metrics.jsonl").is_file():
+        return "a run folder" + ("" if (p / "checkpoints" / LATEST).is_file() else " without checkpoints")
+    if (p / CONFIG).is_file():
+        try:
+            fmt = json.loads((p / CONFIG).read_text()).get("format")
+        except (OSError, ValueError, AttributeError):
+            fmt = None
+        return f"a folder with a {CONFIG} of format {fmt!r}"
+    if (p / "descriptions.jsonl").is_file():
+        return "a described set (vaemo-describe output)"
+    owner = folder_owner(p)
+    entries = [e for e in p.iterdir() if e.name not in (OWNER_FILE, ".lock")]
+    tars = [e for e in entries if e.suffix == ".tar"]
+    if tars:
+        return f"a shard folder ({len(tars)} shards{f', made by {owner}' if owner else ''})"
+    videos = [e for e in entries if e.suffix.lower() in (".mp4", ".mkv", ".mov", ".webm", ".avi", ".m4v")]
+    if videos:
+        return f"a folder of {len(videos)} video files (vaemo-shard turns them into shards)"
+    if not entries:
+        return "an empty folder"
+    names = ", ".join(sorted(e.name for e in entries)[:4])
+    return f"a folder of other files ({names}{', ...' if len(entries) > 4 else ''})"
 
 
 def model_config_from(raw: dict[str, Any]) -> Config:
@@ -387,12 +465,51 @@ def save_pretrained(out_dir: str | Path, weights: dict[str, torch.Tensor], cfg: 
     return out
 
 
+def checkpoint_to_export(path: str | Path) -> Path:
+    """The checkpoint step folder `path` names (a step folder, `checkpoints/latest`, a checkpoints/ or
+    run folder), or ExportError saying what `path` is instead (an export: "already an export")."""
+    p = Path(path)
+    if is_export(p):
+        raise ExportError(f"{p} is already an export ({describe_folder(p).removeprefix('an export (')}: use "
+                          "it as it is (from_pretrained, vaemo-embed, stage2.init_from, fine-tuning); to "
+                          "export again with other options, give vaemo-export the checkpoint it came from")
+    if not p.exists():
+        raise ExportError(f"checkpoint folder not found: {p}")
+    from vaemo_dist.train.checkpoint import LATEST, resolve
+
+    if p.name == LATEST and p.is_file():  # the pointer file itself: the step it names
+        p = resolve(LATEST, p.parent) or p
+    folder = resolve_checkpoint(p)
+    if not is_checkpoint(folder):
+        raise ExportError(f"{p} is {describe_folder(p)}; vaemo-export wants a training checkpoint: a step "
+                          "folder (runs/<name>/checkpoints/step_XXXXXXXX), a checkpoints/ folder or a run "
+                          "folder (runs/<name>, meaning its latest checkpoint)")
+    return folder
+
+
+def claim_export_dir(out_dir: str | Path, *, overwrite: bool = False, flag: str = "--overwrite") -> Path:
+    """Make `out_dir` vaemo-export's output folder (fsutil.claim_output_dir), adopting an unmarked
+    earlier export; a non-empty folder of anyone else's raises FolderInUseError, nothing changed."""
+    from vaemo_dist.fsutil import claim_output_dir
+
+    out = Path(out_dir)
+    return claim_output_dir(out, WRITER, overwrite=overwrite, flag=flag, adopt=is_export(out))
+
+
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, include_decoder: bool = False,
-                      dtype: str = "fp32") -> Path:
-    """Export a DeepSpeed checkpoint of our trainer (any ZeRO stage) as a portable folder."""
+                      dtype: str = "fp32", overwrite: bool = False) -> Path:
+    """Export a DeepSpeed checkpoint of our trainer (any ZeRO stage) as a portable folder.
+
+    `out_dir` must be new, empty or an earlier export (claim_export_dir); a non-empty folder of anyone
+    else's raises fsutil.FolderInUseError before anything is read or written, unless `overwrite`
+    (moved aside, never deleted)."""
     if dtype not in DTYPES:
         raise ExportError(f"dtype {dtype!r}: choose one of {sorted(DTYPES)}")
-    folder = resolve_checkpoint(checkpoint)
+    folder = checkpoint_to_export(checkpoint)
+    out = Path(out_dir)
+    if out.resolve() == folder.resolve() or folder.resolve() in out.resolve().parents:
+        raise ExportError(f"--out {out} is inside the checkpoint {folder}: name a folder of its own")
+    claim_export_dir(out, overwrite=overwrite)
     config_file = folder / "config.yaml"
     if not config_file.is_file():
         raise ExportError(f"{config_file} is missing: was this checkpoint written by vaemo_dist's trainer?")
@@ -423,6 +540,60 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, include_de
     card = model_card(raw, source, weights, _logged_metrics(folder, step), text_head)
     return save_pretrained(out_dir, weights, cfg, source=source, card=card, text_head=text_head,
                            text_encoder=stage2.get("text_encoder"))
+
+
+def default_export_cache() -> Path:
+    """Where export_or_checkpoint keeps exports of checkpoints: $VAEMO_CACHE_DIR/exports, else
+    ~/.cache/vaemo_dist/exports."""
+    import os
+
+    root = os.environ.get("VAEMO_CACHE_DIR") or str(Path.home() / ".cache" / "vaemo_dist")
+    return Path(root) / "exports"
+
+
+def _checkpoint_stamp(folder: Path) -> dict[str, Any]:
+    """What identifies a checkpoint's contents for the cache: its path and its model-states files' sizes
+    and modification times (a run overwritten at the same path gives another stamp)."""
+    files = _model_state_files(folder)
+    return {"checkpoint": str(folder.resolve()),
+            "files": {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files}}
+
+
+def export_or_checkpoint(path: str | Path, cache_dir: str | Path | None = None, *,
+                         include_decoder: bool = False) -> Path:
+    """An export folder for `path`: `path` itself when it is an export; for a checkpoint (a step folder,
+    `checkpoints/latest`, a checkpoints/ or run folder) an export of it in a cache folder
+    (`cache_dir`, default default_export_cache()), made once and reused while the checkpoint is
+    unchanged. Anything else raises ExportError saying what it is. Safe to call from several ranks at
+    once (they take turns on a lock; the first exports)."""
+    from vaemo_dist.fsutil import folder_lock, write_atomic
+
+    p = Path(path)
+    if is_export(p):
+        return p
+    folder = checkpoint_to_export(p)
+    stamp = {**_checkpoint_stamp(folder), "include_decoder": include_decoder}
+    run = folder.parent.parent.name if folder.parent.name == "checkpoints" else folder.parent.name
+    key = hashlib.sha256(stamp["checkpoint"].encode()).hexdigest()[:12]
+    out = Path(cache_dir) if cache_dir is not None else default_export_cache()
+    out = out / f"{run}-{folder.name}-{key}"
+
+    def current() -> bool:
+        try:
+            return is_export(out) and json.loads((out / CACHE_SOURCE).read_text()) == stamp
+        except (OSError, ValueError):
+            return False
+
+    if current():
+        return out
+    claim_export_dir(out)  # a folder of someone else's at that path is refused, nothing changed
+    with folder_lock(out):
+        if not current():
+            (out / CACHE_SOURCE).unlink(missing_ok=True)
+            export_checkpoint(folder, out, include_decoder=include_decoder)
+            write_atomic(out / CACHE_SOURCE, json.dumps(stamp, sort_keys=True))
+            log.info("exported the checkpoint %s into the cache %s", folder, out)
+    return out
 
 
 def _logged_metrics(folder: Path, step: int | None) -> dict[str, Any] | None:
@@ -461,6 +632,8 @@ def model_card(raw: dict[str, Any], source: dict[str, Any], weights: dict[str, t
         s = data.get("synth", {})
         shards = (f"synthetic corpus ({s.get('clips')} clips, {s.get('classes')} classes, "
                   f"{s.get('codec')}, seed {s.get('seed')})")
+        if text_head is not None:  # stage 2: data.shards=synthetic is the synthetic described set
+            shards = f"synthetic described set (templated descriptions of the {shards})"
     encode_line = "out = encoder.encode(video='clip.mp4', audio='clip.mp4')  # out.joint_emb, ..."
     if text_head is None:
         title = f"# VAEmo encoder: {train.get('run_name', 'run')} at step {step}"
@@ -550,18 +723,23 @@ def model_card(raw: dict[str, Any], source: dict[str, Any], weights: dict[str, t
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="vaemo-export", description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", help="a step folder, a checkpoints/ folder or a run folder (-> latest)")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True,
+                   help="output folder: new, empty or an earlier vaemo-export output (replaced)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="--out is a non-empty folder vaemo-export did not create: move it aside to "
+                        "<out>.old-<timestamp> (never deleted) and export into a fresh one")
     p.add_argument("--with-decoder", action="store_true", help="also export the reconstruction decoder")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     args = p.parse_args(argv)
+    from vaemo_dist.fsutil import FolderInUseError
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("DeepSpeed", "deepspeed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     start = time.perf_counter()
     try:
         out = export_checkpoint(args.checkpoint, args.out, include_decoder=args.with_decoder,
-                                dtype=args.dtype)
-    except (ExportError, NotImplementedError) as e:
+                                dtype=args.dtype, overwrite=args.overwrite)
+    except (ExportError, NotImplementedError, FolderInUseError) as e:
         print(f"vaemo-export: {e}", file=sys.stderr)
         return 2
     config = json.loads((out / CONFIG).read_text())

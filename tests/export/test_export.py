@@ -172,7 +172,9 @@ def test_cli_exports_and_fails_clearly(checkpoints, tmp_path, capsys):
     weights = exported(tmp_path / "cli")
     assert weights["blocks.0.attn.qkv.weight"].dtype == torch.bfloat16
     assert export.main([str(tmp_path), "--out", str(tmp_path / "x")]) == 2
-    assert "config.yaml is missing" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{tmp_path} is a folder of other files (cli)" in err and "wants a training checkpoint" in err
+    assert not (tmp_path / "x").exists()
 
 
 def test_mismatched_weights_are_refused(checkpoints):
@@ -186,3 +188,69 @@ def test_mismatched_weights_are_refused(checkpoints):
     with pytest.raises(ExportError, match="norm.weight: shape"):
         export.select_weights(state, cfg.model, cfg.inputs, include_decoder=False)
 
+
+
+def _tree(root: Path) -> dict:
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_vaemo_export_on_an_export_says_it_is_already_one(exports, tmp_path, capsys):
+    assert export.main([str(exports[1, 2]), "--out", str(tmp_path / "again")]) == 2
+    err = capsys.readouterr().err
+    assert f"{exports[1, 2]} is already an export (made by vaemo-export from " in err
+    assert "step_00000002 at step 2, stage 1)" in err and "config.yaml" not in err
+    assert not (tmp_path / "again").exists()
+    described = tmp_path / "described"  # another kind of folder: said what it is
+    described.mkdir()
+    (described / "descriptions.jsonl").write_text("{}\n")
+    assert export.main([str(described), "--out", str(tmp_path / "x")]) == 2
+    assert "is a described set (vaemo-describe output); vaemo-export wants a training checkpoint" in \
+        capsys.readouterr().err
+
+
+def test_export_into_a_users_folder_is_refused_and_left_unchanged(checkpoints, tmp_path, capsys):
+    from vaemo_dist.fsutil import OWNER_FILE, folder_owner
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.md").write_text("my notes")
+    (mine / "model.safetensors").write_bytes(b"my own weights")
+    before = _tree(mine)
+    args = [str(checkpoints["root"] / "zero2"), "--out", str(mine)]
+    assert export.main(args) == 2
+    err = capsys.readouterr().err
+    assert f"refusing to write into {mine}" in err and "Nothing was changed" in err and "--overwrite" in err
+    assert _tree(mine) == before
+    assert export.main([*args, "--overwrite"]) == 0
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("mine.old-")]
+    assert len(aside) == 1 and _tree(aside[0]) == before  # moved aside whole, never deleted
+    assert folder_owner(mine) == export.WRITER and export.is_export(mine)
+    # vaemo-export's own folder (and an older, unmarked export) takes a new export.
+    assert export.main(args) == 0
+    (mine / OWNER_FILE).unlink()
+    assert export.main(args) == 0 and folder_owner(mine) == export.WRITER
+
+
+def test_export_or_checkpoint_gives_an_export_for_either(checkpoints, exports, tmp_path, monkeypatch):
+    import os
+
+    assert export.export_or_checkpoint(exports[0, 2], tmp_path / "cache") == exports[0, 2]
+    calls = []
+    real = export.export_checkpoint
+    monkeypatch.setattr(export, "export_checkpoint", lambda *a, **k: calls.append(a) or real(*a, **k))
+    run = checkpoints["root"] / "zero0"
+    for given in (run, run / "latest", run / "step_00000002"):  # all mean step 2
+        out = export.export_or_checkpoint(given, tmp_path / "cache")
+        assert out.parent == tmp_path / "cache" and export.is_export(out)
+    assert len(calls) == 1  # exported once, then reused
+    for name, value in exported(out).items():
+        torch.testing.assert_close(value, exported(exports[0, 2])[name], rtol=0, atol=0)
+    states = next((run / "step_00000002").glob("*model_states.pt"))
+    os.utime(states, ns=(states.stat().st_atime_ns, states.stat().st_mtime_ns + 10**9))  # changed since
+    assert export.export_or_checkpoint(run, tmp_path / "cache") == out and len(calls) == 2
+    with pytest.raises(ExportError, match="is an empty folder; vaemo-export wants a training checkpoint"):
+        (tmp_path / "empty").mkdir()
+        export.export_or_checkpoint(tmp_path / "empty", tmp_path / "cache")

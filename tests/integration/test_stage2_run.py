@@ -1,10 +1,13 @@
 """Stage 2 through the real launcher path: a stage-1 run (ZeRO-2) leaves a checkpoint, then
 `deepspeed --num_gpus 2 launchers/stage2.py --config configs/stage2/tiny.yaml` (ZeRO-1) starts from it,
-builds the templated described set and its text embeddings on first use, trains, and resumes exactly.
-Finally the key evidence: text-to-VA retrieval on held-out clips rises well above its stage-1 value."""
+builds the templated described set (in its own cache folder) and its text embeddings on first use,
+trains, and resumes exactly. Finally the key evidence: text-to-VA retrieval on held-out clips rises well
+above its stage-1 value. A one-process launch on a user's described set, from an export, leaves every
+file of that set unchanged."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -55,7 +58,7 @@ def stage1(root) -> Path:
 
 
 def stage2_args(root: Path, stage1: Path, name: str, *extra: str) -> list[str]:
-    return [f"data.synth.dir={root / 'corpus'}", f"data.shards={root / 'described'}",
+    return [f"data.synth.dir={root / 'corpus'}", "data.shards=synthetic",
             f"stage2.init_from={stage1 / 'checkpoints' / 'latest'}", f"train.steps={STEPS}",
             "train.ckpt_every=8", "optim.lr=1e-3", "optim.warmup_steps=2",
             f"train.out_dir={root / 'runs'}", f"train.run_name={name}", *extra]
@@ -81,8 +84,10 @@ def test_stage2_starts_from_stage1_and_learns_the_text_alignment(root, stage1, s
     assert last < 0.8 * first, [round(r["text_joint"], 3) for r in records]
     assert (run / "checkpoints" / "latest").read_text() == f"step_{STEPS:08d}"
 
-    # The described set and its embeddings were built on first use, next to each other.
-    described = root / "described"
+    # The synthetic described set and its embeddings were built on first use, next to each other, in
+    # stage 2's own cache folder next to the synthetic corpus; the log says the data is synthetic.
+    described = root / "stage2" / "corpus-described"
+    assert f"stage 2 data: the synthetic described set {described} (templated, not your data)" in log
     manifest = json.loads((described / "manifest.json").read_text())
     assert manifest["total"] == 48 and manifest["prompt_version"] == "synthetic-template-v1"
     meta = read_metadata(described / EMBEDDINGS)
@@ -114,3 +119,42 @@ def test_heldout_text_to_va_retrieval_rises_above_stage1(root, stage1, stage2):
     print(f"held-out t2va R@1 (class): stage 1 {before['t2va_r1']:.3f} -> stage 2 {after['t2va_r1']:.3f}")
     assert after["t2va_r1"] >= before["t2va_r1"] + 0.25 and after["t2va_r1"] >= 0.6, (before, after)
     assert after["zero_shot"] > before["zero_shot"]
+
+
+def tree_hashes(folder: Path) -> dict[str, str]:
+    """Every file under `folder` (hidden ones included) -> sha256 of its bytes."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_users_described_set_is_only_read_and_an_export_seeds_stage2(root, stage1):
+    """`data.shards=<my described set>` with `stage2.describe_synthetic=true` left on, and no text
+    embeddings in the set: one process trains on the user's set (nothing of it written: embeddings go to
+    stage 2's cache) from a stage-1 export."""
+    from vaemo_dist import export
+    from vaemo_dist.text import describe
+
+    mine = root / "my-described"
+    assert describe.main([str(root / "corpus"), "--out", str(mine), "--synthetic", "--count", "16",
+                          "--clips-per-shard", "8", "--no-progress"]) == 0
+    exported = root / "exports" / "stage1"
+    assert export.main([str(stage1), "--out", str(exported)]) == 0
+    before = tree_hashes(mine)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "WANDB_API_KEY"):
+        env.pop(name, None)
+    args = [f"data.synth.dir={root / 'corpus'}", f"data.shards={mine}", "stage2.describe_synthetic=true",
+            f"stage2.init_from={exported}", "train.steps=2", "train.ckpt_every=2",
+            f"train.out_dir={root / 'runs'}", "train.run_name=on-my-set"]
+    proc = subprocess.run([sys.executable, "launchers/stage2.py", "--config", "configs/stage2/tiny.yaml",
+                           *SMALL, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert tree_hashes(mine) == before  # every file of the user's set unchanged, none added
+    assert "stage2.describe_synthetic=true is ignored" in log
+    assert f"stage 2 data: your described set {mine} (templated descriptions; read only)" in log
+    assert f"{mine}/text_emb.safetensors is missing, so stage 2 computed them" in log
+    assert f"loaded the stage-1 VA model (an export made by vaemo-export from {stage1}" in log
+    assert [r["step"] for r in metrics(root / "runs" / "on-my-set")] == [1, 2]
+    cached = list((root / "stage2" / "text-emb").glob("my-described-*/text_emb.safetensors"))
+    assert len(cached) == 1 and read_metadata(cached[0])["count"] == "16"

@@ -177,6 +177,7 @@ def test_init_checks_name_architecture_differences(tmp_path):
     raw["model"]["depth"] = 3
     raw["inputs"]["video"]["stride"] = 2
     (folder / "config.yaml").write_text(yaml.safe_dump(raw))
+    (folder / "mp_rank_00_model_states.pt").write_bytes(b"")  # what makes it a checkpoint
     for given in (folder, folder.parent / "latest", folder.parent, tmp_path / "run"):
         assert resolve_init(given) == folder
     with pytest.raises(ValueError, match=r"model.depth: 3 in the checkpoint, 1 here"):
@@ -219,3 +220,65 @@ def test_frozen_weights_missing_from_consolidation_come_from_the_module_state(tm
     assert state.keys() == full.keys()
     for k in full:
         torch.testing.assert_close(state[k], full[k])
+
+
+def _export(cfg, folder, seed, text_head=None):
+    """An export folder (vaemo-export's format) of a VAEmoModel with seeded weights, every one moved off
+    its initial value, decoder left out."""
+    from vaemo_dist.export import save_pretrained, select_weights
+
+    torch.manual_seed(seed)
+    initial = VAEmoModel(cfg.model, cfg.inputs).state_dict()
+    state = {k: v + 0.01 * torch.randn_like(v) for k, v in initial.items()}
+    weights = select_weights(state, cfg.model, cfg.inputs, include_decoder=False)
+    source = {"checkpoint": "/runs/x/checkpoints/step_00000007", "step": 7}
+    save_pretrained(folder, weights, cfg, source=source, text_head=text_head)
+    return weights
+
+
+def test_init_from_an_export_gives_the_exports_weights(tmp_path, caplog):
+    from vaemo_dist.export import is_decoder_key
+    from vaemo_dist.objectives.stage2 import load_init
+
+    cfg = _tiny_cfg()
+    weights = _export(cfg, tmp_path / "export", seed=1)
+    torch.manual_seed(2)
+    model = Stage2Model(VAEmoModel(cfg.model, cfg.inputs), 24, Stage2Config(), cfg.loss)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    assert resolve_init(tmp_path / "export") == tmp_path / "export"
+    with caplog.at_level("INFO"):
+        assert load_init(model, tmp_path / "export", cfg) == tmp_path / "export"
+    assert ("loaded the stage-1 VA model (an export made by vaemo-export from /runs/x/checkpoints/"
+            "step_00000007 at step 7)") in caplog.text and "no reconstruction decoder" in caplog.text
+    state = model.state_dict()
+    for name, value in weights.items():
+        torch.testing.assert_close(state[f"vaemo.{name}"], value, rtol=0, atol=0)
+        assert not torch.equal(value, initial[f"vaemo.{name}"]), name
+    for name, value in initial.items():  # the decoder and the text head keep their initial weights
+        if name.startswith("text_head.") or is_decoder_key(name.removeprefix("vaemo.")):
+            torch.testing.assert_close(state[name], value, rtol=0, atol=0)
+
+    # A stage-2 export brings its text head when it fits this run's.
+    head = {k: torch.randn_like(v) for k, v in model.text_head.state_dict().items()}
+    _export(cfg, tmp_path / "export2", seed=3, text_head=head)
+    load_init(model, tmp_path / "export2", cfg)
+    for name, value in head.items():
+        torch.testing.assert_close(model.text_head.state_dict()[name], value, rtol=0, atol=0)
+
+    # An export of another architecture is refused, naming the difference.
+    other = load_config(None, ["inputs.video.frames=4", "inputs.video.size=32", "inputs.audio.frames=32",
+                               "inputs.audio.n_mels=32", "model.dim=32", "model.heads=2", "model.depth=2",
+                               "model.decoder_dim=16", "model.decoder_heads=2", "model.decoder_depth=1",
+                               "model.embed_dim=16", "model.preset=custom"])
+    with pytest.raises(ValueError, match=r"model.depth: 1 in the export, 2 here"):
+        load_init(Stage2Model(VAEmoModel(other.model, other.inputs), 24, Stage2Config(), other.loss),
+                  tmp_path / "export", other)
+
+
+def test_init_from_the_wrong_kind_of_folder_says_what_it_got(tmp_path):
+    described = tmp_path / "described"
+    described.mkdir()
+    (described / "descriptions.jsonl").write_text("{}\n")
+    with pytest.raises(ValueError, match=r"is a described set \(vaemo-describe output\); it wants a stage-1 "
+                                         r"or stage-2 checkpoint .* or an export folder"):
+        resolve_init(described)

@@ -216,3 +216,41 @@ def test_options_come_from_cli_then_env_then_config_file(tmp_path, monkeypatch):
     cfg.write_text("api_key: sk-in-a-file\n")
     with pytest.raises(SystemExit, match="do not put api_key"):
         describe._options(args)
+
+
+def _tree(root):
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_folder_vaemo_describe_did_not_create_is_refused_unchanged(tiny_corpus, tmp_path, capsys):
+    from vaemo_dist.fsutil import OWNER_FILE, folder_owner
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes")
+    (mine / "shard-000000.tar").write_bytes(b"my own shard")
+    before = _tree(mine)
+    args = [str(tiny_corpus), "--out", str(mine), "--synthetic", "--no-progress"]
+    assert describe.main(args) == 2
+    err = capsys.readouterr().err
+    assert f"refusing to write into {mine}" in err and "Nothing was changed" in err and "--overwrite" in err
+    assert _tree(mine) == before
+    # --overwrite moves it aside (never deleted) and describes into a fresh folder.
+    assert describe.main([*args, "--overwrite"]) == 0
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("mine.old-")]
+    assert len(aside) == 1 and _tree(aside[0]) == before
+    assert folder_owner(mine) == describe.WRITER and len(read_cache(mine / CACHE)) == 12
+    # Its own folder: a re-run resumes there (nothing to do); so does an older, unmarked output.
+    assert describe.main(args) == 0 and "12 from the cache" in capsys.readouterr().err
+    (mine / OWNER_FILE).unlink()
+    assert describe.main(args) == 0 and folder_owner(mine) == describe.WRITER
+    # A synthetic described set in stage 2's cache folder is another writer's.
+    assert describe.main([str(tiny_corpus), "--out", str(tmp_path / "cache"), "--synthetic",
+                          "--no-progress"]) == 0
+    describe.claim_described_dir(tmp_path / "s2", describe.SYNTHETIC_WRITER)
+    (tmp_path / "s2" / "x.txt").write_text("x")
+    assert describe.main([str(tiny_corpus), "--out", str(tmp_path / "s2"), "--synthetic"]) == 2
+    assert "holds the output of synthetic described set" in capsys.readouterr().err

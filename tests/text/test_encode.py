@@ -115,3 +115,34 @@ def test_errors_name_the_problem(tmp_path):
         embed_described(tmp_path)
     with pytest.raises(EmbeddingError, match="not found"):
         TextEmbeddingTable(tmp_path / "missing.safetensors")
+
+
+def test_vaemo_embed_text_never_replaces_a_file_it_cannot_vouch_for(described, monkeypatch, capsys, tmp_path):
+    fake = FakeEncoder()
+    monkeypatch.setattr(encode, "load_text_encoder", lambda name, device="cpu": fake)
+    path = described / EMBEDDINGS
+    assert encode.main([str(described), "--encoder", "fake"]) == 0 and fake.calls == 1
+    assert encode.main([str(described), "--encoder", "fake"]) == 0 and fake.calls == 1  # current: kept
+    assert "already current in" in capsys.readouterr().err
+    before = path.read_bytes()
+    # Another encoder's embeddings are not replaced without --overwrite.
+    assert encode.main([str(described), "--encoder", "other"]) == 2
+    err = capsys.readouterr().err
+    assert "refusing to write" in err and "made with fake, not other" in err and "--overwrite" in err
+    assert path.read_bytes() == before and fake.calls == 1
+    assert encode.main([str(described), "--encoder", "other", "--overwrite"]) == 0
+    aside = [p for p in described.iterdir() if p.name.startswith(f"{EMBEDDINGS}.old-")]
+    assert len(aside) == 1 and aside[0].read_bytes() == before
+    assert read_metadata(path)["encoder"] == "other"
+    # A file at --out that is not embeddings is refused, unchanged.
+    other = tmp_path / "notes.safetensors"
+    other.write_bytes(b"my file")
+    assert encode.main([str(described), "--encoder", "fake", "--out", str(other)]) == 2
+    assert "not a text-embeddings file" in capsys.readouterr().err and other.read_bytes() == b"my file"
+    # Stale embeddings of the same encoder, in the set's own place, are brought up to date.
+    lines = (described / CACHE).read_text().splitlines()
+    record = json.loads(lines[0])
+    record["description"] = "Changed."
+    (described / CACHE).write_text("\n".join([*lines, json.dumps(record)]) + "\n")
+    assert encode.main([str(described), "--encoder", "other"]) == 0
+    assert len([p for p in described.iterdir() if ".old-" in p.name]) == 1

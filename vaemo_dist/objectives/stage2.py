@@ -148,24 +148,32 @@ class Stage2Objective:
 
 
 # --------------------------------------------------------------------------------------------
-# Starting from a stage-1 checkpoint
+# Starting from a stage-1 checkpoint or export
 
 
 def resolve_init(path: str | Path) -> Path:
-    """A checkpoint step folder from a step folder, `<ckpts>/latest` (the pointer file), the checkpoints
-    folder or the run folder."""
-    from vaemo_dist.export import resolve_checkpoint
+    """What `stage2.init_from` names: an export folder (vaemo-export output) as given, else a checkpoint
+    step folder from a step folder, `<ckpts>/latest` (the pointer file), the checkpoints folder or the run
+    folder. Anything else raises ValueError saying what it is and what is wanted."""
+    from vaemo_dist.export import describe_folder, is_checkpoint, is_export, resolve_checkpoint
     from vaemo_dist.train.checkpoint import LATEST, resolve
 
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"stage2.init_from: {p} does not exist (run stage 1 first, e.g. README "
-                                "command 1, or point stage2.init_from at a checkpoint)")
+                                "command 1, or point stage2.init_from at a checkpoint or an export)")
+    if is_export(p):
+        return p
     if p.name == LATEST and p.is_file():
         folder = resolve(LATEST, p.parent)
         assert folder is not None
         return folder
-    return resolve_checkpoint(p)
+    folder = resolve_checkpoint(p)
+    if not is_checkpoint(folder):
+        raise ValueError(f"stage2.init_from={p} is {describe_folder(p)}; it wants a stage-1 or stage-2 "
+                         "checkpoint (a step folder, <run>/checkpoints/latest or the run folder) or an "
+                         "export folder (vaemo-export output: config.json + model.safetensors)")
+    return folder
 
 
 # Config keys that change the shapes of the weights (a mismatch cannot load) and the others.
@@ -176,14 +184,21 @@ _SHAPE_KEYS = {"model": ("dim", "depth", "heads", "mlp_ratio", "decoder_dim", "d
 
 
 def check_compatible(cfg: Config, folder: Path) -> None:
-    """Compare the run's model/inputs with the checkpoint's config.yaml: shape keys must match."""
+    """Compare the run's model/inputs with those the checkpoint (config.yaml) or export (config.json)
+    was made with: shape keys must match."""
+    import json
+
     import yaml
 
-    config_file = folder / "config.yaml"
+    from vaemo_dist.export import CONFIG, is_export
+
+    config_file = folder / (CONFIG if is_export(folder) else "config.yaml")
     if not config_file.is_file():
         log.warning("%s has no config.yaml: architecture not checked before loading", folder)
         return
-    raw = yaml.safe_load(config_file.read_text()) or {}
+    text = config_file.read_text()
+    raw = (json.loads(text) if config_file.suffix == ".json" else yaml.safe_load(text)) or {}
+    what = "export" if config_file.suffix == ".json" else "checkpoint"
     ours = {"model": asdict(cfg.model), "inputs.video": asdict(cfg.inputs.video),
             "inputs.audio": asdict(cfg.inputs.audio)}
     theirs = {"model": raw.get("model", {}), "inputs.video": raw.get("inputs", {}).get("video", {}),
@@ -197,7 +212,7 @@ def check_compatible(cfg: Config, folder: Path) -> None:
             before = theirs[section].get(key, defaults[section].get(key))
             if key == "preset" or before == value:
                 continue
-            line = f"{section}.{key}: {before!r} in the checkpoint, {value!r} here"
+            line = f"{section}.{key}: {before!r} in the {what}, {value!r} here"
             (errors if key in _SHAPE_KEYS.get(section, ()) else notes).append(line)
     if errors:
         raise ValueError(f"stage2.init_from={folder}: the architecture differs: " + "; ".join(errors))
@@ -206,13 +221,18 @@ def check_compatible(cfg: Config, folder: Path) -> None:
 
 
 def load_init(model: Stage2Model, path: str | Path, cfg: Config | None = None) -> Path:
-    """Load a stage-1 checkpoint (any ZeRO stage; VAEmoModel weights) or a stage-2 one (VAEmo + text
-    head) into `model`, consolidated without unpickling (vaemo_dist.export). Returns the folder."""
-    from vaemo_dist.export import consolidate
+    """Load a stage-1 checkpoint (any ZeRO stage; VAEmoModel weights), a stage-2 one (VAEmo + text
+    head), consolidated without unpickling (vaemo_dist.export), or an export folder (read by
+    `from_pretrained`: safetensors only) into `model`. Returns the folder."""
+    from vaemo_dist.export import consolidate, is_export
 
     folder = resolve_init(path)
     if cfg is not None:
         check_compatible(cfg, folder)
+    if is_export(folder):
+        what = _load_export(model, folder)
+        log.info("loaded the %s from %s", what, folder)
+        return folder
     state = consolidate(folder)  # frozen parameters included (export._with_frozen_parameters)
     if any(k.startswith((VAEMO_PREFIX, TEXT_HEAD_PREFIX)) for k in state):  # a stage-2 checkpoint
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -228,3 +248,33 @@ def load_init(model: Stage2Model, path: str | Path, cfg: Config | None = None) -
         what = "stage-1 VA model"
     log.info("loaded the %s from %s", what, folder)
     return folder
+
+
+def _load_export(model: Stage2Model, folder: Path) -> str:
+    """An export's weights into `model` (what was loaded, in words). An export without the decoder
+    leaves the reconstruction decoder as initialised; a text head is taken when it fits."""
+    from vaemo_dist.export import is_decoder_key
+    from vaemo_dist.pretrained import from_pretrained
+
+    encoder = from_pretrained(folder)
+    stage = f"stage-{encoder.stage}"
+    missing, unexpected = model.vaemo.load_state_dict(encoder.model.state_dict(), strict=False)
+    if unexpected or any(not is_decoder_key(k) for k in missing):
+        raise ValueError(f"{folder}: weights do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if missing:
+        log.warning("%s has no reconstruction decoder (exported without --with-decoder): the decoder starts "
+                    "from its initial weights%s", folder,
+                    "; stage2.stage1_weight > 0 trains it from there" if model.needs_forward else "")
+    source = (encoder.config.get("source") or {})
+    made = f" (an export made by vaemo-export from {source.get('checkpoint')} at step {source.get('step')})"
+    if encoder.text_head is None:
+        return f"{stage} VA model{made}"
+    head = encoder.text_head.state_dict()
+    ours = model.text_head.state_dict()
+    if {k: tuple(v.shape) for k, v in head.items()} != {k: tuple(v.shape) for k, v in ours.items()}:
+        log.warning("%s: its text head (%s) does not fit this run's (stage2.text_head_hidden, the text "
+                    "encoder's dim): the text head starts fresh", folder,
+                    (encoder.config.get("text_head") or {}).get("text_encoder"))
+        return f"{stage} VA model (text head fresh){made}"
+    model.text_head.load_state_dict(head)
+    return f"{stage} model (text head included){made}"

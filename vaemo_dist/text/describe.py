@@ -18,6 +18,12 @@ Output folder:
     manifest.json        shards, counts, prompt version, model, sources
     summary.json         counts of the last run; _SUCCESS is written last
 
+The output folder is claimed first (fsutil.claim_output_dir): a re-run resumes in a folder
+vaemo-describe made, but a non-empty folder it did not create is refused before any request
+(`--overwrite` moves it aside to `<out>.old-<timestamp>`, never deleted). The synthetic described set
+that stage 2 builds for `data.shards: synthetic` lives in a cache folder of its own (writer
+"synthetic described set"), never in a folder the user named.
+
 The API key comes from --api-key, $VAEMO_LLM_API_KEY or $OPENAI_API_KEY; it is sent only in the
 Authorization header and never logged or written.
 """
@@ -44,7 +50,7 @@ import yaml
 from tqdm import tqdm
 
 from vaemo_dist.data.shards import ShardSetWriter
-from vaemo_dist.fsutil import folder_lock, write_atomic
+from vaemo_dist.fsutil import FolderInUseError, claim_output_dir, folder_lock, write_atomic
 from vaemo_dist.text import media
 from vaemo_dist.text.prompt import (
     DEFAULT_PROMPT,
@@ -65,6 +71,8 @@ DESC_EXT = "desc.json"
 FORMAT = "vaemo-described"
 FORMAT_VERSION = 1
 KEY_ENVS = ("VAEMO_LLM_API_KEY", "OPENAI_API_KEY")
+WRITER = "vaemo-describe"  # the owners recorded in output folders (fsutil.claim_output_dir)
+SYNTHETIC_WRITER = "synthetic described set"
 
 
 # --------------------------------------------------------------------------------------------
@@ -373,13 +381,50 @@ class Summary:
                 f"written to {self.out}")
 
 
+def holds_described_set(folder: str | Path) -> bool:
+    """True if `folder` holds a described set (vaemo-describe output): its description cache, or a
+    manifest of the described format."""
+    folder = Path(folder)
+    if (folder / CACHE).is_file():
+        return True
+    try:
+        return json.loads((folder / MANIFEST).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def holds_synthetic_described(folder: str | Path) -> bool:
+    """True if `folder` holds a finished templated (synthetic) described set: such a folder, written
+    before folders were marked with their owner, is adopted as the synthetic described set's own."""
+    from vaemo_dist.text import synthetic
+
+    try:
+        built = json.loads((Path(folder) / SUCCESS).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(built, dict) and built.get("model") == synthetic.MODEL \
+        and built.get("prompt_version") == synthetic.PROMPT_VERSION
+
+
+def claim_described_dir(out_dir: str | Path, writer: str = WRITER, *, overwrite: bool = False,
+                        flag: str = "--overwrite") -> Path:
+    """Make `out_dir` `writer`'s output folder (fsutil.claim_output_dir), or raise FolderInUseError
+    with nothing changed. An unmarked folder of that writer's older output is adopted: a described set
+    for vaemo-describe, a templated one for the synthetic described set."""
+    out = Path(out_dir)
+    adopt = holds_synthetic_described(out) if writer == SYNTHETIC_WRITER else holds_described_set(out)
+    return claim_output_dir(out, writer, overwrite=overwrite, flag=flag, adopt=adopt)
+
+
 def describe_shards(urls: list[str], out_dir: str | Path, describer: Any, *, count: int = 0,
                     fraction: float = 1.0, seed: int = 0, concurrency: int = 4, clips_per_shard: int = 100,
-                    progress: bool = True) -> Summary:
-    """Describe the selected clips of `urls` (resuming from the cache) and write the sidecar set."""
+                    progress: bool = True, writer: str = WRITER, overwrite: bool = False) -> Summary:
+    """Describe the selected clips of `urls` (resuming from the cache) and write the sidecar set.
+
+    `out_dir` is claimed for `writer` first (claim_described_dir): a non-empty folder it did not create
+    raises fsutil.FolderInUseError before anything is written, unless `overwrite` (moved aside)."""
     start = time.perf_counter()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim_described_dir(out_dir, writer, overwrite=overwrite)
     (out / SUCCESS).unlink(missing_ok=True)
     version, model = describer.prompt_version, describer.model
     selected = select_keys(list_keys(urls), count, fraction, seed)
@@ -503,12 +548,14 @@ def ensure_synthetic_described(source: str | Path, out_dir: str | Path, *, count
     describer = SyntheticDescriber(seed)
     expected = {"prompt_version": describer.prompt_version, "model": describer.model, "count": count,
                 "fraction": fraction, "seed": seed, "sources": _sources(urls)}
-    if described_is_complete(out, expected):
+    if described_is_complete(out, expected):  # nothing to write (the folder may be read-only)
         return out
+    claim_described_dir(out, SYNTHETIC_WRITER)  # refused before the lock file is made, if not ours
     with folder_lock(out):
         if not described_is_complete(out, expected):
             summary = describe_shards(urls, out, describer, count=count, fraction=fraction, seed=seed,
-                                      concurrency=1, clips_per_shard=clips_per_shard, progress=progress)
+                                      concurrency=1, clips_per_shard=clips_per_shard, progress=progress,
+                                      writer=SYNTHETIC_WRITER)
             log.info("synthetic descriptions: %s", summary.line())
     return out
 
@@ -522,7 +569,12 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vaemo-describe", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("shards", help="source shards: a folder, a brace pattern, a comma list or a manifest.json")
-    p.add_argument("--out", required=True, help="output folder (cache, sidecar shards, summary)")
+    p.add_argument("--out", required=True,
+                   help="output folder (cache, sidecar shards, summary): new, empty, or an earlier "
+                        "vaemo-describe output (resumed)")
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="--out is a non-empty folder vaemo-describe did not create: move it aside to "
+                        "<out>.old-<timestamp> (never deleted) and describe into a fresh one")
     p.add_argument("--config", help="YAML file with any of the long options below (e.g. base_url, model)")
     p.add_argument("--synthetic", action="store_true", default=None,
                    help="templated descriptions from the synthetic corpus's hidden class; no endpoint")
@@ -590,6 +642,11 @@ def main(argv: list[str] | None = None) -> int:
     urls = expand_shards(str(opts["shards"]))
     if Path(opts["out"]).resolve() in {Path(u).resolve().parent for u in urls if "://" not in u}:
         p.error("--out must not be the folder of the source shards")
+    try:  # before any request: a folder of someone else's is refused with nothing changed
+        claim_described_dir(opts["out"], WRITER, overwrite=bool(opts.get("overwrite")))
+    except FolderInUseError as e:
+        print(f"vaemo-describe: {e}", file=sys.stderr)
+        return 2
     if opts.get("synthetic"):
         describer: Any = SyntheticDescriber(int(opts.get("seed", 0)))
     else:
@@ -622,9 +679,14 @@ def main(argv: list[str] | None = None) -> int:
         clips_per_shard=int(opts.get("clips_per_shard", 100)), progress=not opts.get("no_progress", False))
     print(f"vaemo-describe: {summary.line()}", file=sys.stderr)
     if opts.get("embed"):
-        from vaemo_dist.text.encode import DEFAULT_ENCODER, embed_described
+        from vaemo_dist.text.encode import DEFAULT_ENCODER, write_embeddings
 
-        path = embed_described(opts["out"], str(opts.get("text_encoder", DEFAULT_ENCODER)))
+        try:
+            path, _ = write_embeddings(opts["out"], str(opts.get("text_encoder", DEFAULT_ENCODER)),
+                                       overwrite=bool(opts.get("overwrite")))
+        except FolderInUseError as e:
+            print(f"vaemo-describe: {e}", file=sys.stderr)
+            return 2
         print(f"vaemo-describe: text embeddings in {path}", file=sys.stderr)
     return 0 if summary.described + summary.cached > 0 or summary.selected == 0 else 1
 

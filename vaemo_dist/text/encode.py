@@ -10,6 +10,13 @@ The file (default <DESCRIBED_DIR>/text_emb.safetensors) holds one tensor, `embed
 L2-normalised, rows in the order of the `keys` metadata (a JSON list). Other metadata: encoder, dim,
 count, prompt_version(s), model(s), and `descriptions_sha256` over the (key, description) pairs, which
 tells a stale file (descriptions changed since) from a current one.
+
+vaemo-embed-text is the explicit tool that writes next to a described set. It writes nothing when the
+file there is current, replaces a stale file of the same encoder in the set's own folder (the set's
+descriptions changed since), and refuses any other existing file (another encoder's embeddings, a
+file at a custom --out, anything else) unless --overwrite, which moves it aside to
+`<file>.old-<timestamp>` (never deleted). Stage 2 never writes into a user's described set: missing
+or stale embeddings are computed into a cache folder of its own (launchers/stage2.py).
 """
 
 from __future__ import annotations
@@ -133,11 +140,18 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
+def _metadata_or_none(path: str | Path) -> dict[str, str] | None:
+    """read_metadata, or None for a missing or unreadable file (safetensors' own error included)."""
+    try:
+        return read_metadata(path)
+    except Exception:  # noqa: BLE001 - SafetensorError derives from Exception only
+        return None
+
+
 def embeddings_are_current(described_dir: str | Path, path: str | Path, encoder_name: str) -> bool:
     """True if `path` holds embeddings of exactly the current descriptions, made with `encoder_name`."""
-    try:
-        meta = read_metadata(path)
-    except (OSError, ValueError, RuntimeError):
+    meta = _metadata_or_none(path)
+    if meta is None:
         return False
     try:
         digest = descriptions_digest(descriptions_of(described_dir))
@@ -155,10 +169,50 @@ def ensure_embeddings(described_dir: str | Path, encoder_name: str = DEFAULT_ENC
     path = Path(out) if out else Path(described_dir) / EMBEDDINGS
     if embeddings_are_current(described_dir, path, encoder_name):
         return path
-    with folder_lock(Path(described_dir)):
+    with folder_lock(path.parent):  # the output's folder: nothing is added to a set that is only read
         if not embeddings_are_current(described_dir, path, encoder_name):
             embed_described(described_dir, encoder_name, path, encoder=encoder)
     return path
+
+
+def file_refusal(path: Path, why: str, flag: str = "--overwrite") -> str:
+    """fsutil.refusal's wording, for a single output file."""
+    return (f"refusing to write {path}: {why}. Nothing was changed. Name another output file, or pass {flag} "
+            f"to move the existing file aside to {path.name}.old-<timestamp> (never deleted) and write a "
+            "fresh one")
+
+
+def write_embeddings(described_dir: str | Path, encoder_name: str = DEFAULT_ENCODER,
+                     out: str | Path | None = None, *, overwrite: bool = False, batch_size: int = 64,
+                     encoder: Any = None) -> tuple[Path, bool]:
+    """vaemo-embed-text's write: (the file, whether it was written). A current file is kept; a stale
+    file of the same encoder at the set's own default place is replaced; any other existing file raises
+    fsutil.FolderInUseError (nothing changed) unless `overwrite`, which moves it aside first."""
+    from vaemo_dist.fsutil import FolderInUseError, move_aside
+
+    default = Path(described_dir) / EMBEDDINGS
+    path = Path(out) if out else default
+    if path.exists():
+        if path.is_dir():
+            raise FolderInUseError(file_refusal(path, "it is a folder, not a file"))
+        if embeddings_are_current(described_dir, path, encoder_name):
+            return path, False
+        meta = _metadata_or_none(path)
+        same_recipe = (meta is not None and "descriptions_sha256" in meta
+                       and meta.get("encoder") == encoder_name and path.resolve() == default.resolve())
+        if not same_recipe and not overwrite:
+            if meta is None or "descriptions_sha256" not in meta:
+                why = "it exists and is not a text-embeddings file"
+            elif meta.get("encoder") != encoder_name:
+                why = f"it holds embeddings made with {meta.get('encoder')}, not {encoder_name}"
+            else:
+                why = "it holds text embeddings of other descriptions"
+            raise FolderInUseError(file_refusal(path, why))
+        if not same_recipe:
+            moved = move_aside(path)
+            log.warning("moved the existing %s aside to %s (nothing deleted)", path, moved)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return embed_described(described_dir, encoder_name, path, batch_size, encoder), True
 
 
 class TextEmbeddingTable:
@@ -205,13 +259,23 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"{DEFAULT_ENCODER} (bundled) or a local sentence-transformers folder")
     p.add_argument("--out", default=None, help=f"output file (default <described>/{EMBEDDINGS})")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--overwrite", action="store_true",
+                   help="the output file exists and is not this set's embeddings by this encoder: move it "
+                        "aside to <file>.old-<timestamp> (never deleted) and write a fresh one")
     args = p.parse_args(argv)
+    from vaemo_dist.fsutil import FolderInUseError
+
     try:
-        path = embed_described(args.described, args.encoder, args.out, args.batch_size)
+        path, written = write_embeddings(args.described, args.encoder, args.out, overwrite=args.overwrite,
+                                         batch_size=args.batch_size)
     except EmbeddingError as e:
         p.error(str(e))
+    except FolderInUseError as e:
+        print(f"vaemo-embed-text: {e}", file=sys.stderr)
+        return 2
     meta = read_metadata(path)
-    print(f"vaemo-embed-text: {meta['count']} descriptions x {meta['dim']} ({meta['encoder']}) -> {path}",
+    what = "->" if written else "already current in"
+    print(f"vaemo-embed-text: {meta['count']} descriptions x {meta['dim']} ({meta['encoder']}) {what} {path}",
           file=sys.stderr)
     return 0
 
