@@ -276,17 +276,21 @@ class Stage2Config:
     """Stage 2, knowledge injection: text descriptions aligned with the VA embeddings (docs/stage2.md)."""
 
     # A stage-1 (or stage-2) checkpoint to start from: a step folder, `<run>/checkpoints/latest`, the
-    # checkpoints folder or the run folder (both meaning latest). Any ZeRO stage. "": random init.
+    # checkpoints folder or the run folder (both meaning latest), any ZeRO stage; or an export folder
+    # (vaemo-export output). "": random init.
     init_from: str = ""
-    # data.shards is a described set (vaemo-describe output: media + <key>.desc.json). With
-    # describe_synthetic it is built on first use from templated descriptions of the data.synth corpus.
+    # data.shards is a described set (vaemo-describe output: media + <key>.desc.json), only read; or
+    # "synthetic": templated descriptions of the data.synth corpus, built on first use in a cache folder
+    # of stage 2's own (<parent of data.synth.dir>/stage2/<name>-described). describe_synthetic is
+    # obsolete: ignored, with a warning, when data.shards names a described set.
     describe_synthetic: bool = False
     subset_fraction: float = 1.0  # synthetic: the share of the corpus to describe (seeded)
     subset_count: int = 0  # synthetic: describe this many clips instead (0: use subset_fraction)
     subset_seed: int = 0
     # Frozen text encoder: "all-MiniLM-L6-v2" (bundled, offline) or a local sentence-transformers folder.
     text_encoder: str = "all-MiniLM-L6-v2"
-    # Precomputed description embeddings; "": <data.shards>/text_emb.safetensors, computed on first use.
+    # Precomputed description embeddings; "": <data.shards>/text_emb.safetensors when current, else
+    # computed on first use into stage 2's own cache folder (never into the user's described set).
     text_embeddings: str = ""
     text_head_hidden: int = 0  # 0: linear text projection head; > 0: an MLP with this hidden width
     masked: bool = True  # align the embeddings of MAE-masked inputs (cheap); false: all tokens visible
@@ -571,6 +575,18 @@ def validate(cfg: Config) -> None:
            "eval.class_names", f"{e.class_names}: two or more distinct names (label 0, 1, ...), or none")
     _check(e.clips >= 4 and e.batch_size >= 1 and e.pictures >= 0, "eval",
            "clips >= 4, batch_size >= 1, pictures >= 0")
+    _check(e.holdout >= 0 and (e.holdout < 1 or float(e.holdout).is_integer()), "eval.holdout",
+           f"{e.holdout}: a fraction in [0, 1) of the training clips or a whole count >= 1 (0: none)")
+    _check(not (e.holdout and e.shards != "auto"), "eval.holdout",
+           f"eval.shards={e.shards!r} already names the held-out clips: set eval.shards or eval.holdout")
+    for key, spec in (("data.shards", cfg.data.shards), ("eval.shards", e.shards)):
+        if spec not in ("synthetic", "auto"):  # a CSV or a folder of videos: vaemo-shard's input, said now
+            from vaemo_dist.data.shards import ShardError, check_shard_spec
+
+            try:
+                check_shard_spec(spec, key)
+            except ShardError as err:
+                raise ConfigError(str(err)) from err
     _check(len(cfg.optim.betas) == 2, "optim.betas", "needs two values")
     s = cfg.data.synth
     _check(s.clips >= 1 and s.clips_per_shard >= 1 and s.classes >= 2, "data.synth",
@@ -584,10 +600,8 @@ def validate(cfg: Config) -> None:
     _check(s2.text_head_hidden >= 0, "stage2.text_head_hidden", "must be >= 0")
     for key in ("joint_weight", "audio_weight", "video_weight", "stage1_weight"):
         _check(getattr(s2, key) >= 0.0, f"stage2.{key}", "must be >= 0")
-    if s2.describe_synthetic:  # the described set is written there, so it must be one local folder
-        shards = cfg.data.shards
-        _check(shards != "synthetic" and "," not in shards and "://" not in shards, "data.shards",
-               f"{shards!r}: with stage2.describe_synthetic it names the local folder of the described set")
+    # Stage 2's data (launchers/stage2.py: check): data.shards=synthetic is the synthetic described set in
+    # its own cache folder; any other data.shards is a described set stage 2 only reads.
 
 
 def validate_world(cfg: Config, world_size: int) -> None:

@@ -152,3 +152,62 @@ def test_resume_on_other_ranks_and_workers_reads_the_rest_of_the_epoch_once(shar
     seen = before + [k for keys in after for k in keys]
     assert len(seen) == len(set(seen)) == 16
     assert next_epoch and all(k in seen for keys in next_epoch for k in keys)
+
+
+# --------------------------------------------------------------------------------------------
+# Held-out keys (eval.holdout) are never trained on; resume, exact or elastic, still holds
+
+
+def _all_keys(urls):
+    from vaemo_dist.data.shards import read_clip_meta
+
+    return [k for u in urls for k, _ in read_clip_meta(u)]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_excluded_keys_are_never_handed_out_and_resume_stays_exact(shards, workers):
+    cfg = data_cfg(workers)
+    good = [k for k in _all_keys(shards) if k not in ("b-broken", "d-noaudio")]
+    held = set(good[::4])  # 7 of the 26 good clips
+    state = DataState(workers, 1)
+    full = take(build_loader(shards, cfg, INPUTS, 0, 1, exclude_keys=held), 14, state)
+    keys = [k for b in full for k in b.keys]
+    assert not held & set(keys)
+    first_epoch = [k for b in full if b.state["position"]["epoch"] == 0 for k in b.keys]
+    assert len(first_epoch) == len(set(first_epoch)) and set(first_epoch) <= set(good) - held
+    assert len(set(keys)) == len(good) - len(held)  # 14 x 3 samples reach every kept clip
+    totals = state.totals()  # read = handed out + skipped as bad: held-out clips are not counted
+    assert totals["samples"] == 14 * 3 + totals["decode"]
+    for cut in (4, 9):
+        part = DataState(workers, 1)
+        take(build_loader(shards, cfg, INPUTS, 0, 1, exclude_keys=held), cut, part)
+        part = DataState.from_dict(part.to_dict())
+        resumed = take(build_loader(shards, cfg, INPUTS, 0, 1, resume=part, exclude_keys=held), 14 - cut)
+        assert [b.keys for b in resumed] == [b.keys for b in full[cut:]]
+
+
+def test_elastic_resume_with_excluded_keys_reads_the_rest_of_the_epoch_once(shards):
+    urls = shards[:4]  # 16 good clips an epoch
+    held = set(_all_keys(urls)[1::5])  # 4 of them
+    cfg = DataConfig(shards="unused", batch_size=2, num_workers=2, shuffle_seed=5)
+    state = DataState(2, 1)
+    before = [k for b in take(build_loader(urls, cfg, INPUTS, 0, 1, exclude_keys=held), 2, state)
+              for k in b.keys]
+    new = resize_data_states([DataState.from_dict(state.to_dict())], len(urls), cfg.shuffle_seed,
+                             world_size=2, num_workers=1)
+    one = DataConfig(shards="unused", batch_size=2, num_workers=1, shuffle_seed=5)
+    after = []
+    for rank in (0, 1):
+        resumed = DataState.from_dict(new[rank].to_dict())
+        for batch in take(build_loader(urls, one, INPUTS, rank, 2, resume=resumed, exclude_keys=held), 4):
+            if batch.state["position"]["epoch"] < resumed.next_epoch:
+                after += batch.keys
+    seen = before + after
+    assert len(seen) == len(set(seen)) == 12 and not held & set(seen)
+
+
+def test_a_slot_with_only_held_out_clips_stops_loudly(shards):
+    from vaemo_dist.data.shards import ShardError
+
+    with pytest.raises(ShardError, match="only held-out clips"):
+        take(build_loader(shards[:2], data_cfg(0), INPUTS, 0, 1, exclude_keys=_all_keys(shards[:2])), 1)

@@ -105,3 +105,79 @@ def test_resampled_resume_from_any_position_continues_identically(tmp_path):
     for cut in (2, 6, 13, 29):
         resumed = keys(iter_slot(urls, 7, 1, 2, full[cut - 1][1], resampled=True), 30 - cut)
         assert resumed == [s["__key__"] for s, _ in full[cut:]]
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs accepted the same way everywhere; vaemo-shard's inputs refused with its command
+
+
+def test_a_manifest_means_its_folder(tiny_corpus):
+    from vaemo_dist.data.shards import shard_manifest
+
+    folder = expand_shards(str(tiny_corpus))
+    assert expand_shards(str(tiny_corpus / "manifest.json")) == folder
+    assert expand_shards(f"{tiny_corpus}/") == folder
+    assert expand_shards(f"file://{tiny_corpus / 'manifest.json'}") == [f"file://{u}" for u in folder]
+    assert shard_manifest(str(tiny_corpus)) == shard_manifest(str(tiny_corpus / "manifest.json"))
+    assert shard_manifest(str(tiny_corpus))["shards"] == [u.rsplit("/", 1)[1] for u in folder]
+    assert shard_manifest(f"{tiny_corpus}/shard-{{000000..000001}}.tar") is None
+
+
+def test_read_clip_meta_gives_the_json_of_every_clip_by_its_key(tiny_corpus):
+    import json
+
+    from vaemo_dist.data.shards import read_clip_meta, read_shard
+
+    for url in expand_shards(str(tiny_corpus)):
+        expected = [(s["__key__"], json.loads(s["json"])) for s in read_shard(url)]
+        assert list(read_clip_meta(url)) == expected and expected
+
+
+@pytest.fixture(scope="module")
+def raw_media(tmp_path_factory):
+    """What vaemo-shard takes: a folder of videos (one in a subfolder) and a CSV naming them."""
+    from vaemo_dist.data.synth import write_media_file
+
+    root = tmp_path_factory.mktemp("raw")
+    videos = root / "videos"
+    (videos / "sub").mkdir(parents=True)
+    write_media_file(videos / "a.mp4", seconds=0.5)
+    write_media_file(videos / "sub" / "b.mov", seconds=0.5, container="mov")
+    csv = root / "clips.csv"
+    csv.write_text("path,label,speaker\nvideos/a.mp4,happy,s1\nvideos/sub/b.mov,sad,s2\n")
+    return root, videos, csv
+
+
+@pytest.mark.parametrize("which, what, source", [
+    ("csv", "a CSV manifest", "csv"), ("videos", "a folder of media files", "videos"),
+    ("file", "a media file", "videos"), ("sub", "a folder of media files", "sub")])
+def test_vaemo_shard_inputs_are_refused_with_its_command(raw_media, which, what, source):
+    from vaemo_dist.data.shards import check_shard_spec
+
+    root, videos, csv = raw_media
+    paths = {"csv": csv, "videos": videos, "file": videos / "a.mp4", "sub": videos / "sub"}
+    spec, src = str(paths[which]), str(paths[source])
+    for call in (lambda: check_shard_spec(spec, "eval.shards"), lambda: expand_shards(spec, "eval.shards")):
+        with pytest.raises(ShardError) as e:
+            call()
+        msg = str(e.value)
+        assert f"eval.shards={spec!r} is {what}" in msg and "not shards" in msg
+        out = src.removesuffix(".csv") + "-shards"
+        assert f"vaemo-shard {src} --out {out}" in msg and f"eval.shards={out}" in msg
+
+
+def test_shard_specs_pass_the_check(tiny_corpus, raw_media, tmp_path):
+    from vaemo_dist.data.shards import check_shard_spec
+
+    for spec in (str(tiny_corpus), str(tiny_corpus / "manifest.json"), f"{tiny_corpus}/shard-{{0..9}}.tar",
+                 "s3://bucket/train-{000000..000009}.tar", "s3://bucket/train", str(tmp_path / "not-yet")):
+        check_shard_spec(spec)
+    with pytest.raises(ShardError, match="a CSV manifest"):
+        check_shard_spec("s3://bucket/clips.csv")
+    with pytest.raises(ShardError, match="clips.csv"):  # any item of a comma list
+        check_shard_spec(f"{tiny_corpus},{raw_media[2]}")
+    mixed = tmp_path / "mixed"  # shards next to a video: shards
+    mixed.mkdir()
+    make_shards(mixed, 1, 2)
+    (mixed / "extra.mp4").write_bytes(b"")
+    check_shard_spec(str(mixed))

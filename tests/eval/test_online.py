@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -310,3 +311,178 @@ def test_zero_shot_needs_the_names_of_the_heldout_labels(setup, tmp_path):
     (shards / "manifest.json").write_text(json.dumps({"class_names": ["calm", "tense", "sad"]}))
     from_manifest = load_config(None, [*TINY, f"eval.shards={shards}"])
     assert heldout_class_names(from_manifest) == ["calm", "tense", "sad"]
+
+
+# --------------------------------------------------------------------------------------------
+# Which held-out clips: synthetic only when training is synthetic; eval.holdout by speaker
+
+
+def _with_speakers(source: Path, out: Path, speaker_of) -> list[str]:
+    """A copy of the shards of `source` whose clips' json carry `speaker_of(index)` (None: no field),
+    with a vaemo-shard-like manifest naming the classes; returns the keys in order."""
+    import webdataset as wds
+
+    from vaemo_dist.data.shards import expand_shards, read_shard
+
+    out.mkdir(parents=True)
+    keys, names = [], []
+    for s, url in enumerate(expand_shards(str(source))):
+        name = f"shard-{s:06d}.tar"
+        with wds.TarWriter(str(out / name)) as w:
+            for sample in read_shard(url):
+                meta = json.loads(sample["json"])
+                speaker = speaker_of(len(keys))
+                if speaker is not None:
+                    meta["speaker"] = speaker
+                w.write({"__key__": sample["__key__"], "mp4": sample["mp4"], "flac": sample["flac"],
+                         "json": json.dumps(meta).encode()})
+                keys.append(sample["__key__"])
+        names.append(name)
+    (out / "manifest.json").write_text(json.dumps({"shards": names, "class_names": ["n", "h", "s", "a"]}))
+    return keys
+
+
+@pytest.fixture(scope="module")
+def speaker_shards(setup, tmp_path_factory):
+    """The 16 held-out synthetic clips as 'user' shards of 4 speakers (4 clips each, mixed classes)."""
+    cfg = setup[0]
+    out = tmp_path_factory.mktemp("user") / "shards"
+    keys = _with_speakers(heldout_dir(cfg) / "corpus", out, lambda i: f"spk{i % 4}")
+    return out, keys
+
+
+def test_eval_set_is_synthetic_only_when_training_is(tmp_path):
+    from vaemo_dist.eval.online import eval_set
+
+    synthetic = eval_set(load_config(None, TINY))
+    assert (synthetic.kind, synthetic.name) == ("synthetic", "synthetic held-out (4 classes)")
+    assert eval_set(load_config(None, [*TINY, "eval.classes=16"])).name == "synthetic held-out (16 classes)"
+    described = load_config(None, [*TINY, f"data.shards={tmp_path / 'described'}"])
+    assert eval_set(described).kind == "off"  # a folder named by the user is the user's data
+
+    user = [*TINY, f"data.shards={tmp_path / 'mine'}"]
+    off = eval_set(load_config(None, user))
+    assert off.kind == "off" and "eval.holdout=0.1" in off.why
+    assert "eval.shards=<your held-out shards>" in off.why
+    assert str(tmp_path / "mine") in off.why
+    held = eval_set(load_config(None, [*user, "eval.holdout=0.1"]))
+    assert (held.kind, held.name) == ("holdout", f"held-out 10% of {tmp_path / 'mine'}")
+    assert eval_set(load_config(None, [*user, "eval.holdout=12"])).name.startswith("held-out 12 clips of")
+    given = eval_set(load_config(None, [*user, "eval.shards=s3://key:secret@bucket/val-{0..3}.tar"]))
+    assert given.kind == "shards" and "secret" not in given.name and "bucket/val-{0..3}.tar" in given.name
+    asked = eval_set(load_config(None, [*user, "eval.shards=synthetic"]))  # asked for: honoured, so named
+    assert asked.kind == "synthetic" and asked.name.startswith("synthetic")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["eval.holdout=1.5"], "eval.holdout: 1.5: a fraction in [0, 1)"),
+    (["eval.holdout=-0.1"], "eval.holdout: -0.1"),
+    (["eval.holdout=0.1", "eval.shards=/val"], "eval.shards='/val' already names the held-out clips"),
+])
+def test_bad_holdout_settings_are_config_errors(overrides, message):
+    from vaemo_dist.config import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, [*TINY, *overrides])
+
+
+def test_split_holdout_never_puts_a_speaker_on_both_sides():
+    from vaemo_dist.eval.online import HoldoutError, split_holdout
+
+    rng = np.random.default_rng(0)
+    for seed in range(20):
+        n_speakers = int(rng.integers(2, 9))
+        clips = [(f"k{i:03d}", f"spk{int(rng.integers(n_speakers))}") for i in range(60)]
+        for holdout in (0.1, 0.3, 5):
+            try:
+                keys, speakers, rest, how = split_holdout(clips, holdout, seed)
+            except HoldoutError:
+                assert len({s for _, s in clips}) == 1 or holdout >= 0.3
+                continue
+            held = set(keys)
+            speaker_of = dict(clips)
+            assert how == "speaker" and {speaker_of[k] for k in held} == set(speakers)
+            assert {speaker_of[k] for k in speaker_of if k not in held} == set(rest)
+            assert not set(speakers) & set(rest) and rest
+            target = round(holdout * 60) if holdout < 1 else holdout
+            assert len(held) >= target  # whole speakers until the amount is reached
+    clips = [(f"k{i}", f"spk{i % 6}") for i in range(48)]
+    assert split_holdout(clips, 0.1, 0) == split_holdout(list(reversed(clips)), 0.1, 0)  # order-free
+    assert len({tuple(split_holdout(clips, 0.1, seed)[1]) for seed in range(10)}) > 2  # the seed picks them
+    with pytest.raises(HoldoutError, match="would leave none to train on"):
+        split_holdout([(f"k{i}", "only") for i in range(10)], 0.2, 0)
+    with pytest.raises(HoldoutError, match="nothing would be left"):
+        split_holdout(clips, 48, 0)
+
+
+def test_split_holdout_without_speakers_is_by_clip_and_says_so():
+    from vaemo_dist.eval.online import split_holdout
+
+    keys, speakers, rest, how = split_holdout([(f"k{i}", None) for i in range(40)], 0.25, 1)
+    assert how == "clip" and len(keys) == 10 and speakers == [] and rest == []
+    mixed = [(f"k{i}", "a" if i < 10 else "b" if i < 20 else None) for i in range(30)]
+    _, _, _, how = split_holdout(mixed, 0.5, 0)
+    assert how == "speaker (10 clips without one by clip)"
+
+
+def test_holdout_is_split_by_speaker_written_once_and_reused(setup, speaker_shards, tmp_path, caplog):
+    from vaemo_dist.eval.online import HOLDOUT_FILE, ensure_holdout, eval_set, heldout_class_names
+
+    shards, keys = speaker_shards
+    run_dir = tmp_path / "runs" / "mine"
+    cfg = load_config(None, [*TINY, f"data.shards={shards}", "eval.holdout=0.25", "eval.clips=4",
+                             f"train.out_dir={run_dir.parent}", f"train.run_name={run_dir.name}"])
+    with caplog.at_level("INFO"):
+        prepare_online_eval(cfg)  # as the launcher does, once per node
+    record = json.loads((run_dir / HOLDOUT_FILE).read_text())
+    assert record["by"] == "speaker" and len(record["speakers"]) == 1 and len(record["keys"]) == 4
+    assert record["clips_total"] == 16 and record["seed"] == cfg.data.shuffle_seed
+    assert record["shards"] == [str(shards / "shard-000000.tar"), str(shards / "shard-000001.tar")]
+    speaker_of = {k: f"spk{i % 4}" for i, k in enumerate(keys)}
+    assert {speaker_of[k] for k in record["keys"]} == set(record["speakers"])
+    assert not set(record["speakers"]) & set(record["train_speakers"])
+    assert len(record["train_speakers"]) == 3
+    assert "never trained on" in caplog.text
+    assert heldout_class_names(cfg) == ["n", "h", "s", "a"]  # from the training shards' manifest
+
+    # The evaluator uses those clips and names the set everywhere.
+    evaluator = OnlineEvaluator(cfg, torch.device("cpu"), torch.float32, run_dir, is_main=True)
+    assert sorted(evaluator.keys) == sorted(record["keys"])
+    assert evaluator.set_name == f"held-out 25% of {shards} by speaker (4 clips, 1 speaker)"
+    torch.manual_seed(0)
+    with caplog.at_level("INFO"):
+        figures, _ = evaluator.run(VAEmoModel(cfg.model, cfg.inputs), 5)
+    assert figures["eval/set"] == evaluator.set_name
+    assert f"step 5 evaluation on {evaluator.set_name}: probe_uar" in caplog.text
+
+    # Reused as it is on resume, even when the config now asks for another amount (said in the log).
+    before = (run_dir / HOLDOUT_FILE).read_bytes()
+    more = load_config(None, [*TINY, f"data.shards={shards}", "eval.holdout=0.5",
+                              f"train.out_dir={run_dir.parent}", f"train.run_name={run_dir.name}"])
+    with caplog.at_level("WARNING"):
+        again = ensure_holdout(more)
+    assert again.keys == record["keys"] and (run_dir / HOLDOUT_FILE).read_bytes() == before
+    assert "Kept as it is" in caplog.text
+    assert eval_set(more).kind == "holdout"
+
+
+def test_without_heldout_clips_evaluation_is_off_and_nothing_synthetic_is_built(speaker_shards, tmp_path):
+    shards, _ = speaker_shards
+    cfg = load_config(None, [*TINY, f"data.shards={shards}", f"data.synth.dir={tmp_path / 'synthetic'}",
+                             f"train.out_dir={tmp_path}"])
+    prepare_online_eval(cfg)
+    assert not any(tmp_path.iterdir())  # no synthetic held-out corpus, no holdout.json
+    with pytest.raises(ValueError, match="online evaluation is off"):
+        OnlineEvaluator(cfg, torch.device("cpu"), torch.float32, tmp_path / "run", is_main=True)
+
+
+def test_holdout_without_speakers_is_by_clip(setup, tmp_path):
+    from vaemo_dist.eval.online import ensure_holdout
+
+    cfg = setup[0]
+    shards = tmp_path / "nospeaker"
+    _with_speakers(heldout_dir(cfg) / "corpus", shards, lambda i: None)
+    spec = load_config(None, [*TINY, f"data.shards={shards}", "eval.holdout=4", f"train.out_dir={tmp_path}"])
+    record = ensure_holdout(spec)
+    assert record.by == "clip" and len(record.keys) == 4 and record.speakers == []
+    assert record.name() == f"held-out 4 clips of {shards} by clip (4 clips)"

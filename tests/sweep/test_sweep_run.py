@@ -98,6 +98,30 @@ def test_a_data_fraction_of_the_synthetic_corpus_builds_it_first(write_sweep, tm
     assert expand_shards(shards) == [str(corpus / "shard-000000.tar")]  # exists now
 
 
+def test_a_data_fraction_of_the_users_shards_never_builds_the_synthetic_corpus(write_sweep, tiny_corpus,
+                                                                             tmp_path):
+    synth = tmp_path / "synthetic"
+    spec = load_spec(write_sweep(
+        overrides={"data.shards": str(tiny_corpus), "data.synth.dir": str(synth), "data.synth.clips": 4,
+                   "data.synth.clips_per_shard": 2, "data.synth.size": 64},
+        grid={"data_fraction": [0.5], "steps": [2]}))
+    assert run_sweep(spec, launcher=FakeLauncher()) == 0
+    assert not synth.exists()
+    (point,) = build_points(spec)
+    assert not point.synthetic_data and not any(o.startswith("eval.shards=") for o in point.overrides)
+    (shards,) = [o.split("=", 1)[1] for o in point.overrides if o.startswith("data.shards=")]
+    assert expand_shards(shards) == expand_shards(str(tiny_corpus))[:2]
+
+
+def test_a_cut_of_the_synthetic_corpus_is_still_evaluated_on_synthetic_clips(write_sweep, tmp_path):
+    spec = load_spec(write_sweep(overrides={"data.synth.dir": str(tmp_path / "corpus")},
+                                 grid={"data_fraction": [0.5, 1.0], "steps": [2]}))
+    half, full = build_points(spec)
+    assert half.synthetic_data and full.synthetic_data
+    assert "eval.shards=synthetic" in half.overrides  # data.shards names shards of the synthetic corpus
+    assert not any(o.startswith("eval.shards=") for o in full.overrides)  # auto: synthetic already
+
+
 def test_cli_plan_report_and_errors(write_sweep, tmp_path, capsys):
     path = write_sweep(grid={"preset": ["tiny", "small"], "steps": [3]})
     assert main(["plan", str(path)]) == 0

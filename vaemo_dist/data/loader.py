@@ -16,6 +16,10 @@ Two decoders (`data.decoder`):
 
 Skipped clips are counted per worker, in total (`decode`) and by kind (`decode/<kind>`, the kinds of
 `types.DECODE_KINDS`); the counts travel with every batch and are saved in checkpoints.
+
+Held-out clips (`exclude_keys`: the keys of `eval.holdout`'s split) are passed over where they are read,
+before decoding, and not counted as samples. Positions still count them as read samples, so exact and
+elastic resume (with the same keys excluded) continue the same streams.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from vaemo_dist.data import storage
 from vaemo_dist.data.shards import (
     PlanEntry,
     Remainder,
+    ShardError,
     ShardTrouble,
     SlotState,
     StreamPosition,
@@ -44,6 +49,10 @@ from vaemo_dist.data.shards import (
 from vaemo_dist.data.types import DECODE_KINDS, Batch, DecodeError, DecodeLimits, collate
 
 log = logging.getLogger(__name__)
+
+# A slot that reads this many epochs in a row without a clip it may train on (every clip of its shards
+# held out) stops with an error instead of spinning forever.
+EXCLUDED_EPOCHS_LIMIT = 10
 
 Decoder = Callable[[dict[str, Any], InputConfig], Any]  # sample -> Clip (pyav) or Prepared (dali)
 DECODERS = ("auto", "dali", "pyav")
@@ -250,6 +259,7 @@ class ClipStream(IterableDataset):
         resume: DataState | None = None,
         decoder: str = "pyav",
         gpu: bool = False,
+        exclude_keys: frozenset[str] = frozenset(),
     ) -> None:
         super().__init__()
         self.urls, self.data, self.inputs = urls, data, inputs
@@ -257,6 +267,7 @@ class ClipStream(IterableDataset):
         self.n_workers = max(1, data.num_workers)
         self.resume = resume or DataState(data.num_workers, world_size)
         self.decoder, self.gpu = decoder, gpu
+        self.exclude_keys = exclude_keys
 
     def __iter__(self) -> Iterator[Batch | PendingBatch]:
         info = get_worker_info()
@@ -282,7 +293,17 @@ class ClipStream(IterableDataset):
         clips: list[Any] = []
         stream = iter_slot(self.urls, self.data.shuffle_seed, slot, n_slots, start, on_trouble,
                            resampled=self.data.resampled, remainder=self.resume.remainder_of(logical))
+        exclude, kept_epoch = self.exclude_keys, start.epoch
         for sample, position in stream:
+            if exclude:
+                if sample.get("__key__") in exclude:  # held out for evaluation: never trained on
+                    if position.epoch - kept_epoch >= EXCLUDED_EPOCHS_LIMIT:
+                        raise ShardError(
+                            f"slot {slot}/{n_slots} read {EXCLUDED_EPOCHS_LIMIT} epochs in a row with only "
+                            "held-out clips (eval.holdout) in its shards: shard the data mixed (vaemo-shard "
+                            "shuffles by default) or use fewer ranks/workers")
+                    continue
+                kept_epoch = position.epoch
             counts["samples"] += 1
             try:
                 clips.append(decode(sample, self.inputs))
@@ -398,7 +419,10 @@ def build_loader(
     rank: int,
     world_size: int,
     resume: DataState | None = None,
+    exclude_keys: Iterable[str] | None = None,
 ) -> BatchLoader:
+    """Batches of this rank's share of `urls`, resumed from `resume` if given. `exclude_keys`: clips
+    never to train on (held out for evaluation); keep the same set across resumes."""
     if resume is not None and (resume.num_workers, resume.world_size) != (data.num_workers, world_size):
         raise ValueError(
             f"exact resume needs the same data layout: the checkpoint has data.num_workers="
@@ -410,7 +434,8 @@ def build_loader(
                          f"names {len(urls)}: resume with the same shard list")
     decoder = resolve_decoder(data.decoder)
     storage.configure_from(data)
-    stream = ClipStream(urls, data, inputs, rank, world_size, resume, decoder, gpu=torch.cuda.is_available())
+    stream = ClipStream(urls, data, inputs, rank, world_size, resume, decoder, gpu=torch.cuda.is_available(),
+                        exclude_keys=frozenset(exclude_keys or ()))
     loader = DataLoader(
         stream,
         batch_size=None,

@@ -60,16 +60,74 @@ class StreamPosition:
         return StreamPosition(int(d["epoch"]), int(d["shard"]), int(d["sample"]))
 
 
-def expand_shards(spec: str) -> list[str]:
+# Inputs that are not shards but are easily taken for them: the raw material of `vaemo-shard`.
+CSV_SUFFIXES = (".csv", ".tsv")
+MEDIA_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".flv", ".wmv",
+                  ".wav", ".flac", ".mp3", ".m4a", ".aac", ".ogg", ".opus")
+_MEDIA_SCAN_LIMIT = 5000  # directory entries looked at when asking whether a folder holds media files
+
+
+def _vaemo_shard_hint(item: str, what: str, source: str, key: str) -> str:
+    """The message for an input that is `vaemo-shard`'s raw material, not shards: what it is, and the
+    command that makes shards of `source` (the CSV or the folder)."""
+    import shlex
+
+    base = source.rstrip("/")
+    out = (base[: -len(Path(base).suffix)] if Path(base).suffix.lower() in CSV_SUFFIXES else base) + "-shards"
+    return (f"{key}={item!r} is {what}, not shards: training and evaluation read WebDataset shards "
+            f"(*.tar). Make them once with vaemo-shard (a CSV with a `path` column, or a folder of videos), "
+            f"then point {key} at its output:\n"
+            f"    vaemo-shard {shlex.quote(source)} --out {shlex.quote(out)}\n"
+            f"    ... {key}={shlex.quote(out)}")
+
+
+def _holds_media(folder: str) -> bool:
+    """Whether a folder (searched recursively, at most _MEDIA_SCAN_LIMIT entries) holds media files."""
+    seen = 0
+    for _, _, files in os.walk(folder):
+        for name in files:
+            if name.lower().endswith(MEDIA_SUFFIXES):
+                return True
+            seen += 1
+        if seen > _MEDIA_SCAN_LIMIT:
+            return False
+    return False
+
+
+def check_shard_spec(spec: str, key: str = "data.shards") -> None:
+    """Refuse, naming `vaemo-shard` and its command, a spec item that is a CSV manifest, a media file
+    or a local folder of media files without *.tar shards: what vaemo-shard turns into shards. Cheap
+    (no listing of brace patterns, no remote access), so config validation runs it before any work."""
+    for item in (s.strip() for s in spec.split(",")):
+        if not item or "{" in item:
+            continue
+        lower = item.lower().split("?", 1)[0]
+        if lower.endswith(CSV_SUFFIXES):
+            raise ShardError(_vaemo_shard_hint(item, "a CSV manifest", item, key))
+        if lower.endswith(MEDIA_SUFFIXES):
+            folder = item.rstrip("/").rsplit("/", 1)[0] if "/" in item.rstrip("/") else "."
+            raise ShardError(_vaemo_shard_hint(item, "a media file", folder, key))
+        path = item.removeprefix("file://")
+        if storage.is_remote(item) or not os.path.isdir(path):
+            continue
+        if not glob.glob(os.path.join(glob.escape(path), "*.tar")) and _holds_media(path):
+            raise ShardError(_vaemo_shard_hint(item, "a folder of media files with no *.tar shards", item,
+                                               key))
+
+
+def expand_shards(spec: str, key: str = "data.shards") -> list[str]:
     """Turn a shard spec into a list of URLs.
 
     Accepts comma-separated items, each a brace pattern (`train-{000000..000099}.tar`), a local
     folder (all `*.tar` in it), a local glob, any fsspec URL (`s3://...`), or the `manifest.json`
-    that `vaemo-shard` writes next to its shards (local or remote: its shards, in order). Local
-    paths must exist; that is checked here, at start-up, so a typo fails at once and by name.
+    that `vaemo-shard` writes next to its shards (local or remote: its shards, in order; the same
+    list as its folder). Local paths must exist; that is checked here, at start-up, so a typo fails
+    at once and by name. A CSV or a folder of videos is refused with the vaemo-shard command that
+    makes shards of it (`check_shard_spec`). `key`: the config key named in messages.
     """
     from braceexpand import braceexpand  # a webdataset dependency
 
+    check_shard_spec(spec, key)
     urls: list[str] = []
     for item in (s.strip() for s in spec.split(",")):
         if not item:
@@ -83,26 +141,27 @@ def expand_shards(spec: str) -> list[str]:
                 continue
             path = url.removeprefix("file://")
             if os.path.isdir(path):
-                found = sorted(glob.glob(os.path.join(path, "*.tar")))
+                found = sorted(glob.glob(os.path.join(glob.escape(path), "*.tar")))
                 if not found:
-                    raise ShardError(f"no *.tar shards in folder {path}")
+                    raise ShardError(f"no *.tar shards in folder {path} (from {key}={spec!r})")
                 urls.extend(found)
             elif any(ch in path for ch in "*?["):
                 found = sorted(glob.glob(path))
                 if not found:
-                    raise ShardError(f"shard pattern matched nothing: {path}")
+                    raise ShardError(f"shard pattern matched nothing: {path} (from {key}={spec!r})")
                 urls.extend(found)
             elif os.path.isfile(path):
                 urls.append(path)
             else:
-                raise ShardError(f"shard not found: {path} (from data.shards={spec!r})")
+                raise ShardError(f"shard not found: {path} (from {key}={spec!r})")
     if not urls:
-        raise ShardError(f"data.shards={spec!r} names no shards")
+        raise ShardError(f"{key}={spec!r} names no shards")
     return urls
 
 
 def shards_from_manifest(url: str) -> list[str]:
-    """The shard URLs a `vaemo-shard` manifest lists, resolved next to the manifest."""
+    """The shard URLs a `vaemo-shard` manifest lists, resolved next to the manifest (for `<dir>/manifest.json`
+    the same strings as listing `<dir>` gives)."""
     try:
         manifest = json.loads(storage.read_bytes(url))
         names = manifest["shards"]
@@ -110,6 +169,59 @@ def shards_from_manifest(url: str) -> list[str]:
         raise ShardError(f"cannot read the shard manifest: {storage.describe_error(url, e)}") from e
     base = url[: -len(MANIFEST_NAME)]
     return [base + name for name in names]
+
+
+def shard_manifest(spec: str) -> dict[str, Any] | None:
+    """The `manifest.json` of a one-item shard spec that names a vaemo-shard (or synthetic, or described)
+    set: its folder or the manifest itself, local or remote; None for anything else or when unreadable."""
+    spec = spec.strip()
+    if not spec or "," in spec or "{" in spec or any(ch in spec for ch in "*?["):
+        return None
+    if spec.endswith(MANIFEST_NAME):
+        url = spec
+    elif storage.is_remote(spec):
+        url = spec.rstrip("/") + "/" + MANIFEST_NAME
+    elif os.path.isdir(spec.removeprefix("file://")):
+        url = os.path.join(spec.removeprefix("file://"), MANIFEST_NAME)
+    else:
+        return None
+    try:
+        manifest = json.loads(storage.read_bytes(url))
+    except Exception:  # noqa: BLE001 - no manifest, or not one of ours: nothing known
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def read_clip_meta(url: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(key, the clip's json as a dict) of each sample of one shard that has a `.json` member, in order,
+    keys as `read_shard` gives them. A local shard is read by seeking past the media members (only
+    the tar headers and the json are read); a remote one is streamed."""
+    import tarfile
+
+    from webdataset.tariterators import base_plus_ext
+
+    def parse(raw: bytes) -> dict[str, Any]:
+        try:
+            meta = json.loads(raw)
+        except ValueError:
+            return {}
+        return meta if isinstance(meta, dict) else {}
+
+    if storage.is_remote(url):
+        for sample in read_shard(url):
+            if "json" in sample:
+                yield str(sample["__key__"]), parse(sample["json"])
+        return
+    with tarfile.open(url.removeprefix("file://"), mode="r:") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, ext = base_plus_ext(member.name)
+            if key is None or ext != "json":
+                continue
+            f = tar.extractfile(member)
+            if f is not None:
+                yield key, parse(f.read())
 
 
 def _plan_indices(n_shards: int, epoch: int, seed: int, slot: int, n_slots: int,

@@ -1,5 +1,13 @@
 """Online evaluation during pretraining: cheap figures on held-out labelled clips every `eval.every` steps.
 
+Which clips (`eval_set`): synthetic ones only when training reads synthetic ones. `eval.shards: auto`
+(the default) is the synthetic held-out corpus when data.shards is the synthetic corpus (or stage 2
+describes it); with the user's shards, `eval.holdout` (a fraction or a count) splits held-out clips off
+the training shards by speaker (`ensure_holdout`: `<run>/holdout.json`; the training loader skips those
+keys); with neither, evaluation is off and one start-up line says why. `eval.shards=<shards>` names
+held-out shards; `eval.shards=synthetic` is honoured with any training data. The set's name is in every
+evaluation log line, every evaluation record (`eval/set`), the pictures' titles and the curves.
+
 * Probe (`eval/probe_uar`, `eval/probe_war`): features are the mean-pooled encoder tokens of each
   modality, concatenated ([video_pooled, audio_pooled], every token visible, `VAEmoModel.encode`);
   a closed-form ridge regression onto one-hot labels (features standardised on the fit half,
@@ -32,9 +40,11 @@ import dataclasses
 import json
 import logging
 import os
+import random
 import time
 import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +53,7 @@ import torch
 
 from vaemo_dist.config import Config
 from vaemo_dist.eval.metrics import classification_metrics
+from vaemo_dist.fsutil import write_atomic
 from vaemo_dist.model.vaemo import ModelOutput, VAEmoModel
 from vaemo_dist.objectives.stage1 import masked_mse
 
@@ -58,7 +69,59 @@ ZERO_SHOT_PROMPTS = "zero_shot_prompts.safetensors"  # stage 2: class prompts, e
 
 
 # --------------------------------------------------------------------------------------------
-# Held-out clips
+# Which held-out clips
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """The held-out clips online evaluation uses (`eval_set`): `kind` "synthetic" (the synthetic held-out
+    corpus), "shards" (eval.shards), "holdout" (eval.holdout of the training shards) or "off"; `name`,
+    said in every evaluation log line, metrics record (`eval/set`) and curve title; `why`: for "off",
+    why, and how to turn evaluation on (the one start-up line)."""
+
+    kind: str
+    name: str
+    why: str = ""
+
+
+def trains_on_synthetic(cfg: Config) -> bool:
+    """Whether training reads synthetic clips: `data.shards: synthetic` (stage 1: the synthetic corpus;
+    stage 2: the synthetic described set, templated descriptions of it). A folder the user names is the
+    user's data."""
+    return cfg.data.shards == "synthetic"
+
+
+def _training_data(cfg: Config) -> str:
+    """data.shards as said in names and records (no credentials)."""
+    if cfg.data.shards == "synthetic":
+        return f"the synthetic corpus {cfg.data.synth.dir}"
+    return redact_spec(cfg.data.shards)
+
+
+def redact_spec(spec: str) -> str:
+    from vaemo_dist.data.storage import is_remote, redact
+
+    return ",".join(redact(s) if is_remote(s) else s for s in spec.split(","))
+
+
+def eval_set(cfg: Config) -> EvalSet:
+    """Which held-out clips `eval.shards` / `eval.holdout` mean for this config (eval.every aside).
+
+    auto: the synthetic held-out corpus when training reads synthetic clips (and no eval.holdout), else
+    eval.holdout of the training shards, else no evaluation. "synthetic" is honoured whatever training
+    reads (and named synthetic); anything else is the user's held-out shards."""
+    e = cfg.eval
+    if e.shards == "synthetic" or (e.shards == "auto" and not e.holdout and trains_on_synthetic(cfg)):
+        return EvalSet("synthetic", f"synthetic held-out ({e.classes or cfg.data.synth.classes} classes)")
+    if e.shards != "auto":
+        return EvalSet("shards", redact_spec(e.shards))
+    if e.holdout:
+        return EvalSet("holdout", f"held-out {holdout_amount(e.holdout)} of {_training_data(cfg)}")
+    return EvalSet("off", "", why=(
+        f"online evaluation is off: training on your own shards (data.shards={_training_data(cfg)}) with "
+        "eval.shards=auto and no eval.holdout, and synthetic held-out clips would say nothing about them. "
+        "Turn it on with eval.holdout=0.1 (10% of the training clips held out by speaker where the clips "
+        "have one, never trained on) or eval.shards=<your held-out shards>"))
 
 
 def heldout_seed(cfg: Config) -> int:
@@ -73,37 +136,179 @@ def heldout_dir(cfg: Config) -> Path:
     return synth.parent / f"{synth.name}-heldout" / f"seed{heldout_seed(cfg)}-{cfg.eval.clips}-c{classes}"
 
 
-def prepare_online_eval(cfg: Config, progress: bool = False) -> None:
-    """Build the synthetic held-out corpus if online evaluation needs it and it is not there yet.
-    Call once per node (local rank 0) before training; concurrent builders take turns on a lock."""
-    if cfg.eval.every <= 0 or cfg.eval.shards != "synthetic":
-        return
-    from vaemo_dist.text.retrieval import heldout_corpus
+def run_dir_of(cfg: Config) -> Path:
+    return Path(cfg.train.out_dir) / cfg.train.run_name
 
-    heldout_corpus(cfg, heldout_dir(cfg), seed=heldout_seed(cfg), clips=cfg.eval.clips,
-                   classes=cfg.eval.classes, progress=progress)
+
+def prepare_online_eval(cfg: Config, progress: bool = False) -> None:
+    """What online evaluation needs before training, once per node (local rank 0): the synthetic
+    held-out corpus when that is the set (concurrent builders take turns on a lock), or the held-out
+    split of the training shards (`<run>/holdout.json`). Nothing when evaluation is off."""
+    if cfg.eval.every <= 0:
+        return
+    kind = eval_set(cfg).kind
+    if kind == "synthetic":
+        from vaemo_dist.text.retrieval import heldout_corpus
+
+        heldout_corpus(cfg, heldout_dir(cfg), seed=heldout_seed(cfg), clips=cfg.eval.clips,
+                       classes=cfg.eval.classes, progress=progress)
+    elif kind == "holdout" and cfg.data.shards != "synthetic":  # which synthetic set a stage reads: the
+        ensure_holdout(cfg)  # trainer knows (its shard list), and splits that one
+
+
+# --------------------------------------------------------------------------------------------
+# eval.holdout: held-out clips split off the training shards, by speaker
+
+HOLDOUT_FILE = "holdout.json"
+
+
+class HoldoutError(ValueError):
+    """The training shards cannot give the held-out split asked for."""
+
+
+def holdout_amount(holdout: float) -> str:
+    """eval.holdout as said in names: "10%" or "40 clips"."""
+    return f"{100 * holdout:g}%" if holdout < 1 else f"{int(holdout)} clips"
+
+
+@dataclass
+class Holdout:
+    """The split of `eval.holdout`, as written to `<run>/holdout.json`: the held-out keys (never trained
+    on), the speakers they belong to, how it was split, and from what."""
+
+    keys: list[str]
+    speakers: list[str]  # held-out speakers (none when split by clip)
+    train_speakers: list[str]
+    by: str  # "speaker", "clip", or "speaker, by clip where a clip has none"
+    holdout: float  # eval.holdout when the split was made
+    seed: int  # data.shuffle_seed when the split was made
+    data_shards: str  # data.shards (credentials removed)
+    shards: list[str]  # the shard list read (credentials removed)
+    clips_total: int
+
+    def name(self) -> str:
+        n = len(self.speakers)
+        who = f", {n} speaker{'s' if n != 1 else ''}" if n else ""
+        return (f"held-out {holdout_amount(self.holdout)} of {self.data_shards} by {self.by} "
+                f"({len(self.keys)} clips{who})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": "vaemo-holdout", "format_version": 1, **dataclasses.asdict(self)}
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> Holdout:
+        names = {f.name for f in dataclasses.fields(Holdout)}
+        return Holdout(**{k: v for k, v in d.items() if k in names})
+
+
+def split_holdout(clips: Sequence[tuple[str, str | None]], holdout: float,
+                  seed: int) -> tuple[list[str], list[str], list[str], str]:
+    """(held-out keys, held-out speakers, training speakers, how) of (key, speaker or None) clips.
+
+    Whole speakers are held out: the speakers, in an order fixed by `seed`, are taken until at least
+    `holdout` (a fraction < 1 of the clips, or a count) are held out, so no speaker is in both sets. A clip
+    without a speaker is a group of its own (split by clip). At least one group stays for training."""
+    n = len(clips)
+    target = max(1, round(holdout * n) if holdout < 1 else int(holdout))
+    if n < 2 or target >= n:
+        raise HoldoutError(f"eval.holdout={holdout:g} asks for {target} of {n} training clips held out: "
+                           "nothing would be left to train on")
+    groups: dict[str, list[str]] = {}
+    for key, speaker in clips:
+        groups.setdefault(f"s:{speaker}" if speaker is not None else f"k:{key}", []).append(key)
+    order = sorted(groups)
+    random.Random(f"holdout:{seed}").shuffle(order)
+    held: list[str] = []
+    taken = 0
+    while len(held) < target and taken < len(order):
+        held.extend(groups[order[taken]])
+        taken += 1
+    if taken == len(order):
+        one = [g[2:] for g in order if g.startswith("s:")]
+        raise HoldoutError(f"eval.holdout={holdout:g}: the training clips hold {len(order)} group(s) "
+                           f"({len(one)} speaker(s): {one[:5]}), and holding out {target} clips by speaker "
+                           "would leave none to train on; give held-out shards in eval.shards instead")
+    speakers = sorted(g[2:] for g in order[:taken] if g.startswith("s:"))
+    rest = sorted(g[2:] for g in order[taken:] if g.startswith("s:"))
+    with_speaker = sum(1 for _, s in clips if s is not None)
+    how = "speaker" if with_speaker == n else "clip" if with_speaker == 0 else \
+        f"speaker ({n - with_speaker} clips without one by clip)"
+    return sorted(held), speakers, rest, how
+
+
+def training_urls(cfg: Config) -> list[str]:
+    """data.shards expanded (the synthetic corpus's shards for `synthetic`), as the launcher lists them."""
+    from vaemo_dist.data.shards import expand_shards
+
+    data = cfg.data
+    return expand_shards(data.synth.dir if data.shards == "synthetic" else data.shards)
+
+
+def holdout_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / HOLDOUT_FILE
+
+
+def ensure_holdout(cfg: Config, run_dir: str | Path | None = None, urls: list[str] | None = None,
+                   write: bool = True) -> Holdout:
+    """The held-out split of `eval.holdout`: read from `<run>/holdout.json` when there (a resumed run keeps
+    the clips it held out when it started, whatever the config says now, said in the log), else made from
+    the training shards' json (`speaker`; only the json members are read) and, with `write`, written
+    there. `urls`: the training shard list (default: data.shards expanded)."""
+    run_dir = Path(run_dir) if run_dir is not None else run_dir_of(cfg)
+    path = holdout_path(run_dir)
+    if path.is_file():
+        record = Holdout.from_dict(json.loads(path.read_text()))
+        now = (cfg.eval.holdout, cfg.data.shuffle_seed, _training_data(cfg))
+        if (record.holdout, record.seed, record.data_shards) != now:
+            log.warning("%s was made for eval.holdout=%g, seed %d, data.shards=%s; the config now says %g, "
+                        "%d, %s. Kept as it is: its clips were held out since the run started", path,
+                        record.holdout, record.seed, record.data_shards, *now)
+        return record
+    from vaemo_dist.data.shards import read_clip_meta
+
+    urls = urls or training_urls(cfg)
+    clips: dict[str, str | None] = {}
+    for url in urls:
+        for key, meta in read_clip_meta(url):
+            speaker = meta.get("speaker")
+            clips[key] = None if speaker in (None, "") else str(speaker)
+    keys, speakers, rest, how = split_holdout(sorted(clips.items()), cfg.eval.holdout, cfg.data.shuffle_seed)
+    record = Holdout(keys=keys, speakers=speakers, train_speakers=rest, by=how, holdout=cfg.eval.holdout,
+                     seed=cfg.data.shuffle_seed, data_shards=_training_data(cfg),
+                     shards=[redact_spec(u) for u in urls], clips_total=len(clips))
+    if write:
+        if (run_dir / "checkpoints").is_dir():
+            log.warning("eval.holdout: %s is new but the run has checkpoints: the clips held out now may "
+                        "have been trained on before", path)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, json.dumps(record.to_dict(), indent=1) + "\n")
+        log.info("eval.holdout: %s (of %d clips; speakers %s held out), never trained on; written to %s",
+                 record.name(), len(clips), speakers[:10] if speakers else "-", path)
+    return record
 
 
 def heldout_class_names(cfg: Config) -> list[str] | None:
     """Names of the held-out labels 0, 1, ... for zero-shot prompts: `eval.class_names`, else the
     synthetic corpus's own names when the held-out corpus has the training corpus's classes (with
     another count, label k sits elsewhere on the generator's cue scale, so the names do not carry
-    over); None when unknown."""
+    over), else the `class_names` of the held-out shards' manifest (eval.shards, or data.shards for
+    eval.holdout); None when unknown."""
     if cfg.eval.class_names:
         return list(cfg.eval.class_names)
-    if cfg.eval.shards == "synthetic":
+    kind = eval_set(cfg).kind
+    if kind == "synthetic":
         if cfg.eval.classes not in (0, cfg.data.synth.classes):
             return None
         from vaemo_dist.data.synth import class_name
 
         return [class_name(c) for c in range(cfg.data.synth.classes)]
-    spec = Path(cfg.eval.shards)  # a vaemo-shard folder or its manifest.json names its classes
-    manifest = spec if spec.name == "manifest.json" else spec / "manifest.json"
-    try:
-        names = json.loads(manifest.read_text()).get("class_names")
-    except (OSError, ValueError):
+    if kind == "off" or (kind == "holdout" and cfg.data.shards == "synthetic"):
         return None
-    return list(names) if names else None
+    from vaemo_dist.data.shards import shard_manifest
+
+    manifest = shard_manifest(cfg.eval.shards if kind == "shards" else cfg.data.shards)
+    names = manifest.get("class_names") if manifest else None
+    return [str(n) for n in names] if isinstance(names, list) and names else None
 
 
 def zero_shot_prompts_path(run_dir: str | Path) -> Path:
@@ -141,20 +346,29 @@ def prepare_zero_shot(cfg: Config, run_dir: str | Path, encoder_name: str,
     return path
 
 
-def load_online_heldout(cfg: Config) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor]:
+def load_online_heldout(cfg: Config, run_dir: str | Path | None = None, holdout: Holdout | None = None,
+                        urls: list[str] | None = None
+                        ) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor]:
     """(keys, labels [N] (-1 unknown), video [N, ...], audio [N, ...]) of the first `eval.clips`
-    held-out clips, decoded with the training preprocessing, in key order."""
+    held-out clips of `eval_set(cfg)`, decoded with the training preprocessing, in key order.
+    eval.holdout: the clips of `holdout` (default: `ensure_holdout(cfg, run_dir, urls)`) in the training
+    shards `urls` (default: data.shards expanded)."""
     from vaemo_dist.data.shards import expand_shards
     from vaemo_dist.text.retrieval import heldout_corpus, load_clips
 
     e = cfg.eval
-    if e.shards == "synthetic":
+    chosen = eval_set(cfg)
+    if chosen.kind == "synthetic":
         synth = heldout_corpus(cfg, heldout_dir(cfg), seed=heldout_seed(cfg), clips=e.clips,
                                classes=e.classes)  # no-op if built
-        urls = expand_shards(synth.dir)
-    else:
-        urls = expand_shards(e.shards)
-    return load_clips(urls, cfg, limit=e.clips)
+        return load_clips(expand_shards(synth.dir), cfg, limit=e.clips)
+    if chosen.kind == "shards":
+        return load_clips(expand_shards(e.shards, key="eval.shards"), cfg, limit=e.clips)
+    if chosen.kind == "holdout":
+        urls = urls or training_urls(cfg)
+        holdout = holdout or ensure_holdout(cfg, run_dir, urls)
+        return load_clips(urls, cfg, keys=holdout.keys, limit=e.clips)
+    raise ValueError(chosen.why)
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,7 +462,9 @@ class OnlineEvaluator:
     """Loads the held-out clips once (CPU tensors) and evaluates a model on them with `run`."""
 
     def __init__(self, cfg: Config, device: torch.device, dtype: torch.dtype, run_dir: str | Path,
-                 is_main: bool) -> None:
+                 is_main: bool, holdout: Holdout | None = None, urls: list[str] | None = None) -> None:
+        """`holdout`: eval.holdout's split when the caller has it (default: `ensure_holdout`); `urls`:
+        the training shards it is split from (default: data.shards expanded)."""
         self.cfg, self.device, self.dtype, self.is_main = cfg, torch.device(device), dtype, is_main
         self.pictures_dir = Path(run_dir) / PICTURES_DIR
         self.mask_seed = cfg.train.seed + MASK_SEED
@@ -256,14 +472,24 @@ class OnlineEvaluator:
         self._prompts: tuple[torch.Tensor, list[int]] | None = None  # (flat [P, T], prompts per class)
         self._said_why = False
         start = time.perf_counter()
-        self.keys, self.labels, self.video, self.audio = load_online_heldout(cfg)
+        chosen = eval_set(cfg)
+        if chosen.kind == "off":
+            raise ValueError(chosen.why)
+        if chosen.kind == "holdout":
+            holdout = holdout or ensure_holdout(cfg, run_dir, urls, write=is_main)
+        # The name of the held-out set: in every log line, metrics record (eval/set) and picture title.
+        self.set_name = holdout.name() if chosen.kind == "holdout" and holdout is not None else chosen.name
+        self.keys, self.labels, self.video, self.audio = load_online_heldout(cfg, run_dir, holdout, urls)
         if len(self.keys) < 2:
-            raise ValueError(f"online evaluation found {len(self.keys)} held-out clips in "
-                             f"eval.shards={cfg.eval.shards!r}; it needs at least 2")
+            raise ValueError(f"online evaluation found {len(self.keys)} held-out clips in {self.set_name}; "
+                             "it needs at least 2")
         if is_main:
             labelled = int((self.labels >= 0).sum())
-            log.info("online evaluation every %d steps on %d held-out clips (%d labelled), loaded in %.1fs",
-                     cfg.eval.every, len(self.keys), labelled, time.perf_counter() - start)
+            log.info("online evaluation every %d steps on %s: %d clips (%d labelled), loaded in %.1fs",
+                     cfg.eval.every, self.set_name, len(self.keys), labelled, time.perf_counter() - start)
+            if chosen.kind == "synthetic" and not trains_on_synthetic(cfg):
+                log.warning("eval.shards=synthetic: the evaluation figures are on synthetic held-out clips, "
+                            "not on your data (training reads data.shards=%s)", _training_data(cfg))
 
     def due(self, step: int) -> bool:
         """Whether `run` is meant for this step: eval.every > 0 and the step a multiple of it, or the
@@ -275,11 +501,12 @@ class OnlineEvaluator:
         return self.pictures_dir / f"recon_step{step:08d}.png"
 
     def run(self, model: torch.nn.Module, step: int,
-            train_flops: float | None = None) -> tuple[dict[str, float], list[Path]]:
+            train_flops: float | None = None) -> tuple[dict[str, Any], list[Path]]:
         """Evaluate `model` (a VAEmoModel, possibly inside a DeepSpeed engine or a stage-2 model) on
-        the held-out clips: the metrics (METRIC_NAMES, `eval/time_s`, and `train_flops` when given)
-        and the PNGs written (main rank only). Every rank must call it at the same step. The model's
-        train/eval modes and the global RNG states are as they were afterwards."""
+        the held-out clips: the metrics (METRIC_NAMES, `eval/time_s`, `eval/set` (the set's name, a
+        string), and `train_flops` when given) and the PNGs written (main rank only). Every rank must
+        call it at the same step. The model's train/eval modes and the global RNG states are as they
+        were afterwards."""
         start = time.perf_counter()
         vaemo = unwrap_vaemo(model)
         modes = [(m, m.training) for m in vaemo.modules()]
@@ -319,10 +546,17 @@ class OnlineEvaluator:
                 video, audio, out, self.cfg.inputs, self.picture_path(step), max_clips=n,
                 norm_pix=self.cfg.model.norm_pix_video, norm_pix_audio=self.cfg.model.norm_pix_audio,
                 keys=self.keys[:n], labels=self.labels[:n].tolist(),
-                title=f"step {step}: held-out reconstructions"))
+                title=f"step {step}: reconstructions of {self.set_name}"))
         metrics["eval/time_s"] = time.perf_counter() - start
         if train_flops is not None:
             metrics["train_flops"] = float(train_flops)
+        if self.is_main:
+            shown_figures = ", ".join(f"{k.removeprefix('eval/')} {metrics[k]:.4g}" for k in
+                                      ("eval/probe_uar", "eval/r1_v2a", "eval/r1_a2v", "eval/rec_loss",
+                                       "eval/zero_shot_uar") if k in metrics)
+            log.info("step %d evaluation on %s: %s (%.1fs)", step, self.set_name, shown_figures,
+                     metrics["eval/time_s"])
+        metrics["eval/set"] = self.set_name
         return metrics, paths
 
     def _batches(self) -> Any:

@@ -105,6 +105,9 @@ class Point:
     params: int
     axes: dict[str, Any]  # this point's grid values
     overrides: list[str]  # key=value, everything that makes this run this point
+    # Whether it trains on (part of) the synthetic corpus: data.shards is `synthetic` in its config. A
+    # point whose data.shards names shards (in `overrides` or the config) never builds that corpus.
+    synthetic_data: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -385,8 +388,11 @@ def build_points(spec: SweepSpec) -> list[Point]:
         where = f"grid point {index} ({', '.join(f'{k}={v}' for k, v in axes.items()) or 'no grid'})"
         cfg = _load(spec, ov, where)
         shards_override, n_shards, n_clips = resolve_data(cfg, fraction, where)
+        synthetic_data = cfg.data.shards == "synthetic"
         if shards_override is not None:
             _set(ov, "data.shards", shards_override)
+            if synthetic_data and cfg.eval.shards == "auto" and not cfg.eval.holdout:  # synthetic clips still
+                _set(ov, "eval.shards", "synthetic")
         cost = account(cfg.model, cfg.inputs)
         global_batch = cfg.data.batch_size * cfg.train.grad_accum * (spec.world_size // cfg.parallel.tensor)
         budget = axes.get("flops")
@@ -408,7 +414,7 @@ def build_points(spec: SweepSpec) -> list[Point]:
             data_fraction=fraction, data_shards=n_shards, data_clips=n_clips, steps=steps,
             global_batch=global_batch, flops_per_sample=cost.train_flops, flops_budget=budget,
             flops_planned=float(steps * global_batch * cost.train_flops), params=cost.params,
-            axes=axes, overrides=ov))
+            axes=axes, overrides=ov, synthetic_data=synthetic_data))
     seen: dict[str, int] = {}
     for p in points:
         if p.name in seen:

@@ -145,17 +145,18 @@ def select_points(points: list[Point], only: list[str] | None) -> list[Point]:
 
 
 def prepare_data(spec: SweepSpec, points: list[Point]) -> None:
-    """Build the synthetic corpus first when a point trains on part of its shard list: the launcher builds
-    it only for `data.shards=synthetic`, and such a point names its shards instead."""
+    """Build the synthetic corpus first when a point trains on part of it: the launcher builds it only for
+    `data.shards=synthetic`, and such a point names its shards instead. A point whose data.shards is set
+    (the user's shards) never builds it."""
     from vaemo_dist.config import load_config
     from vaemo_dist.data.synth import ensure_corpus
 
     built = set()
     for p in points:
-        if p.data_fraction >= 1.0:
+        if p.data_fraction >= 1.0 or not p.synthetic_data:
             continue
-        cfg = load_config(spec.config, [o for o in p.overrides if not o.startswith("data.shards=")])
-        if cfg.data.shards == "synthetic" and cfg.data.synth.dir not in built:
+        cfg = load_config(spec.config, p.overrides)
+        if cfg.data.synth.dir not in built:
             ensure_corpus(cfg.data.synth)
             built.add(cfg.data.synth.dir)
 

@@ -128,7 +128,9 @@ class Trainer:
         peak = peak_tflops(cfg.parallel.peak_tflops, d.device)
 
         step, data_state, nonfinite = self._maybe_resume(engine, plan, universal, convert_s)
-        loader = build_loader(self.urls, cfg.data, cfg.inputs, d.dp_rank, d.dp_size, resume=data_state)
+        eval_set, holdout = self._eval_set()
+        loader = build_loader(self.urls, cfg.data, cfg.inputs, d.dp_rank, d.dp_size, resume=data_state,
+                              exclude_keys=holdout.keys if holdout is not None else None)
         data_state = data_state or DataState(cfg.data.num_workers, d.dp_size)
         batches: Iterator[Batch] = iter(loader)
         dtype = torch.bfloat16 if bf16 else torch.float32
@@ -148,10 +150,10 @@ class Trainer:
                             "block into per-layer pieces; expect the compile time and no speed-up "
                             "(docs/scaling.md)")
         evaluator = None
-        if cfg.eval.every:
+        if eval_set is not None and eval_set.kind != "off":
             from vaemo_dist.eval.online import OnlineEvaluator, log_pictures
 
-            evaluator = OnlineEvaluator(cfg, d.device, dtype, self.run_dir, d.is_main)
+            evaluator = OnlineEvaluator(cfg, d.device, dtype, self.run_dir, d.is_main, holdout, self.urls)
         last: dict[str, float] = {}
         self._start_time = time.perf_counter()
         stop = t.stop_at or t.steps
@@ -221,6 +223,26 @@ class Trainer:
         if d.is_main:
             self._plot_curves()
         return last
+
+    def _eval_set(self) -> tuple[Any, Any]:
+        """(the online evaluation's held-out set or None when eval.every is 0, eval.holdout's split or
+        None). Evaluation off for want of held-out clips is said here, once, on the main rank."""
+        cfg, d = self.cfg, self.dist
+        if not cfg.eval.every:
+            if cfg.eval.holdout and d.is_main:
+                log.warning("eval.holdout=%g is set but eval.every is 0: no evaluation, nothing held out",
+                            cfg.eval.holdout)
+            return None, None
+        from vaemo_dist.eval.online import ensure_holdout, eval_set
+
+        chosen = eval_set(cfg)
+        if chosen.kind == "off" and d.is_main:
+            log.info(chosen.why)
+        if chosen.kind != "holdout":
+            return chosen, None
+        # Made by the launcher (prepare_online_eval) before the process group; here it is read (or made
+        # alike on every rank, written by the main one, when a caller skipped that).
+        return chosen, ensure_holdout(cfg, self.run_dir, urls=self.urls, write=d.is_main)
 
     def _step_record(self, engine: Any, step: int, sums: dict[str, float], step_time: float,
                      data_wait: float, data_state: DataState, nonfinite: int,
