@@ -48,3 +48,47 @@ def clip_files(tiny_corpus, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("clips")
     extract_clips(tiny_corpus, folder)
     return folder
+
+
+# 4 speakers x 3 classes x 2 clips: a user's labelled corpus with a speaker column, as files + CSV.
+SPEAKERS, CLASSES = ("ann", "bob", "cyd", "dee"), ("angry", "happy", "sad")
+
+
+@pytest.fixture(scope="session")
+def speaker_clips(tmp_path_factory) -> Path:
+    """`clips.csv` (path,label,speaker) and its mp4 files (H.264 + AAC), class-dependent content."""
+    from media_helpers import mp4_with_aac
+
+    folder = tmp_path_factory.mktemp("speaker-clips")
+    rows = ["path,label,speaker"]
+    for s, speaker in enumerate(SPEAKERS):
+        for c, name in enumerate(CLASSES):
+            for take in range(2):
+                file = f"{speaker}_{name}_{take}.mp4"
+                (folder / file).write_bytes(mp4_with_aac(label=c, frames=40 + 4 * s + take))
+                rows.append(f"{file},{name},{speaker}")
+    (folder / "clips.csv").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def speaker_shards(speaker_clips, tmp_path_factory) -> Path:
+    """The same corpus through vaemo-shard (stream-copied, 3 shards): json label/class_name/speaker."""
+    from vaemo_dist.data.writer import ShardOptions, read_sources, write_shards
+
+    out = tmp_path_factory.mktemp("speaker-shards") / "shards"
+    write_shards(read_sources(str(speaker_clips / "clips.csv")), str(out),
+                 ShardOptions(size=64, clips_per_shard=10), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def unlabelled_shards(speaker_clips, tmp_path_factory) -> Path:
+    """Three clips through vaemo-shard from a CSV without labels."""
+    from vaemo_dist.data.writer import ShardOptions, read_sources, write_shards
+
+    csv = speaker_clips / "unlabelled.csv"
+    csv.write_text("path,speaker\nann_angry_0.mp4,ann\nbob_happy_0.mp4,bob\ncyd_sad_0.mp4,cyd\n")
+    out = tmp_path_factory.mktemp("unlabelled-shards") / "shards"
+    write_shards(read_sources(str(csv)), str(out), ShardOptions(size=64), progress=False)
+    return out

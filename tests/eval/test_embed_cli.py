@@ -72,3 +72,23 @@ def test_unusable_inputs_fail_clearly(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SourceError):
         open_source(tmp_path / "empty")
+
+
+def test_an_existing_output_is_refused_and_overwrite_moves_it_aside(tiny_export, clip_files, tmp_path,
+                                                                     capsys):
+    out = tmp_path / "emb.npz"
+    out.write_bytes(b"the user's file")
+    args = ["--model", str(tiny_export), "--input", str(clip_files), "--out", str(out), "--limit", "2",
+            "--quiet"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"refusing to write into {out}" in err and "--overwrite" in err
+    assert out.read_bytes() == b"the user's file"
+    (tmp_path / "folder.npz").mkdir()
+    assert main([*args[:-4], str(tmp_path / "folder"), "--quiet"]) == 2  # ".npz" added: a folder is there
+    assert "it is a folder" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0
+    assert len(EmbeddingSet.load(out)) == 2
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("emb.npz.old-")]
+    assert len(aside) == 1 and aside[0].read_bytes() == b"the user's file"
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]

@@ -65,3 +65,63 @@ def test_selecting_and_checking_folds():
     assert sum(missing.values()) == 2 and set(missing) == {"1/train", "1/test", "2/train", "2/test"}
     with pytest.raises(SplitError, match="none of its"):
         check_keys(folds, ["other"])
+
+
+def _speaker_data(speakers=6, classes=3, per=4, seed=0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    keys, labels, groups = [], [], []
+    for s in range(speakers):
+        for c in range(classes):
+            for i in range(per + int(rng.integers(0, 3))):  # uneven counts, as real corpora have
+                keys.append(f"s{s}_c{c}_{i}")
+                labels.append(c)
+                groups.append(f"spk{s}")
+    return keys, labels, groups
+
+
+def test_grouped_folds_never_put_a_speaker_in_train_and_test():
+    from vaemo_dist.eval.splits import group_overlap, grouped_folds
+
+    keys, labels, groups = _speaker_data()
+    group_of = dict(zip(keys, groups))
+    folds = grouped_folds(keys, labels, groups, k=3, seed=0, what="speaker")
+    assert sorted(k for f in folds.values() for k in f.test) == sorted(keys)  # each clip tested once
+    for f in folds.values():
+        assert not {group_of[k] for k in f.train} & {group_of[k] for k in f.test}
+        assert {labels[keys.index(k)] for k in f.test} == {0, 1, 2}  # stratified: every class tested
+    assert group_overlap(folds, group_of) == {}
+    assert grouped_folds(keys, labels, groups, k=3, seed=0)["1"].test == folds["1"].test  # seeded
+    # Clip-level folds of the same data do mix speakers (what --group-by none asks for).
+    assert group_overlap(stratified_folds(keys, labels, k=3, seed=0), group_of)
+
+
+def test_grouped_folds_need_as_many_groups_as_folds():
+    from vaemo_dist.eval.splits import grouped_folds
+
+    keys, labels, groups = _speaker_data(speakers=3)
+    with pytest.raises(SplitError, match=r"at least 5 different speaker values.*have 3.*--kfold 3"):
+        grouped_folds(keys, labels, groups, k=5, what="speaker")
+
+
+def test_fold_file_records_the_folds_and_reads_back(tmp_path):
+    from vaemo_dist.eval.splits import grouped_folds, write_fold_file
+
+    keys, labels, groups = _speaker_data(speakers=4)
+    folds = grouped_folds(keys, labels, groups, k=4)
+    path = write_fold_file(tmp_path / "folds.csv", folds, dict(zip(keys, groups)))
+    lines = path.read_text().splitlines()
+    assert lines[0] == "key,fold,group" and len(lines) == len(keys) + 1
+    again = read_split_file(path)
+    assert {n: sorted(f.test) for n, f in again.items()} == {n: sorted(f.test) for n, f in folds.items()}
+    # Explicit lists (a validation split, or tests that overlap) keep the fold,split,key form.
+    listed = read_split_file(_write(tmp_path / "sets.csv", "fold,split,key\n1,train,a\n1,val,b\n1,test,c\n"))
+    write_fold_file(tmp_path / "out.csv", listed)
+    assert (tmp_path / "out.csv").read_text().splitlines()[:2] == ["fold,split,key,group", "1,train,a,"]
+    assert read_split_file(tmp_path / "out.csv")["1"].val == ["b"]
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path

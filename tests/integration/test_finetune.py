@@ -139,3 +139,51 @@ def test_finetune_under_tensor_parallelism_trains_the_same_classifier(export, ma
                 .abs().max().item() for k in a if k.startswith("backbone."))
     assert moved > 1e-3  # the backbone did train, so the match above says something
     assert two["folds"]["A"]["n"] == one["folds"]["A"]["n"] == 4
+
+
+def test_finetune_speaker_folds_clips_at_training_size_and_no_silent_rerun(export, manifest, tmp_path):
+    """Default folds by the CSV's speaker column; training clips stored once at the export's
+    inputs.video.size (64 px sources re-encoded to 32), fold shards copied from them atomically; a
+    second launch into the finished run is refused (exit 2) and changes nothing."""
+    from vaemo_dist.data.shards import read_shard
+    from vaemo_dist.fsutil import folder_owner
+
+    with (manifest / "manifest.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    with (manifest / "speakers.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([("path", "label", "speaker")] +
+                                [(r["path"], r["label"], f"spk{i % 4}") for i, r in enumerate(rows)])
+    out = tmp_path / "ft"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "launchers/finetune.py", "--mode", "finetune", "--pretrained", str(export),
+           "--data", str(manifest / "speakers.csv"), "--kfold", "2", "--folds", "1", "--out", str(out),
+           *TRAIN, "train.steps=2"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["group_by"] == "speaker" and report["group_independent"] is True
+    assert "speaker-independent" in proc.stderr
+    with (out / "folds.csv").open() as f:
+        folds = list(csv.DictReader(f))
+    assert len(folds) == 12
+    test_speakers = {r["group"] for r in folds if r["fold"] == "1"}
+    train_keys = {r["key"] for r in folds if r["fold"] != "1"}
+    assert test_speakers and not test_speakers & {r["group"] for r in folds if r["fold"] != "1"}
+
+    stored = [s for url in sorted((out / "train_clips").glob("clips-*.tar")) for s in read_shard(str(url))]
+    assert {s["__key__"] for s in stored} == train_keys  # only the folds' training clips, once
+    for s in stored:
+        meta = json.loads(s["json"])
+        assert (meta["width"], meta["height"], meta["resized_from"]) == (32, 32, [64, 64])
+        assert meta["frames"] == 80 and meta["fps"] == 25 and "label" in meta
+    fold_shards = sorted((out / "fold_1" / "train_shards").glob("train-*.tar"))
+    assert {s["__key__"] for url in fold_shards for s in read_shard(str(url))} == train_keys
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
+    assert folder_owner(out) == folder_owner(out / "train_clips") == "finetune"
+
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 2, again.stderr[-3000:]
+    assert "finished fine-tuning result" in again.stderr and "--overwrite" in again.stderr
+    assert again.stderr.count("refusing to write into") == 1
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

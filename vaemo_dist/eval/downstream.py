@@ -6,16 +6,31 @@
 
 Both write to `--out`: `metrics.json` (per fold UAR / WAR / per-class recall / confusion matrix, and
 their mean ± std over folds), `predictions.csv` (fold, key, label, prediction), `confusion.png`
-(summed over folds) and `confusion_fold_<f>.png`.
+(summed over folds), `confusion_fold_<f>.png` and `folds.csv` (the folds used, with each clip's group).
+
+Before anything is embedded or trained, the data's metadata is read (manifest rows, or only the json
+members of local shards): no labelled clips, a single class, a missing `--group-by` field or folds
+that cannot be made end the command at once with exit code 2, as does an `--out` folder that is not
+this mode's (or, for fine-tuning, one holding a finished or started run without `--resume`):
+`--overwrite` moves it aside (vaemo_dist.fsutil.claim_output_dir), never deletes.
+
+Folds (without a split file or fold / split columns): seeded k folds, speaker-independent by default
+when the clips have a speaker (`--group-by speaker`, stratified by class within the grouping, see
+vaemo_dist/eval/splits.py), clip-level with `--group-by none`. Which one was used is logged and
+written to metrics.json.
 
 probe: features of every clip are computed once with the frozen encoder (cached in
 `<out>/features.npz`), then a logistic-regression probe is fitted per fold (vaemo_dist/eval/probe.py).
 
-finetune: per fold, the labelled training clips are packed into WebDataset shards under
-`<out>/fold_<f>/train_shards/` (bytes copied, never re-encoded, except audio from a video's own
-track, which becomes 16-bit FLAC), the classifier (objectives/finetune.py) trains through the same
-DeepSpeed Trainer as pretraining (`<out>/fold_<f>/` holds its checkpoints and metrics.jsonl), and
-the final checkpoint, consolidated like an export, is evaluated on the fold's test clips by all ranks.
+finetune: every labelled training clip is written once, at the training resolution, to
+`<out>/train_clips/` (a video whose short side exceeds the export's `inputs.video.size` is re-encoded
+there by the shard writer's encoder, vaemo_dist/data/writer.py, at its own frame rate; smaller ones
+and all audio keep their bytes, except audio from a video's own track, which becomes 16-bit FLAC;
+the ranks share the work). Per fold, its training clips are copied from there into
+`<out>/fold_<f>/train_shards/` (every tar written under a temporary name, then renamed), the
+classifier (objectives/finetune.py) trains through the same DeepSpeed Trainer as pretraining
+(`<out>/fold_<f>/` holds its checkpoints and metrics.jsonl), and the final checkpoint, consolidated
+like an export, is evaluated on the fold's original test clips by all ranks.
 The trainer's config comes from `--config` (default configs/finetune/tiny.yaml) and dotted
 overrides; the `model` and `inputs` sections always come from the export.
 """
@@ -25,13 +40,16 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import functools
 import hashlib
+import io
 import json
 import logging
 import math
 import os
 import sys
 import traceback
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,16 +66,43 @@ from vaemo_dist.eval.metrics import (
 )
 from vaemo_dist.eval.splits import (
     Fold,
+    SplitError,
     check_keys,
     folds_from_columns,
+    group_overlap,
+    grouped_folds,
     read_split_file,
     select_folds,
     stratified_folds,
+    write_fold_file,
+)
+from vaemo_dist.fsutil import (
+    OWNER_FILE,
+    FolderInUseError,
+    claim_output_dir,
+    folder_owner,
+    move_aside,
+    refusal,
 )
 
 log = logging.getLogger("vaemo.downstream")
 
 DEFAULT_CONFIG = "configs/finetune/tiny.yaml"
+FOLDS_FILE = "folds.csv"  # the folds used, next to the results
+CLIPS_DIR = "train_clips"  # fine-tuning: every training clip once, at the training resolution
+# Bump when what write_training_clips stores changes: stored clips of another version are rewritten.
+CLIPS_FORMAT = 1
+
+
+class StartupError(ValueError):
+    """Bad input found before any work (no labels, unusable folds, a folder not ours): exit 2."""
+
+
+def _startup_errors() -> tuple[type[BaseException], ...]:
+    from vaemo_dist.eval.sources import SourceError
+    from vaemo_dist.export import ExportError
+
+    return (StartupError, SourceError, SplitError, FolderInUseError, ExportError)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -71,9 +116,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kfold", type=int, default=5,
                    help="without split information: seeded stratified k folds")
     p.add_argument("--seed", type=int, default=0, help="seed of --kfold folds")
+    p.add_argument("--group-by", default="auto",
+                   help="--kfold folds keep each value of this field (manifest column or shard json key) "
+                        "in one fold: speaker-independent folds. auto (default): 'speaker' when the "
+                        "clips have one; none: clip-level folds")
     p.add_argument("--classes", default=None, help="comma-separated class names, in label order")
     p.add_argument("--modality", choices=["av", "video", "audio"], default="av")
     p.add_argument("--out", default=None, help="output folder (default runs/<mode>-<export name>)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="if --out holds another result (or a finished fine-tuning without --resume), move "
+                        "it aside to <out>.old-<timestamp> (never deleted) and start afresh")
     # probe
     p.add_argument("--features", default="auto",
                    help="probe features: auto (pooled tokens of the modalities used), joint_pooled, "
@@ -81,7 +133,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--l2", default="auto", help="probe L2 penalty, or auto (inner 3-fold CV on train)")
     p.add_argument("--balanced", action="store_true", help="class-balanced probe loss")
     p.add_argument("--batch-size", type=int, default=16, help="clips per encoder call when embedding")
-    p.add_argument("--workers", type=int, default=0, help="decoding processes when embedding / evaluating")
+    p.add_argument("--workers", type=int, default=0,
+                   help="decoding processes when embedding, and per rank when preparing training clips")
     # finetune
     p.add_argument("--config", default=DEFAULT_CONFIG, help="trainer config for --mode finetune")
     p.add_argument("--epochs", type=float, default=0.0,
@@ -103,21 +156,181 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # Folds
 
 
-def resolve_folds(args: argparse.Namespace, keys: list[str], labels: np.ndarray,
-                  fold_of: dict[str, str], split_of: dict[str, str]) -> dict[str, Fold]:
-    labelled = [k for k, y in zip(keys, labels) if y >= 0]
+@dataclass
+class Clips:
+    """What the data's metadata says, read before any clip is decoded."""
+
+    records: list[Any]  # every clip's Record (eval/sources.py), without media bytes
+    class_names: list[str]
+
+    @property
+    def labelled(self) -> list[Any]:
+        return [r for r in self.records if r.label >= 0]
+
+
+def scan_clips(source: Any, spec: str) -> Clips:
+    """The clips' keys, labels, speakers, ... from metadata only (manifest rows, shard json members);
+    StartupError if nothing is labelled or there are fewer than two classes."""
+    records = list(source.metadata())
+    labelled = [r for r in records if r.label >= 0]
+    if not labelled:
+        raise StartupError(
+            f"no labelled clips in {spec}: {len(records)} clips, none with a label. Labels come from a "
+            "manifest's 'label' column or a shard json's \"label\" (vaemo-shard writes it from its CSV's "
+            "'label' column); nothing was embedded or trained")
+    top = max(r.label for r in labelled)
+    names = list(source.class_names)
+    if not names:  # shards without a manifest: the clips' json "class_name", where complete
+        named = {r.label: r.class_name for r in labelled if r.class_name}
+        names = [named[i] for i in range(top + 1)] if all(i in named for i in range(top + 1)) else []
+    if names and top >= len(names):
+        raise StartupError(f"{spec}: a clip has label {top} but the data names {len(names)} classes {names}")
+    names = names or [str(i) for i in range(top + 1)]
+    present = sorted({r.label for r in labelled})
+    if len(present) < 2:
+        raise StartupError(f"{spec}: all {len(labelled)} labelled clips are of one class "
+                           f"({names[present[0]]!r}); classification needs two or more")
+    return Clips(records, names)
+
+
+@dataclass
+class FoldPlan:
+    folds: dict[str, Fold]  # the folds to run (--folds)
+    all_folds: dict[str, Fold]  # every fold of the protocol (what folds.csv records)
+    origin: str  # where the folds came from, in words
+    group_by: str | None  # the grouping field, None for clip-level folds
+    group_of: dict[str, str]  # labelled key -> its group (speaker)
+    overlap: dict[str, list[str]]  # fold -> groups in both its train and test split (given splits)
+
+    def info(self) -> dict[str, Any]:
+        """For metrics.json."""
+        return {"folds_from": self.origin, "group_by": self.group_by,
+                "groups": len(set(self.group_of.values())) if self.group_by else None,
+                "group_independent": (not self.overlap) if self.group_by else None,
+                "folds_file": FOLDS_FILE}
+
+
+def group_column(requested: str, labelled: list[Any]) -> str | None:
+    """The field folds are grouped by: `requested`, or for "auto" `speaker` when the clips have one;
+    None for "none". Every labelled clip must have a value (StartupError otherwise)."""
+    if requested.lower() == "none":
+        return None
+    column = "speaker" if requested.lower() == "auto" else requested
+    have = [r for r in labelled if r.group(column) is not None]
+    if not have:
+        if requested.lower() == "auto":
+            return None
+        seen = sorted({"speaker" for r in labelled if r.speaker} | {k for r in labelled for k in r.fields})
+        raise StartupError(f"--group-by {column}: no labelled clip has a {column!r} field (a manifest column "
+                           f"or a shard json key); fields present: {seen or 'none'}")
+    if len(have) < len(labelled):
+        missing = [r.key for r in labelled if r.group(column) is None]
+        raise StartupError(f"{len(missing)} of {len(labelled)} labelled clips have no {column!r} (e.g. "
+                           f"{missing[:3]}): give every clip one, or pass --group-by none for clip-level "
+                           "folds")
+    return column
+
+
+def plan_folds(args: argparse.Namespace, clips: Clips) -> FoldPlan:
+    """The folds: a split file, else the data's fold / split fields, else seeded k folds grouped by
+    `--group-by` (speaker by default) and stratified by class; StartupError / SplitError if unusable."""
+    labelled = clips.labelled
+    keys = [r.key for r in labelled]
+    labels = [r.label for r in labelled]
+    column = group_column(args.group_by, labelled)
+    group_of = {r.key: str(r.group(column)) for r in labelled} if column else {}
     if args.splits:
-        folds = read_split_file(args.splits)
+        folds, origin = read_split_file(args.splits), f"the split file {args.splits}"
     else:
-        folds = folds_from_columns(labelled, [fold_of.get(k) for k in labelled],
-                                   [split_of.get(k) for k in labelled])
-        if folds is None:
-            folds = stratified_folds(labelled, [int(y) for y in labels if y >= 0], args.kfold, args.seed)
-    folds = select_folds(folds, args.folds)
-    missing = check_keys(folds, labelled)
+        folds = folds_from_columns(keys, [r.fold for r in labelled], [r.split for r in labelled])
+        origin = "the data's fold / split fields"
+        if folds is None and column:
+            folds = grouped_folds(keys, labels, [group_of[k] for k in keys], args.kfold, args.seed, column)
+            origin = (f"{args.kfold} folds by {column} ({len(set(group_of.values()))} values, each in one "
+                      f"fold), stratified by class, seed {args.seed}")
+        elif folds is None:
+            folds = stratified_folds(keys, labels, args.kfold, args.seed)
+            origin = f"{args.kfold} clip-level folds, stratified by class, seed {args.seed}"
+    selected = select_folds(folds, args.folds)
+    missing = check_keys(selected, keys)
     if any(missing.values()):
         log.warning("keys named by the split but absent from the labelled data: %s", missing)
-    return folds
+    overlap = group_overlap(selected, group_of) if column else {}
+    return FoldPlan(selected, folds, origin, column, group_of, overlap)
+
+
+def log_plan(plan: FoldPlan, args: argparse.Namespace, where: Path) -> None:
+    if plan.group_by is None:
+        why = ("--group-by none" if args.group_by.lower() == "none"
+               else "the clips have no speaker field; --group-by <column> groups by another")
+        log.info("folds: %s; clip-level (%s); fold of each clip in %s", plan.origin, why, where)
+    elif plan.overlap:
+        log.warning("folds: %s, which are NOT %s-independent: %s in train and test of the same fold (%s)",
+                    plan.origin, plan.group_by, plan.group_by,
+                    "; ".join(f"fold {f}: {', '.join(g[:5])}" for f, g in plan.overlap.items()))
+    else:
+        chosen = " (--group-by auto found it; --group-by none for clip-level folds)" \
+            if args.group_by.lower() == "auto" else ""
+        log.info("folds: %s; %s-independent: no %s in a fold's train and test%s; fold of each clip in %s",
+                 plan.origin, plan.group_by, plan.group_by, chosen, where)
+
+
+# --------------------------------------------------------------------------------------------
+# Output folders
+
+
+def _looks_like(out: Path, mode: str) -> bool:
+    """Whether an unmarked folder is this mode's older output (written before folders were marked)."""
+    try:
+        if json.loads((out / "metrics.json").read_text()).get("mode") == mode:
+            return True
+    except (OSError, ValueError, AttributeError):
+        pass
+    return any(out.glob("fold_*/checkpoints")) if mode == "finetune" else (out / "features.npz").is_file()
+
+
+def _holds_anything(out: Path) -> bool:
+    return out.is_dir() and any(p.name not in (".lock", OWNER_FILE) for p in out.iterdir())
+
+
+def out_folder_problem(out: Path, mode: str, args: argparse.Namespace) -> str | None:
+    """Why `--out` may not be written (the project's one refusal wording), or None. Read-only: every
+    rank may ask. A folder of this mode is reused (the probe's feature cache, --resume); a finished or
+    started fine-tuning only with --resume; anything else only with --overwrite (moved aside)."""
+    if out.exists() and not out.is_dir():
+        return refusal(out, "it is a file, not a folder", "--overwrite")
+    if not _holds_anything(out):
+        return None
+    owner = folder_owner(out)
+    ours = owner == mode or (owner is None and _looks_like(out, mode))
+    if args.overwrite and not (ours and args.resume):
+        return None
+    if not ours:
+        why = (f"it holds the output of {owner}, not of {mode}" if owner
+               else f"it is not empty and {mode} did not create it")
+        return refusal(out, why, "--overwrite")
+    if mode == "finetune" and not args.resume:
+        if (out / "metrics.json").is_file():
+            return refusal(out, "it holds a finished fine-tuning result (metrics.json; --resume re-evaluates "
+                                "its folds from their last checkpoints)", "--overwrite")
+        if any(out.glob("fold_*/checkpoints")):
+            return refusal(out, "it holds the checkpoints of an unfinished fine-tuning run (--resume "
+                                "continues it)", "--overwrite")
+    return None
+
+
+def claim_out(out: Path, mode: str, args: argparse.Namespace) -> Path:
+    """Make `out` this mode's folder, after out_folder_problem said yes: with --overwrite (and not
+    resuming our own run) an existing folder is moved aside first, never deleted."""
+    problem = out_folder_problem(out, mode, args)
+    if problem:
+        raise FolderInUseError(problem)
+    ours = folder_owner(out) == mode or (_holds_anything(out) and folder_owner(out) is None
+                                         and _looks_like(out, mode))
+    if args.overwrite and _holds_anything(out) and not (ours and args.resume):
+        log.warning("--overwrite: moved %s aside to %s", out, move_aside(out))
+        ours = False
+    return claim_output_dir(out, mode, adopt=ours)
 
 
 # --------------------------------------------------------------------------------------------
@@ -171,41 +384,50 @@ def run_probe(args: argparse.Namespace) -> dict[str, Any]:
     from vaemo_dist.pretrained import from_pretrained
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    encoder = from_pretrained(args.pretrained)
+    # Everything that can be wrong with the data, the folds or --out is found before any embedding.
     source = open_source(args.data, args.classes.split(",") if args.classes else None)
+    clips = scan_clips(source, args.data)
+    plan = plan_folds(args, clips)
+    problem = out_folder_problem(out, "probe", args)
+    if problem:
+        raise FolderInUseError(problem)
+    encoder = from_pretrained(args.pretrained)
+    claim_out(out, "probe", args)
+    write_fold_file(out / FOLDS_FILE, plan.all_folds, plan.group_of)
+    log_plan(plan, args, out / FOLDS_FILE)
+    labelled = {r.key for r in clips.labelled}
     cache = out / "features.npz"
     stamp = {"pretrained": str(Path(args.pretrained).resolve()),
              "weights": _file_digest(Path(args.pretrained)), "data": str(Path(args.data).resolve()),
-             "modality": args.modality}
+             "modality": args.modality,
+             "clips": hashlib.sha256("\n".join(sorted(labelled)).encode()).hexdigest()[:16]}
     emb = EmbeddingSet.load(cache) if cache.is_file() else None
     if emb is None or emb.meta.get("stamp") != stamp:
         emb = embed_source(encoder, source, modality=args.modality, batch_size=args.batch_size,
-                           workers=args.workers, progress=sys.stderr.isatty())
+                           workers=args.workers, progress=sys.stderr.isatty(),
+                           keep=lambda record: record.key in labelled)  # only the labelled clips
         emb.meta["stamp"] = stamp
         emb.save(cache)
     else:
         log.info("features from the cache %s", cache)
-    if not (emb.labels >= 0).any():
-        raise SystemExit(f"probe: no labelled clips in {args.data} (labels come from a manifest's 'label' "
-                         "column or a shard json's \"label\")")
     features_name = default_features(args.modality) if args.features == "auto" else args.features
     features = emb.features(features_name)
-    class_names = emb.class_names
-    if not class_names or emb.labels.max() >= len(class_names):
-        class_names = [str(i) for i in range(int(emb.labels.max()) + 1)]
-    folds = resolve_folds(args, emb.keys, emb.labels, emb.meta.get("folds", {}), emb.meta.get("splits", {}))
+    class_names = clips.class_names
     l2: float | str = args.l2 if args.l2 == "auto" else float(args.l2)
-    per_fold = probe_folds(features, emb.labels, emb.keys, folds, len(class_names), l2, args.balanced)
+    per_fold = probe_folds(features, emb.labels, emb.keys, plan.folds, len(class_names), l2, args.balanced)
     results = {}
+    index = {k: i for i, k in enumerate(emb.keys)}
     for name, m in per_fold.items():
         keys, preds = m.pop("keys"), m.pop("predictions")
-        index = {k: i for i, k in enumerate(emb.keys)}
         results[name] = FoldResult(m, keys, [int(emb.labels[index[k]]) for k in keys], preds)
     info = {"mode": "probe", "pretrained": args.pretrained, "data": args.data, "modality": args.modality,
             "features": features_name, "feature_dim": int(features.shape[1]), "clips": len(emb),
-            "skipped": emb.meta.get("skipped", [])}
-    return write_report(out, results, class_names, info)
+            "skipped": emb.meta.get("skipped", []), **plan.info()}
+    report = write_report(out, results, class_names, info)
+    from vaemo_dist.eval.predict import save_probe_classifiers  # for vaemo-predict: per fold, and all clips
+
+    save_probe_classifiers(out, args, features, emb.labels, emb.keys, plan.folds, report)
+    return report
 
 
 def _file_digest(folder: Path) -> str:
@@ -265,41 +487,191 @@ def record_sample(record: Any, inputs: Any) -> dict[str, Any]:
     return sample
 
 
-def write_fold_shards(source: Any, keys: set[str], out_dir: Path, inputs: Any,
-                      per_shard: int = 64) -> list[str]:
-    """Pack the labelled records named in `keys` into tar shards; reused when already complete."""
-    import webdataset as wds
+def at_training_size(sample: dict[str, Any], size: int) -> dict[str, Any]:
+    """`sample` with its video re-encoded once so that its short side is `size` (the export's
+    inputs.video.size), when it is larger: by the shard writer's encoder (vaemo_dist/data/writer.py),
+    at the video's own frame rate rounded to whole frames per second, with the json's frames / fps /
+    duration / width / height updated. The training decoder then crops and never shrinks. A video at
+    or below `size` is returned as it is (no quality lost, no time spent)."""
+    import av
+
+    from vaemo_dist.data.decode_pyav import VIDEO_FIELDS
+    from vaemo_dist.data.writer import ShardOptions, _encode_video
+
+    field = next((f for f in VIDEO_FIELDS if sample.get(f)), None)
+    if field is None:
+        return sample  # no video: the decoder says so when the clip is read
+    data = bytes(sample[field])
+    with av.open(io.BytesIO(data)) as container:
+        if not container.streams.video:
+            return sample
+        stream = container.streams.video[0]
+        width, height = stream.codec_context.width, stream.codec_context.height
+        rate = stream.average_rate or stream.guessed_rate
+    if min(width, height) <= size:
+        return sample
+    fps = max(1, round(float(rate))) if rate else 25
+    opts = ShardOptions(size=size, fps=fps)
+    video, frames, _, new_width, new_height = _encode_video(io.BytesIO(data), opts)  # type: ignore[arg-type]
+    meta = json.loads(bytes(sample.get("json") or b"{}").decode("utf-8"))
+    meta.update(frames=frames, fps=fps, duration=frames / fps, width=new_width, height=new_height,
+                resized_from=[width, height])
+    resized = {k: v for k, v in sample.items() if k not in VIDEO_FIELDS}
+    resized.update(mp4=video, json=json.dumps(meta).encode())
+    return resized
+
+
+def training_sample(record: Any, inputs: Any) -> dict[str, Any] | str:
+    """The training sample of one labelled record at the training resolution, or why it is left out."""
+    import av
 
     from vaemo_dist.data.types import DecodeError
 
-    stamp = hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()
-    done = out_dir / "_SUCCESS"
-    if done.is_file() and done.read_text().strip() == stamp:
-        return sorted(str(p) for p in out_dir.glob("train-*.tar"))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for old in out_dir.glob("train-*.tar"):
-        old.unlink()
-    written, shard, writer = 0, 0, None
-    for record in source.records():
-        if record.key not in keys or record.label < 0:
-            continue
-        try:
-            sample = record_sample(record, inputs)
-        except (DecodeError, OSError) as e:
-            log.warning("left %s out of the training shards: %s", record.key, e)
-            continue
+    try:
+        return at_training_size(record_sample(record, inputs), inputs.video.size)
+    except DecodeError as e:
+        return e.reason
+    except (OSError, ValueError, av.FFmpegError) as e:
+        return f"{type(e).__name__}: {e}"
+
+
+def _ordered_map(fn: Any, items: Iterable[Any], workers: int) -> Iterator[Any]:
+    """fn over items in order, in `workers` processes (0 or 1: here), at most 2 per worker in flight."""
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    import multiprocessing as mp
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        pending: deque[Any] = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def write_tars(samples: Iterable[dict[str, Any]], out_dir: Path, prefix: str, per_shard: int = 64) -> int:
+    """Write samples into `<out_dir>/<prefix>-000000.tar ...`, each under a temporary name renamed into
+    place when complete, after removing this prefix's earlier tars. Returns how many were written."""
+    import webdataset as wds
+
+    for old in [*out_dir.glob(f"{prefix}-*.tar"), *out_dir.glob(f".{prefix}-*.tar.tmp-*")]:
+        old.unlink()  # our own earlier output (the folder is claimed), never the user's
+    written, shard, writer, tmp, final = 0, 0, None, Path(), Path()
+    for sample in samples:
         if writer is None or written % per_shard == 0:
             if writer is not None:
                 writer.close()
-            writer = wds.TarWriter(str(out_dir / f"train-{shard:06d}.tar"), encoder=False)
+                os.replace(tmp, final)
+            final = out_dir / f"{prefix}-{shard:06d}.tar"
+            tmp = out_dir / f".{final.name}.tmp-{os.getpid()}"
+            writer = wds.TarWriter(str(tmp), encoder=False)
             shard += 1
         writer.write(sample)
         written += 1
     if writer is not None:
         writer.close()
-    if written == 0:
+        os.replace(tmp, final)
+    return written
+
+
+def _stamp(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def write_training_clips(source: Any, order: list[str], out_dir: Path, inputs: Any, rank: int = 0,
+                         world: int = 1, workers: int = 0) -> str:
+    """The labelled records named in `order` (keys in the source's order) once each at the training
+    resolution (`training_sample`), into `out_dir` (claimed as fine-tuning's). Rank r of `world`
+    writes the records r, r + world, ... of `order` to its own tars (`clips-<r>of<world>-*.tar`) with
+    `workers` processes; call it on every rank, wait for all, then read them back in order with
+    `training_clips`. Reused when already complete for these keys and settings. Returns the stamp of
+    the content (the same on every rank)."""
+    from vaemo_dist.fsutil import write_atomic
+
+    keys = set(order)
+    stamp = _stamp(CLIPS_FORMAT, order, inputs.video.size, inputs.audio.sample_rate)  # not the layout
+    layout = f"of{world:03d}"
+    prefix = f"clips-{rank:03d}{layout}"
+    done = out_dir / f"_SUCCESS-{rank:03d}{layout}"
+    if done.is_file() and done.read_text().strip() == stamp:
+        return stamp
+    claim_output_dir(out_dir, "finetune", adopt=any(out_dir.glob("_SUCCESS*")))
+    done.unlink(missing_ok=True)
+    if rank == 0:  # what an earlier run with another number of ranks wrote (ours: the folder is claimed)
+        for old in [*out_dir.glob("clips-*.tar"), *out_dir.glob("_SUCCESS-*")]:
+            if layout not in old.name:
+                old.unlink(missing_ok=True)
+    position = {k: i for i, k in enumerate(order)}
+    mine = (r for r in source.records() if r.key in keys and position[r.key] % world == rank)
+    left_out: list[str] = []
+    resized = 0
+
+    def good() -> Iterator[dict[str, Any]]:
+        nonlocal resized
+        for record, result in _pairs(mine, functools.partial(training_sample, inputs=inputs), workers):
+            if isinstance(result, str):
+                left_out.append(record.key)
+                log.warning("left %s out of the training clips: %s", record.key, result)
+                continue
+            resized += "resized_from" in json.loads(result["json"])
+            yield result
+
+    written = write_tars(good(), out_dir, prefix)
+    log.info("training clips at %d px (short side): %d written by rank %d, %d re-encoded from larger "
+             "videos, %d left out, in %s", inputs.video.size, written, rank, resized, len(left_out), out_dir)
+    write_atomic(done, stamp)
+    return stamp
+
+
+def _pairs(records: Iterator[Any], fn: Any, workers: int) -> Iterator[tuple[Any, Any]]:
+    """(record, fn(record)) in order, fn run in `workers` processes."""
+    from itertools import tee
+
+    a, b = tee(records)
+    return zip(a, _ordered_map(fn, b, workers))
+
+
+def training_clips(out_dir: Path, world: int, order: list[str]) -> Iterator[dict[str, Any]]:
+    """The samples write_training_clips wrote with `world` ranks (after every rank finished), in
+    `order` (the keys it was given, in the source's order): the same sequence whatever the number of
+    ranks that wrote them (rank r holds the r-th of every `world` keys, less those left out)."""
+    from vaemo_dist.data.shards import read_shard
+
+    def stream(rank: int) -> Iterator[dict[str, Any]]:
+        for tar in sorted(out_dir.glob(f"clips-{rank:03d}of{world:03d}-*.tar")):
+            yield from read_shard(str(tar))
+
+    streams = [stream(r) for r in range(world)]
+    heads = [next(s, None) for s in streams]
+    for i, key in enumerate(order):
+        head = heads[i % world]
+        if head is not None and head["__key__"] == key:  # else: left out (undecodable)
+            yield {k: v for k, v in head.items() if k != "__url__"}
+            heads[i % world] = next(streams[i % world], None)
+
+
+def write_fold_shards(samples: Iterable[dict[str, Any]], keys: set[str], out_dir: Path, clips_stamp: str,
+                      per_shard: int = 64) -> list[str]:
+    """Copy the training clips named in `keys` (from `training_clips`) into `out_dir`'s tar shards,
+    in their order, atomically, in a folder claimed as fine-tuning's; reused when already complete."""
+    from vaemo_dist.fsutil import write_atomic
+
+    stamp = _stamp(clips_stamp, sorted(keys))
+    done = out_dir / "_SUCCESS"
+    if done.is_file() and done.read_text().strip() == stamp:
+        return sorted(str(p) for p in out_dir.glob("train-*.tar"))
+    claim_output_dir(out_dir, "finetune", adopt=done.is_file())
+    done.unlink(missing_ok=True)
+
+    if write_tars((s for s in samples if s["__key__"] in keys), out_dir, "train", per_shard) == 0:
         raise ValueError(f"no labelled training clips for {out_dir}")
-    done.write_text(stamp)
+    write_atomic(done, stamp)
     return sorted(str(p) for p in out_dir.glob("train-*.tar"))
 
 
@@ -371,11 +743,23 @@ def run_finetune(args: argparse.Namespace) -> int:
         print(f"config error: parallel.tensor: {cfg.parallel.tensor} does not divide the world size {world}",
               file=sys.stderr)
         return 2
+    # The data, the folds and --out are checked by every rank alike (read-only) before any process
+    # group or work starts; one rank says what is wrong.
+    try:
+        source = open_source(args.data, args.classes.split(",") if args.classes else None)
+        clips = scan_clips(source, args.data)
+        plan = plan_folds(args, clips)
+        problem = out_folder_problem(Path(args.out), "finetune", args)
+        if problem:
+            raise FolderInUseError(problem)
+    except _startup_errors() as e:
+        if rank == 0:
+            print(f"finetune: {e}", file=sys.stderr)
+        return 2
     exit_code = 0
     try:
         info = dist.init_distributed(cfg.train.dist_timeout_s, cfg.parallel.tensor)
-        exit_code = _finetune_folds(args, cfg, info, open_source(args.data, args.classes.split(",")
-                                                                  if args.classes else None))
+        exit_code = _finetune_folds(args, cfg, info, source, clips, plan)
     except Exception:  # noqa: BLE001 - report and leave with a non-zero code instead of hanging peers
         log.error("finetune failed on rank %d:\n%s", rank, traceback.format_exc())
         exit_code = 1
@@ -383,7 +767,8 @@ def run_finetune(args: argparse.Namespace) -> int:
     return exit_code  # not reached: shutdown leaves the process
 
 
-def _finetune_folds(args: argparse.Namespace, cfg: Any, info: Any, source: Any) -> int:
+def _finetune_folds(args: argparse.Namespace, cfg: Any, info: Any, source: Any, clips: Clips,
+                    plan: FoldPlan) -> int:
     import copy
 
     from safetensors.torch import load_file, save_file
@@ -395,20 +780,28 @@ def _finetune_folds(args: argparse.Namespace, cfg: Any, info: Any, source: Any) 
     from vaemo_dist.train.trainer import Trainer
 
     out = Path(args.out)
-    records = [(r.key, r.label, r.fold, r.split) for r in source.records()]  # metadata only
-    keys = [r[0] for r in records]
-    labels = np.array([r[1] for r in records], dtype=np.int64)
-    class_names = source.class_names or [str(i) for i in range(int(labels.max()) + 1)]
-    folds = resolve_folds(args, keys, labels, {k: f for k, _, f, _ in records if f is not None},
-                          {k: s for k, _, _, s in records if s is not None})
-    label_of = dict(zip(keys, labels.tolist()))
+    class_names = clips.class_names
+    label_of = {r.key: r.label for r in clips.labelled}
+    if info.is_main:
+        claim_out(out, "finetune", args)
+        write_fold_file(out / FOLDS_FILE, plan.all_folds, plan.group_of)
+        log_plan(plan, args, out / FOLDS_FILE)
+        claim_output_dir(out / CLIPS_DIR, "finetune", adopt=any((out / CLIPS_DIR).glob("_SUCCESS*")))
+    dist.barrier()
+    # Every training clip once at the training resolution, the ranks sharing the work.
+    wanted = {k for fold in plan.folds.values() for k in fold.train if label_of.get(k, -1) >= 0}
+    order = [r.key for r in clips.labelled if r.key in wanted]  # the source's order
+    clips_stamp = write_training_clips(source, order, out / CLIPS_DIR, cfg.inputs, info.rank,
+                                       info.world_size, args.workers)
+    dist.barrier()
     objective = FinetuneObjective(len(class_names), args.mixup, args.label_smoothing)
     results: dict[str, FoldResult] = {}
-    for name, fold in folds.items():
+    for name, fold in plan.folds.items():
         fold_dir = out / f"fold_{name}"
         train_keys = {k for k in fold.train if label_of.get(k, -1) >= 0}
         if info.is_main:
-            write_fold_shards(source, train_keys, fold_dir / "train_shards", cfg.inputs)
+            write_fold_shards(training_clips(out / CLIPS_DIR, info.world_size, order), train_keys,
+                              fold_dir / "train_shards", clips_stamp)
         dist.barrier()
         urls = sorted(str(p) for p in (fold_dir / "train_shards").glob("train-*.tar"))
         fold_cfg = copy.deepcopy(cfg)
@@ -452,10 +845,16 @@ def _finetune_folds(args: argparse.Namespace, cfg: Any, info: Any, source: Any) 
         if info.is_main:
             log.info("fold %s: UAR %.2f WAR %.2f (%d test clips)", name, 100 * metrics["uar"],
                      100 * metrics["war"], metrics["n"])
+            from vaemo_dist.eval.predict import save_finetune_classifier  # for vaemo-predict
+
+            save_finetune_classifier(fold_dir / "classifier", weights, export=args.pretrained,
+                                     config=cfg.to_dict(), class_names=class_names, modality=args.modality,
+                                     trained_on={"mode": "finetune", "data": args.data, "fold": name,
+                                                 "metrics": metrics})
     if info.is_main:
         info_dict = {"mode": "finetune", "pretrained": args.pretrained, "data": args.data,
                      "modality": args.modality, "layer_decay": args.layer_decay, "mixup": args.mixup,
-                     "config": cfg.to_dict()}
+                     **plan.info(), "config": cfg.to_dict()}
         write_report(out, results, class_names, info_dict)
     return 0
 
@@ -472,7 +871,11 @@ def main(argv: list[str] | None = None) -> int:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             print("--mode probe runs in one process: start it with python, not deepspeed", file=sys.stderr)
             return 2
-        report = run_probe(args)
+        try:
+            report = run_probe(args)
+        except _startup_errors() as e:
+            print(f"probe: {e}", file=sys.stderr)
+            return 2
         print(f"probe: {format_summary(report['summary'])} -> {args.out}/metrics.json", file=sys.stderr)
         return 0
     return run_finetune(args)

@@ -16,6 +16,10 @@ The output is one .npz (read it with `np.load(path)`, no pickle needed):
     meta          0-d str     JSON: model folder, source, modality, class names, skipped clips
 
 Clips that cannot be decoded are skipped, counted and named in `meta`.
+
+An existing `--out` file is never replaced: vaemo-embed refuses it before loading the model (exit 2),
+unless `--overwrite`, which moves it aside to `<out>.old-<timestamp>` (never deleted). The file is
+written under a temporary name and renamed when complete.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -66,11 +71,15 @@ class EmbeddingSet:
         raise KeyError(f"no features {name!r} here; have {sorted(self.arrays)} (and concat_* of video+audio)")
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
+        """Write `path` (".npz" added if missing) whole: under a temporary name, then renamed."""
+        path = npz_path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, keys=np.array(self.keys, dtype=str), labels=self.labels,
-                 meta=np.array(json.dumps(self.meta)), **self.arrays)
-        return path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        with tmp.open("wb") as f:
+            np.savez(f, keys=np.array(self.keys, dtype=str), labels=self.labels,
+                     meta=np.array(json.dumps(self.meta)), **self.arrays)
+        os.replace(tmp, path)
+        return path
 
     @staticmethod
     def load(path: str | Path) -> EmbeddingSet:
@@ -141,6 +150,27 @@ def embed_source(encoder: Any, source: Source, *, modality: str = "av", batch_si
     return EmbeddingSet(keys, np.array(labels, dtype=np.int64), arrays, meta)
 
 
+def npz_path(path: str | Path) -> Path:
+    """The file EmbeddingSet.save(path) writes."""
+    path = Path(path)
+    return path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
+
+
+def claim_output_file(path: str | Path, overwrite: bool = False) -> Path:
+    """The .npz to write for `--out`, checked before any work: an existing file or folder there is
+    refused (FolderInUseError, the project's one wording) unless `overwrite`, which moves it aside."""
+    from vaemo_dist.fsutil import FolderInUseError, move_aside, refusal
+
+    target = npz_path(path)
+    if target.exists() or target.is_symlink():
+        if not overwrite:
+            what = "it is a folder (--out names the .npz file to write)" if target.is_dir() else \
+                "the file exists and vaemo-embed does not replace files"
+            raise FolderInUseError(refusal(target, what, "--overwrite"))
+        log.warning("--overwrite: moved %s aside to %s", target, move_aside(target))
+    return target
+
+
 def _class_names_from(labels: list[int]) -> list[str]:
     top = max(labels, default=-1)
     return [str(i) for i in range(top + 1)]
@@ -150,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="vaemo-embed", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="an exported model folder (vaemo-export)")
     p.add_argument("--input", required=True, help="a folder of media files, a CSV manifest or shards")
-    p.add_argument("--out", required=True, help="output .npz")
+    p.add_argument("--out", required=True, help="output .npz (a new file)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="if --out exists, move it aside to <out>.old-<timestamp> (never deleted)")
     p.add_argument("--modality", choices=MODALITIES, default="av")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--workers", type=int, default=0, help="decoding processes (0: decode in this one)")
@@ -163,12 +195,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from vaemo_dist.eval.sources import SourceError
     from vaemo_dist.export import ExportError
+    from vaemo_dist.fsutil import FolderInUseError
     from vaemo_dist.pretrained import from_pretrained
 
     try:
+        claim_output_file(args.out, args.overwrite)
         encoder = from_pretrained(args.model, device=args.device)
         source = open_source(args.input, args.classes.split(",") if args.classes else None)
-    except (ExportError, SourceError) as e:
+    except (ExportError, SourceError, FolderInUseError) as e:
         print(f"vaemo-embed: {e}", file=sys.stderr)
         return 2
     keep = None

@@ -1,9 +1,16 @@
 """Where downstream clips come from: a CSV manifest, WebDataset shards, or a folder of media files.
 
-    manifest.csv   header row; columns `path` (required), `label`, `key`, `audio`, `fold`, `split`
-    shards         a .tar, a folder of *.tar, a brace pattern or fsspec URLs (as data.shards);
-                   `<key>.json` may hold "label" (int), "class_name", "fold", "split"
+    manifest.csv   header row; columns `path` (required), `label`, `key`, `audio`, `fold`, `split`,
+                   `speaker`, and any others (kept per clip, e.g. for `--group-by`)
+    shards         a .tar, a folder of *.tar, the manifest.json vaemo-shard writes, a brace pattern or
+                   fsspec URLs (as data.shards); `<key>.json` may hold "label" (int), "class_name",
+                   "speaker", "fold", "split"
     folder         every video file below it (or, if it has none, every audio file), unlabelled
+
+Shards given any of these ways are the same records with the same class names: the class names
+(and clip count) come from the manifest.json next to the shards (each shard's folder), else from the
+clips' json "class_name". `Source.metadata()` lists the records without their media bytes (local
+shards: only the json members are read), for start-up checks before anything is decoded.
 
 Manifest paths are relative to the CSV's folder. A row's key is its `key` column, else the file name
 without extension (keys must be unique; split files name clips by key). Labels are class indices
@@ -33,6 +40,8 @@ from vaemo_dist.pretrained import AUDIO_EXTS, VIDEO_EXTS, decode_media
 log = logging.getLogger(__name__)
 
 MODALITIES = ("av", "video", "audio")
+# Manifest columns (and json keys) with a field of their own in Record; the rest go to Record.fields.
+RECORD_COLUMNS = ("path", "key", "label", "audio", "fold", "split", "speaker", "class_name")
 
 
 class SourceError(ValueError):
@@ -50,6 +59,16 @@ class Record:
     sample: dict[str, Any] | None = None
     fold: str | None = None  # from a manifest / json: the test fold this clip belongs to
     split: str | None = None  # from a manifest / json: train, val or test
+    speaker: str | None = None  # from a manifest's `speaker` column / a json's "speaker"
+    fields: dict[str, str] = field(default_factory=dict)  # every other manifest column / json value
+    class_name: str | None = None  # a shard json's "class_name"
+
+    def group(self, column: str) -> str | None:
+        """This clip's value of `column` ("speaker" or any manifest column / json key), or None."""
+        if column == "speaker":
+            return self.speaker
+        value = self.fields.get(column)
+        return value if value not in (None, "") else None
 
 
 @dataclass
@@ -62,9 +81,16 @@ class Source:
     size: int | None = None  # number of records, when known without reading everything
     class_names: list[str] = field(default_factory=list)
     urls: list[str] = field(default_factory=list)  # shards only
+    # The records without media bytes (Record.sample left out), for checks before any decoding;
+    # None: `records` is already that cheap.
+    metadata_records: Callable[[], Iterator[Record]] | None = None
 
     def __iter__(self) -> Iterator[Record]:
         return self.records()
+
+    def metadata(self) -> Iterator[Record]:
+        """Every record's key, label, speaker, fold, ... in order, without reading media."""
+        return (self.metadata_records or self.records)()
 
 
 def open_source(spec: str | Path, class_names: list[str] | None = None) -> Source:
@@ -126,10 +152,13 @@ def _manifest_source(csv_path: Path, class_names: list[str] | None) -> Source:
                               "unique (add a 'key' column)")
         seen[key] = i
         audio = (row.get("audio") or "").strip()
+        fields = {k.strip(): (v or "").strip() for k, v in row.items()
+                  if k and k.strip() not in RECORD_COLUMNS and (v or "").strip()}
         records.append(Record(key=key, label=label, path=str(base / rel),
                               audio_path=str(base / audio) if audio else None,
                               fold=(row.get("fold") or "").strip() or None,
-                              split=(row.get("split") or "").strip().lower() or None))
+                              split=(row.get("split") or "").strip().lower() or None,
+                              speaker=(row.get("speaker") or "").strip() or None, fields=fields))
     return Source("manifest", str(csv_path), lambda: iter(records), len(records), names)
 
 
@@ -158,13 +187,7 @@ def _shard_source(spec: str, class_names: list[str] | None) -> Source:
         urls = expand_shards(spec)
     except Exception as e:  # noqa: BLE001 - ShardError and anything braceexpand raises
         raise SourceError(f"{spec}: not a manifest (.csv), a media folder or shards ({e})") from e
-    size = None
-    manifest = Path(spec) / "manifest.json"  # our synthetic corpora say how many clips they hold
-    if manifest.is_file():
-        size = json.loads(manifest.read_text()).get("total")
-        names = class_names or json.loads(manifest.read_text()).get("class_names")
-    else:
-        names = class_names
+    names, size = shard_manifest_info(urls)
 
     def records() -> Iterator[Record]:
         from vaemo_dist.data.shards import read_shard
@@ -176,22 +199,73 @@ def _shard_source(spec: str, class_names: list[str] | None) -> Source:
             except Exception as e:  # noqa: BLE001 - one broken shard is reported, not fatal
                 log.warning("shard %s could not be read to the end: %s: %s", url, type(e).__name__, e)
 
-    return Source("shards", spec, records, size, list(names or []), urls)
+    def metadata() -> Iterator[Record]:  # samples without a json member have no label: left out
+        from vaemo_dist.data.shards import read_clip_meta
+
+        for url in urls:
+            try:
+                for key, meta in read_clip_meta(url):
+                    record = _shard_record({"__key__": key}, meta)
+                    record.sample = None
+                    yield record
+            except Exception as e:  # noqa: BLE001 - as in records()
+                log.warning("shard %s could not be read to the end: %s: %s", url, type(e).__name__, e)
+
+    return Source("shards", spec, records, size, list(class_names or names), urls, metadata)
 
 
-def _shard_record(sample: dict[str, Any]) -> Record:
-    meta: dict[str, Any] = {}
+def shard_manifest_info(urls: list[str]) -> tuple[list[str], int | None]:
+    """(class names, clip count) of shards from the vaemo-shard / synthetic-corpus manifest.json in
+    their folder(s): the same whether the shards were named by folder, manifest, pattern or URL.
+    The count is None unless the manifests list every one of `urls` with its sample count."""
+    from vaemo_dist.data import storage
+    from vaemo_dist.data.shards import MANIFEST_NAME
+
+    names: list[str] = []
+    counts: dict[str, int] = {}
+    folders = list(dict.fromkeys(url.rsplit("/", 1)[0] if "/" in url else "." for url in urls))
+    for folder in folders:
+        where = f"{folder}/{MANIFEST_NAME}"
+        if not storage.is_remote(where) and not Path(storage.local_path(where)).is_file():
+            continue
+        try:
+            manifest = json.loads(storage.read_bytes(where))
+        except Exception:  # noqa: BLE001 - no (readable) manifest: the clips' json may still say
+            continue
+        if not isinstance(manifest, dict):
+            continue
+        found = [str(n) for n in manifest.get("class_names") or []]
+        if found and names and found != names:
+            log.warning("%s names the classes %s, another shard folder %s; using the first", where, found,
+                        names)
+        names = names or found
+        shards, per = manifest.get("shards") or [], manifest.get("samples_per_shard") or []
+        if len(shards) == len(per):
+            counts.update({f"{folder}/{s}": int(n) for s, n in zip(shards, per)})
+    size = sum(counts[u] for u in urls) if all(u in counts for u in urls) else None
+    return names, size
+
+
+def _shard_record(sample: dict[str, Any], meta: Any = None) -> Record:
+    """The record of one shard sample; `meta`: its json already parsed (else read from the sample)."""
     raw = sample.get("json")
-    if raw is not None:
+    if meta is None and raw is not None:
         try:
             meta = json.loads(raw if isinstance(raw, str) else bytes(raw).decode("utf-8"))
         except (ValueError, TypeError):
             meta = {}  # the decoder reports it when the clip is decoded
-    label = meta.get("label") if isinstance(meta, dict) else None
-    fold, split = (meta.get("fold"), meta.get("split")) if isinstance(meta, dict) else (None, None)
-    return Record(key=str(sample.get("__key__")), label=label if isinstance(label, int) else -1,
+    if not isinstance(meta, dict):
+        meta = {}
+    label, fold, split = meta.get("label"), meta.get("fold"), meta.get("split")
+    speaker, name = meta.get("speaker"), meta.get("class_name")
+    fields = {k: str(v) for k, v in meta.items()
+              if k not in RECORD_COLUMNS and isinstance(v, (str, int, float)) and not isinstance(v, bool)}
+    return Record(key=str(sample.get("__key__")),
+                  label=label if isinstance(label, int) and not isinstance(label, bool) else -1,
                   sample=sample, fold=None if fold is None else str(fold),
-                  split=None if split is None else str(split).lower())
+                  split=None if split is None else str(split).lower(),
+                  speaker=None if speaker in (None, "") else str(speaker), fields=fields,
+                  class_name=None if name in (None, "") else str(name))
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,12 +19,16 @@ vaemo_dist/eval/sources.py):
        1,test,00002
 
 Without a split file, a manifest's (or shard json's) `fold` column gives form 1 and a `split` column
-gives one fold named "1" in form 2. Otherwise `stratified_folds` makes seeded stratified k folds.
+gives one fold named "1" in form 2. Otherwise seeded k folds are made: `grouped_folds` when the clips
+are grouped (by speaker: no group is ever in a fold's train and test; sklearn's StratifiedGroupKFold
+keeps the class balance as close as the groups allow), `stratified_folds` for clip-level folds.
+`write_fold_file` records the folds used, with each clip's group, in a form `read_split_file` reads.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,6 +126,75 @@ def stratified_folds(keys: Sequence[str], labels: Sequence[int], k: int = 5,
             assignment[keys[i]] = str((offset + j) % k + 1)
         offset += len(idx)  # continue dealing where the last class stopped: folds stay even in size
     return folds_from_assignment((key, assignment[key]) for key in keys if key in assignment)
+
+
+def grouped_folds(keys: Sequence[str], labels: Sequence[int], groups: Sequence[str], k: int = 5,
+                  seed: int = 0, what: str = "group") -> dict[str, Fold]:
+    """Seeded k folds stratified by class within the grouping: every group's clips in one test fold
+    (sklearn's StratifiedGroupKFold, shuffled with `seed`). `what` names the groups in errors."""
+    import warnings
+
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    if k < 2:
+        raise SplitError(f"k-fold needs k >= 2, got {k}")
+    if not (len(keys) == len(labels) == len(groups)):
+        raise ValueError("keys, labels and groups must be as long as each other")
+    n_groups = len(set(groups))
+    if n_groups < k:
+        fix = f"use --kfold {n_groups}" if n_groups >= 2 else "there is nothing to hold out by"
+        raise SplitError(f"{k} folds grouped by {what} need at least {k} different {what} values; the "
+                         f"labelled clips have {n_groups} ({fix}, or clip-level folds: --group-by none)")
+    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    assignment: dict[str, str] = {}
+    with warnings.catch_warnings():  # "least populated class has only n members": expected when small
+        warnings.simplefilter("ignore", UserWarning)
+        for f, (_, test) in enumerate(splitter.split(np.zeros(len(keys)), np.asarray(labels), list(groups))):
+            for i in test:
+                assignment[keys[i]] = str(f + 1)
+    return folds_from_assignment((key, assignment[key]) for key in keys)
+
+
+def group_overlap(folds: dict[str, Fold], group_of: dict[str, str]) -> dict[str, list[str]]:
+    """Per fold, the groups (speakers) that have clips in both its train and its test split."""
+    overlap = {}
+    for name, fold in folds.items():
+        test = {group_of[k] for k in fold.test if k in group_of}
+        train = {group_of[k] for k in fold.train if k in group_of}
+        if test & train:
+            overlap[name] = sorted(test & train)
+    return overlap
+
+
+def is_assignment(folds: dict[str, Fold]) -> bool:
+    """Whether `folds` is a fold assignment (form 1): disjoint test sets, each fold training on the
+    test clips of all the others, no validation clips."""
+    tests = [k for f in folds.values() for k in f.test]
+    if len(tests) != len(set(tests)) or any(f.val for f in folds.values()):
+        return False
+    everything = set(tests)
+    return all(sorted(f.train) == sorted(everything - set(f.test)) for f in folds.values())
+
+
+def write_fold_file(path: str | Path, folds: dict[str, Fold], group_of: dict[str, str] | None = None) -> Path:
+    """The folds as a split file (`key,fold,group` for an assignment, else `fold,split,key,group`),
+    which `read_split_file` reads back (it ignores the group column). Written atomically."""
+    from vaemo_dist.fsutil import write_atomic
+
+    group_of = group_of or {}
+    rows: list[list[str]]
+    if is_assignment(folds):
+        rows = [["key", "fold", "group"]] + [[k, name, group_of.get(k, "")]
+                                             for name, f in folds.items() for k in f.test]
+    else:
+        rows = [["fold", "split", "key", "group"]] + [
+            [name, split, k, group_of.get(k, "")]
+            for name, f in folds.items() for split in ("train", "val", "test") for k in getattr(f, split)]
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    path = Path(path)
+    write_atomic(path, buf.getvalue())
+    return path
 
 
 def select_folds(folds: dict[str, Fold], wanted: str | Sequence[str] | None) -> dict[str, Fold]:
