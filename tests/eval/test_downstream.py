@@ -168,3 +168,31 @@ def test_training_clips_are_stored_at_the_training_size(tmp_path):
     names = sorted(p.name for p in tmp_path.glob("*.tar*"))
     assert names == ["t-000000.tar", "t-000001.tar"]
     assert [s["__key__"] for s in read_shard(str(tmp_path / "t-000001.tar"))] == ["small"]
+
+
+def test_a_checkpoint_is_taken_as_pretrained_through_its_cached_export(speaker_clips, tmp_path, monkeypatch):
+    import shutil
+    from pathlib import Path
+
+    from vaemo_dist.export import is_export
+
+    run = tmp_path / "runs" / "mine"  # a run folder, as a user would name it
+    shutil.copytree(Path(__file__).parents[1] / "compat" / "pre_refactor" / "checkpoint",
+                    run / "checkpoints" / "step_00000002")
+    (run / "checkpoints" / "latest").write_text("step_00000002\n")
+    monkeypatch.setenv("VAEMO_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "probe"
+    assert probe(run, speaker_clips / "clips.csv", out, "--kfold", "2") == 0
+    report = json.loads((out / "metrics.json").read_text())
+    exports = list((tmp_path / "cache" / "exports").iterdir())
+    assert len(exports) == 1 and is_export(exports[0])
+    assert report["pretrained"] == str(exports[0])
+
+
+def test_a_folder_that_is_neither_export_nor_checkpoint_is_refused(speaker_clips, tmp_path, capsys):
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    (stray / "notes.txt").write_text("hello")
+    assert probe(stray, speaker_clips / "clips.csv", tmp_path / "probe") == 2
+    assert "--pretrained" in capsys.readouterr().err
+    assert not (tmp_path / "probe").exists()

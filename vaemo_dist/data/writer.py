@@ -166,7 +166,7 @@ def _conforms(stream: av.video.stream.VideoStream, opts: ShardOptions) -> bool:
     )
 
 
-def _copy_video(path: str, opts: ShardOptions) -> tuple[bytes, int, float, int, int]:
+def copy_video(path: str, opts: ShardOptions) -> tuple[bytes, int, float, int, int]:
     """Remux the video stream alone. Returns (bytes, frames, start seconds, width, height)."""
     buf = io.BytesIO()
     frames, start = 0, None
@@ -186,8 +186,8 @@ def _copy_video(path: str, opts: ShardOptions) -> tuple[bytes, int, float, int, 
     return buf.getvalue(), frames, start or 0.0, width, height
 
 
-def _encode_video(path: str, opts: ShardOptions) -> tuple[bytes, int, float, int, int]:
-    """Decode, convert to `opts.fps` on the source timestamps, scale, encode. Same returns as _copy_video."""
+def encode_video(path: str, opts: ShardOptions) -> tuple[bytes, int, float, int, int]:
+    """Decode, convert to `opts.fps` on the source timestamps, scale, encode. Same returns as copy_video."""
     encoder, fmt, _ = CODECS[opts.codec]
     buf = io.BytesIO()
     written, start = 0, None
@@ -280,7 +280,7 @@ def convert_clip(source: Source, opts: ShardOptions, labels: dict[str, int] | No
             raise Skip(f"too short: {container.duration / 1e6:.2f}s < {opts.min_duration}s")
         copy = _conforms(container.streams.video[0], opts)
     try:
-        video, frames, v_start, width, height = (_copy_video if copy else _encode_video)(source.path, opts)
+        video, frames, v_start, width, height = (copy_video if copy else encode_video)(source.path, opts)
         if frames == 0:
             raise Skip("video track has no decodable frames")
         duration = frames / opts.fps

@@ -108,7 +108,9 @@ def _startup_errors() -> tuple[type[BaseException], ...]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="finetune", description=__doc__.splitlines()[0])
     p.add_argument("--mode", choices=["probe", "finetune"], default="probe")
-    p.add_argument("--pretrained", required=True, help="an exported model folder (vaemo-export)")
+    p.add_argument("--pretrained", required=True,
+                   help="an exported model folder (vaemo-export), or a checkpoint (a step folder, "
+                        "checkpoints/ or a run folder: exported once into $VAEMO_CACHE_DIR/exports)")
     p.add_argument("--data", required=True, help="labelled CSV manifest, shards, or folder")
     p.add_argument("--splits", default=None,
                    help="split file (key,fold or fold,split,key); see docs/downstream.md")
@@ -496,7 +498,7 @@ def at_training_size(sample: dict[str, Any], size: int) -> dict[str, Any]:
     import av
 
     from vaemo_dist.data.decode_pyav import VIDEO_FIELDS
-    from vaemo_dist.data.writer import ShardOptions, _encode_video
+    from vaemo_dist.data.writer import ShardOptions, encode_video
 
     field = next((f for f in VIDEO_FIELDS if sample.get(f)), None)
     if field is None:
@@ -512,7 +514,7 @@ def at_training_size(sample: dict[str, Any], size: int) -> dict[str, Any]:
         return sample
     fps = max(1, round(float(rate))) if rate else 25
     opts = ShardOptions(size=size, fps=fps)
-    video, frames, _, new_width, new_height = _encode_video(io.BytesIO(data), opts)  # type: ignore[arg-type]
+    video, frames, _, new_width, new_height = encode_video(io.BytesIO(data), opts)  # type: ignore[arg-type]
     meta = json.loads(bytes(sample.get("json") or b"{}").decode("utf-8"))
     meta.update(frames=frames, fps=fps, duration=frames / fps, width=new_width, height=new_height,
                 resized_from=[width, height])
@@ -867,6 +869,19 @@ def main(argv: list[str] | None = None) -> int:
                         datefmt="%H:%M:%S", force=True)
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from vaemo_dist.export import ExportError, export_or_checkpoint
+    from vaemo_dist.secrets import install_log_masking
+
+    install_log_masking()
+    try:  # an export as it is; a checkpoint (step, checkpoints/ or run folder) exported once into a cache
+        export = export_or_checkpoint(args.pretrained)
+    except ExportError as e:
+        if rank == 0:
+            print(f"{args.mode}: --pretrained {args.pretrained}: {e}", file=sys.stderr)
+        return 2
+    if str(export) != str(args.pretrained):
+        log.info("--pretrained %s is a checkpoint: using its export %s", args.pretrained, export)
+        args.pretrained = str(export)
     if args.mode == "probe":
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             print("--mode probe runs in one process: start it with python, not deepspeed", file=sys.stderr)
