@@ -6,10 +6,10 @@
     python benchmarks/bench_step.py --compile                          # parallel.compile=true (per block)
 
 What runs is the trainer's own inner step on random tensors of the configured input shapes: the model
-and loss of `launchers/stage1.py`, `parallelize`, the optimizer and schedule of `vaemo_dist.train`, one
-DeepSpeed engine in a world of one (`deepspeed_config` as the trainer builds it), then per step
-`engine.backward(loss); engine.step()`. Comparing its step time with a real run's `step_time_s` says
-how much of the run is model and how much is data and communication.
+and loss of stage 1 (`vaemo_dist.stages.Stage1`), `parallelize`, the optimizer and schedule of
+`vaemo_dist.train`, one DeepSpeed engine in a world of one (`deepspeed_config` as the trainer builds
+it), then per step `engine.backward(loss); engine.step()`. Comparing its step time with a real run's
+`step_time_s` says how much of the run is model and how much is data and communication.
 
 Each preset runs in a fresh subprocess (its own allocator, its own DeepSpeed world). Times: median of
 the timed steps after the warm-up steps (CUDA synchronised around each step). FLOPs are the model's
@@ -24,7 +24,6 @@ On CPU, set OMP_NUM_THREADS to what one rank of a run gets (1 with the README's 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import resource
@@ -36,14 +35,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-
-def _stage1_build():
-    """`build` of launchers/stage1.py: the exact model and loss a stage-1 run trains."""
-    spec = importlib.util.spec_from_file_location("vaemo_stage1_launcher", ROOT / "launchers" / "stage1.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.build
 
 
 def _max_rss_bytes() -> int:
@@ -61,6 +52,7 @@ def measure(preset: str, args: argparse.Namespace) -> dict:
     from vaemo_dist.model import attention
     from vaemo_dist.model.flops import account, peak_tflops
     from vaemo_dist.model.parallelize import parallelize
+    from vaemo_dist.stages import Stage1
     from vaemo_dist.train.schedule import build_optimizer, warmup_cosine
     from vaemo_dist.train.trainer import deepspeed_config, use_bf16
 
@@ -73,7 +65,8 @@ def measure(preset: str, args: argparse.Namespace) -> dict:
     info = dist.init_distributed()
     rss_before = _max_rss_bytes()
     torch.manual_seed(0)
-    model, compute_loss = _stage1_build()(cfg, info)
+    stage = Stage1(cfg)  # the exact model and loss a stage-1 run trains
+    model, compute_loss = stage.build_model(info), stage.loss
     model = parallelize(model, cfg.parallel)
     bf16 = use_bf16(cfg, info.device)
     optimizer = build_optimizer(model, cfg.optim)

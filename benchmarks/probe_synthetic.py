@@ -43,17 +43,17 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
+from vaemo_dist.checkpoints import resolve  # noqa: E402
 from vaemo_dist.config import SynthConfig  # noqa: E402
+from vaemo_dist.data.sources import open_source  # noqa: E402
 from vaemo_dist.data.synth import ensure_corpus  # noqa: E402
 from vaemo_dist.eval.embed import EmbeddingSet, embed_source  # noqa: E402
 from vaemo_dist.eval.metrics import summarise  # noqa: E402
 from vaemo_dist.eval.probe import probe_folds  # noqa: E402
-from vaemo_dist.eval.sources import open_source  # noqa: E402
 from vaemo_dist.eval.splits import Fold, stratified_folds  # noqa: E402
 from vaemo_dist.export import (  # noqa: E402
     export_checkpoint,
     model_config_from,
-    resolve_checkpoint,
     save_pretrained,
     select_weights,
 )
@@ -141,7 +141,7 @@ def main() -> int:
                      *overrides]
     run_name = f"probe-synth-{args.steps}{suffix}"
     run_dir = Path(args.run_dir) if args.run_dir else pretrain(args.steps, run_name, "runs", overrides)
-    checkpoint = resolve_checkpoint(run_dir)
+    checkpoint = resolve(run_dir)
     raw = yaml.safe_load((checkpoint / "config.yaml").read_text())
     start = time.perf_counter()
     models = {"pretrained": export_checkpoint(checkpoint, out / "export-pretrained")}

@@ -579,14 +579,6 @@ def validate(cfg: Config) -> None:
            f"{e.holdout}: a fraction in [0, 1) of the training clips or a whole count >= 1 (0: none)")
     _check(not (e.holdout and e.shards != "auto"), "eval.holdout",
            f"eval.shards={e.shards!r} already names the held-out clips: set eval.shards or eval.holdout")
-    for key, spec in (("data.shards", cfg.data.shards), ("eval.shards", e.shards)):
-        if spec not in ("synthetic", "auto"):  # a CSV or a folder of videos: vaemo-shard's input, said now
-            from vaemo_dist.data.shards import ShardError, check_shard_spec
-
-            try:
-                check_shard_spec(spec, key)
-            except ShardError as err:
-                raise ConfigError(str(err)) from err
     _check(len(cfg.optim.betas) == 2, "optim.betas", "needs two values")
     s = cfg.data.synth
     _check(s.clips >= 1 and s.clips_per_shard >= 1 and s.classes >= 2, "data.synth",

@@ -9,7 +9,7 @@ its `checkpoints/` folder or the run folder (both meaning `latest`). The output 
     model.safetensors      the weights, named as in `VAEmoModel.state_dict()`: encoder, projection
                            heads and logit scale; the reconstruction decoder only with --with-decoder
     text_head.safetensors  stage-2 runs only: the trained text projection head, named as in
-                           `TextHead.state_dict()` (vaemo_dist/objectives/stage2.py)
+                           `TextHead.state_dict()` (vaemo_dist/model/text_head.py)
     config.json            architecture and preprocessing (the run's `model` and `inputs` sections),
                            `stage` (1 or 2) and, for stage 2, what the text head needs (`text_head`:
                            text encoder, text embedding dim, hidden width)
@@ -28,12 +28,12 @@ How the full weights are recovered depends on how the run was sharded, read from
   from the model-states file (`_with_frozen_parameters`).
 * ZeRO 0: the model-states file already holds every weight.
 * Tensor parallelism (`mp_world_size` > 1): each TP rank's partitions are consolidated on their own,
-  then `merge_tensor_parallel` joins the shards (column-parallel rows, row-parallel columns, the
-  rest replicated).
+  then the shards are joined by the model's one tensor-parallel plan (`TP_PLAN` in
+  vaemo_dist/model/parallelize.py: column-parallel rows, row-parallel columns, the rest replicated).
 
-Loading never unpickles arbitrary objects: DeepSpeed's files are read with
-torch.load(weights_only=True) and an allow-list of DeepSpeed's few classes, also inside DeepSpeed's
-consolidation code (see `_weights_only_torch`).
+Reading the checkpoint (finding it, consolidating its weights without unpickling arbitrary objects)
+is vaemo_dist/checkpoints.py, as is reading an export; this module writes export folders and their
+model cards.
 
 The output folder is claimed first (fsutil.claim_output_dir): a new or empty folder, or an earlier
 vaemo-export output (replaced); a non-empty folder vaemo-export did not create is refused with
@@ -49,298 +49,45 @@ import argparse
 import contextlib
 import dataclasses
 import hashlib
-import io
 import json
 import logging
-import re
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
-from vaemo_dist.config import (
-    AudioInput,
-    Config,
-    InputConfig,
-    LossConfig,
-    ModelConfig,
-    VideoInput,
-    config_from_dict,
+# What an export folder is (its file names, format) and how it is read live with the reader.
+from vaemo_dist.checkpoints import (
+    CONFIG,
+    FORMAT,
+    FORMAT_VERSION,
+    TEXT_HEAD_WEIGHTS,
+    WEIGHTS,
+    CheckpointError,
+    ExportError,
+    NotACheckpointError,
+    consolidate,
+    describe_folder,
+    is_export,
+    model_config_from,
+    model_state_files,
+    read_layout,
+    resolve,
 )
-from vaemo_dist.train.checkpoint import safe_torch_load, weights_only_torch
+from vaemo_dist.config import Config, InputConfig, ModelConfig
+from vaemo_dist.model.text_head import TEXT_HEAD_PREFIX, VAEMO_PREFIX, TextHead
+from vaemo_dist.model.vaemo import VAEmoModel, is_decoder_key
+from vaemo_dist.startup import entry_point, fail
 
 log = logging.getLogger(__name__)
 
-FORMAT = "vaemo-pretrained"
-# 2 added `stage`, `includes_text_head` and `text_head` to config.json (and text_head.safetensors);
-# a version-1 folder reads as a stage-1 export without a text head.
-FORMAT_VERSION = 2
-WEIGHTS = "model.safetensors"
-# The text head goes in a file of its own so that model.safetensors stays exactly a VAEmoModel state
-# dict: code that loads it strictly into VAEmoModel (ours before stage-2 exports, or anyone's) keeps
-# working on a stage-2 export, and the stage-1 and stage-2 files of one run compare name for name.
-TEXT_HEAD_WEIGHTS = "text_head.safetensors"
-CONFIG = "config.json"
 CARD = "README.md"
 WRITER = "vaemo-export"  # the owner recorded in output folders (fsutil.claim_output_dir)
 CACHE_SOURCE = "export-source.json"  # export_or_checkpoint's record of the checkpoint a cached export is of
-
-# Parameters of the MAE reconstruction decoder (name prefixes in VAEmoModel.state_dict()).
-DECODER_PREFIXES = ("decoder_embed.", "mask_token", "dec_video_modality", "dec_audio_modality",
-                    "decoder_blocks.", "decoder_norm.", "video_pred.", "audio_pred.")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class ExportError(RuntimeError):
-    pass
-
-
-def is_decoder_key(name: str) -> bool:
-    return name.startswith(DECODER_PREFIXES)
-
-
-# --------------------------------------------------------------------------------------------
-# Reading DeepSpeed checkpoints without unpickling arbitrary objects
-
-
-@contextlib.contextmanager
-def _weights_only_torch() -> Iterator[Any]:
-    """deepspeed.utils.zero_to_fp32 with its torch.load forced to weights_only=True, for the duration."""
-    with weights_only_torch("deepspeed.utils.zero_to_fp32") as (zero_to_fp32,):
-        yield zero_to_fp32
-
-
-@dataclass(frozen=True)
-class CheckpointLayout:
-    """How a checkpoint's weights are spread over files."""
-
-    zero_stage: int
-    dp_world_size: int
-    tp_world_size: int  # mp_world_size in DeepSpeed's terms
-    ds_version: str
-
-
-_MP_RANK = re.compile(r"mp_rank_(\d+)_model_states\.pt$")
-
-
-def _model_state_files(folder: Path) -> list[Path]:
-    files = sorted(folder.glob("*model_states.pt"))
-    if not files:
-        raise ExportError(f"{folder} holds no DeepSpeed model states (*model_states.pt): not a checkpoint?")
-    return files
-
-
-def read_layout(folder: Path) -> CheckpointLayout:
-    states = safe_torch_load(_model_state_files(folder)[0], mmap=True)
-    stage = int((states.get("ds_config") or {}).get("zero_optimization", {}).get("stage", 0))
-    return CheckpointLayout(zero_stage=stage, dp_world_size=int(states.get("dp_world_size", 1)),
-                            tp_world_size=int(states.get("mp_world_size", 1)),
-                            ds_version=str(states.get("ds_version", "?")))
-
-
-def _files_of_tp_rank(folder: Path, tp_rank: int) -> list[Path]:
-    tag = f"mp_rank_{tp_rank:02d}_"
-    return [p for p in folder.iterdir() if tag in p.name and p.name.endswith(".pt")]
-
-
-def _consolidate_data_parallel(folder: Path, layout: CheckpointLayout,
-                               tp_rank: int) -> dict[str, torch.Tensor]:
-    """The full (for TP: this TP rank's) state dict from the data-parallel partitions."""
-    if layout.zero_stage == 0:
-        states = safe_torch_load(folder / f"mp_rank_{tp_rank:02d}_model_states.pt")
-        return {k: v for k, v in states["module"].items() if isinstance(v, torch.Tensor)}
-    # DeepSpeed's consolidation reads every *_model_states.pt / *_optim_states.pt in one folder, so a
-    # TP rank's files are linked into a folder of their own first.
-    with tempfile.TemporaryDirectory(prefix="vaemo-export-") as tmp:
-        source = folder
-        if layout.tp_world_size > 1:
-            source = Path(tmp) / folder.name
-            source.mkdir()
-            for f in _files_of_tp_rank(folder, tp_rank):
-                (source / f.name).symlink_to(f.resolve())
-        chatter = io.StringIO()  # its prints and progress bars
-        quiet = (contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter))
-        with _weights_only_torch() as z2f, quiet[0], quiet[1]:
-            state = z2f.get_fp32_state_dict_from_zero_checkpoint(str(source.parent), tag=source.name)
-        log.debug("zero_to_fp32: %s", chatter.getvalue())
-    return _with_frozen_parameters(dict(state), folder, tp_rank)
-
-
-def _with_frozen_parameters(state: dict[str, torch.Tensor], folder: Path,
-                            tp_rank: int) -> dict[str, torch.Tensor]:
-    """Add what DeepSpeed's consolidation leaves out: frozen parameters (requires_grad=False).
-
-    zero_to_fp32 finds them only in the frozen-fragment records that ZeRO-2/3 write; under ZeRO-1 they
-    are missing from its output. The model-states file of ZeRO 0-2 holds every weight whole, so they
-    come from there (ZeRO-3 keeps empty placeholders, hence the size check)."""
-    module_file = folder / f"mp_rank_{tp_rank:02d}_model_states.pt"
-    if not module_file.is_file():
-        return state
-    module = safe_torch_load(module_file, mmap=True).get("module") or {}
-    for name, value in module.items():
-        if name not in state and isinstance(value, torch.Tensor) and value.numel() > 0:
-            state[name] = value.float() if value.is_floating_point() else value
-    return state
-
-
-def merge_tensor_parallel(shards: list[dict[str, torch.Tensor]],
-                          layout: CheckpointLayout) -> dict[str, torch.Tensor]:
-    """Join the state dicts of the TP ranks into one (the slot for tensor parallelism).
-
-    What the merge must do is fixed by `vaemo_dist.model.parallelize`: column-parallel layers
-    (attn.qkv in q|k|v groups, mlp.0) concatenate their row shards, row-parallel layers (attn.proj,
-    mlp.2) concatenate weight columns and keep one bias, everything else is replicated.
-    """
-    if len(shards) == 1:
-        return shards[0]
-    merged: dict[str, torch.Tensor] = {}
-    for key, first in shards[0].items():
-        parts = [s[key] for s in shards]
-        if key.endswith((".attn.qkv.weight", ".attn.qkv.bias")):
-            # Each rank holds its heads of q, k and v: regroup as all q | all k | all v.
-            groups = [p.chunk(3, dim=0) for p in parts]
-            merged[key] = torch.cat([g[i] for i in range(3) for g in groups], dim=0)
-        elif key.endswith((".mlp.0.weight", ".mlp.0.bias")):
-            merged[key] = torch.cat(parts, dim=0)
-        elif key.endswith((".attn.proj.weight", ".mlp.2.weight")):
-            merged[key] = torch.cat(parts, dim=1)
-        else:  # replicated (including the row-parallel biases, added once after the all-reduce)
-            merged[key] = first
-    return merged
-
-
-def consolidate(folder: str | Path) -> dict[str, torch.Tensor]:
-    """Every weight of a DeepSpeed checkpoint folder as one full-precision state dict on the CPU."""
-    folder = Path(folder)
-    layout = read_layout(folder)
-    shards = [_consolidate_data_parallel(folder, layout, r) for r in range(layout.tp_world_size)]
-    return merge_tensor_parallel(shards, layout)
-
-
-# --------------------------------------------------------------------------------------------
-# Configs
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A step folder as given; a `checkpoints/` folder or a run folder -> its latest checkpoint."""
-    from vaemo_dist.train.checkpoint import LATEST, resolve
-
-    path = Path(path)
-    for root in (path, path / "checkpoints"):
-        if (root / LATEST).is_file():
-            folder = resolve(LATEST, root)
-            assert folder is not None
-            return folder
-    if not path.is_dir():
-        raise ExportError(f"checkpoint folder not found: {path}")
-    return path
-
-
-def is_export(path: str | Path) -> bool:
-    """True if `path` is an export folder (vaemo-export output: config.json of our format + weights)."""
-    path = Path(path)
-    if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
-        return False
-    try:
-        return json.loads((path / CONFIG).read_text()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def is_checkpoint(folder: str | Path) -> bool:
-    """True if `folder` is a checkpoint step folder (DeepSpeed model states)."""
-    return Path(folder).is_dir() and any(Path(folder).glob("*model_states.pt"))
-
-
-def describe_folder(path: str | Path) -> str:
-    """What kind of thing `path` is, in words ("an export (vaemo-export output) ...", "a DeepSpeed
-    checkpoint ...", "a described set ...", "a shard folder ...", ...): for the messages of tools that
-    were given the wrong kind of folder."""
-    from vaemo_dist.fsutil import OWNER_FILE, folder_owner
-    from vaemo_dist.train.checkpoint import LATEST
-
-    p = Path(path)
-    if not p.exists():
-        return "missing (nothing at that path)"
-    if p.is_file():
-        kind = {".csv": "a CSV file", ".json": "a JSON file", ".tar": "a shard file",
-                ".safetensors": "a safetensors file", ".yaml": "a YAML file"}.get(p.suffix.lower())
-        if p.name == LATEST:
-            kind = "a checkpoint pointer (checkpoints/latest)"
-        return kind or f"a file ({p.suffix or 'no extension'})"
-    if is_export(p):
-        try:
-            config = json.loads((p / CONFIG).read_text())
-        except (OSError, ValueError):
-            config = {}
-        source = config.get("source") or {}
-        return (f"an export (made by vaemo-export from {source.get('checkpoint', '?')} at step "
-                f"{source.get('step', '?')}, stage {config.get('stage', 1)})")
-    if is_checkpoint(p):
-        return f"a DeepSpeed checkpoint ({p.name})"
-    if (p / LATEST).is_file():
-        return "a checkpoints folder"
-    if (p / "checkpoints").is_dir() or (p / "metrics.jsonl").is_file():
-        return "a run folder" + ("" if (p / "checkpoints" / LATEST).is_file() else " without checkpoints")
-    if (p / CONFIG).is_file():
-        try:
-            fmt = json.loads((p / CONFIG).read_text()).get("format")
-        except (OSError, ValueError, AttributeError):
-            fmt = None
-        return f"a folder with a {CONFIG} of format {fmt!r}"
-    if (p / "descriptions.jsonl").is_file():
-        return "a described set (vaemo-describe output)"
-    owner = folder_owner(p)
-    entries = [e for e in p.iterdir() if e.name not in (OWNER_FILE, ".lock")]
-    tars = [e for e in entries if e.suffix == ".tar"]
-    if tars:
-        return f"a shard folder ({len(tars)} shards{f', made by {owner}' if owner else ''})"
-    videos = [e for e in entries if e.suffix.lower() in (".mp4", ".mkv", ".mov", ".webm", ".avi", ".m4v")]
-    if videos:
-        return f"a folder of {len(videos)} video files (vaemo-shard turns them into shards)"
-    if not entries:
-        return "an empty folder"
-    names = ", ".join(sorted(e.name for e in entries)[:4])
-    return f"a folder of other files ({names}{', ...' if len(entries) > 4 else ''})"
-
-
-def model_config_from(raw: dict[str, Any]) -> Config:
-    """A validated Config from the `model` and `inputs` sections (plus `loss`, `data.synth`) of a
-    run's config, ignoring the sections export does not need (so older or newer runs still load)."""
-    keep: dict[str, Any] = {k: raw[k] for k in ("model", "inputs", "loss") if k in raw}
-    # Keys a newer vaemo_dist wrote are dropped with a warning rather than refused: a published
-    # checkpoint must load in the version its user has. Weights that do not fit still fail, later.
-    for name, section in (("model", ModelConfig), ("loss", LossConfig)):
-        if isinstance(keep.get(name), dict):
-            keep[name] = _known_keys(keep[name], section, name)
-    inputs = keep.get("inputs")
-    if isinstance(inputs, dict):
-        keep["inputs"] = {**inputs, **{name: _known_keys(inputs[name], section, f"inputs.{name}")
-                                       for name, section in (("video", VideoInput), ("audio", AudioInput))
-                                       if isinstance(inputs.get(name), dict)}}
-    synth = (raw.get("data") or {}).get("synth")
-    if synth is None:
-        # Validation checks the synthetic clip length against inputs.video; with no corpus named
-        # (an export's config.json), give it one long enough for any window.
-        video = {**dataclasses.asdict(VideoInput()), **(keep.get("inputs", {}).get("video") or {})}
-        synth = {"duration": ((video["frames"] - 1) * video["stride"] + 1) / 25.0 + 1.0}
-    keep["data"] = {"synth": synth}
-    return config_from_dict(keep)
-
-
-def _known_keys(values: dict[str, Any], section: type, name: str) -> dict[str, Any]:
-    known = {f.name for f in dataclasses.fields(section)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        log.warning("ignoring %s keys this version does not know (written by a newer vaemo_dist?): %s",
-                    name, unknown)
-    return {k: v for k, v in values.items() if k in known}
 
 
 # --------------------------------------------------------------------------------------------
@@ -350,8 +97,6 @@ def _known_keys(values: dict[str, Any], section: type, name: str) -> dict[str, A
 def select_weights(state: dict[str, torch.Tensor], model: ModelConfig, inputs: InputConfig,
                    include_decoder: bool, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Check `state` against the architecture and keep the exported part, cast to `dtype`."""
-    from vaemo_dist.model.vaemo import VAEmoModel
-
     with torch.device("meta"):  # shapes only, no memory
         expected = VAEmoModel(model, inputs).state_dict()
     missing = [k for k in expected if k not in state and (include_decoder or not is_decoder_key(k))]
@@ -375,8 +120,6 @@ def split_stage2_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.
                                                                   dict[str, torch.Tensor] | None]:
     """(VAEmo weights, text-head weights) of a consolidated state dict, both without their prefix; the
     text head is None for a stage-1 state (plain VAEmoModel names)."""
-    from vaemo_dist.objectives.stage2 import TEXT_HEAD_PREFIX, VAEMO_PREFIX
-
     if not any(k.startswith((VAEMO_PREFIX, TEXT_HEAD_PREFIX)) for k in state):
         return state, None
     stray = [k for k in state if not k.startswith((VAEMO_PREFIX, TEXT_HEAD_PREFIX))]
@@ -392,19 +135,15 @@ def split_stage2_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.
 
 def text_head_shape(head: dict[str, torch.Tensor]) -> tuple[int, int]:
     """(text embedding dim, hidden width; 0 = linear head) read off the head's first layer."""
-    if "proj.0.weight" in head:  # the MLP head: Linear(text_dim, hidden), GELU, Linear(hidden, E)
-        hidden, text_dim = head["proj.0.weight"].shape
-        return int(text_dim), int(hidden)
-    if "proj.weight" in head:
-        return int(head["proj.weight"].shape[1]), 0
-    raise ExportError(f"the text head has no first layer (proj.weight / proj.0.weight): {sorted(head)[:5]}")
+    try:
+        return TextHead.sizes(head)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
 
 
 def select_text_head(head: dict[str, torch.Tensor], embed_dim: int,
                      dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Check the text-head weights against `TextHead` (their own shapes give its sizes) and cast them."""
-    from vaemo_dist.objectives.stage2 import TextHead
-
     text_dim, hidden = text_head_shape(head)
     with torch.device("meta"):
         expected = TextHead(text_dim, embed_dim, hidden).state_dict()
@@ -475,16 +214,12 @@ def checkpoint_to_export(path: str | Path) -> Path:
                           "export again with other options, give vaemo-export the checkpoint it came from")
     if not p.exists():
         raise ExportError(f"checkpoint folder not found: {p}")
-    from vaemo_dist.train.checkpoint import LATEST, resolve
-
-    if p.name == LATEST and p.is_file():  # the pointer file itself: the step it names
-        p = resolve(LATEST, p.parent) or p
-    folder = resolve_checkpoint(p)
-    if not is_checkpoint(folder):
+    try:
+        return resolve(p)
+    except NotACheckpointError:
         raise ExportError(f"{p} is {describe_folder(p)}; vaemo-export wants a training checkpoint: a step "
                           "folder (runs/<name>/checkpoints/step_XXXXXXXX), a checkpoints/ folder or a run "
-                          "folder (runs/<name>, meaning its latest checkpoint)")
-    return folder
+                          "folder (runs/<name>, meaning its latest checkpoint)") from None
 
 
 def claim_export_dir(out_dir: str | Path, *, overwrite: bool = False, flag: str = "--overwrite") -> Path:
@@ -554,7 +289,7 @@ def default_export_cache() -> Path:
 def _checkpoint_stamp(folder: Path) -> dict[str, Any]:
     """What identifies a checkpoint's contents for the cache: its path and its model-states files' sizes
     and modification times (a run overwritten at the same path gives another stamp)."""
-    files = _model_state_files(folder)
+    files = model_state_files(folder)
     return {"checkpoint": str(folder.resolve()),
             "files": {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files}}
 
@@ -720,6 +455,7 @@ def model_card(raw: dict[str, Any], source: dict[str, Any], weights: dict[str, t
 # Command line (registered as `vaemo-export`)
 
 
+@entry_point("vaemo-export")
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="vaemo-export", description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", help="a step folder, a checkpoints/ folder or a run folder (-> latest)")
@@ -732,16 +468,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     args = p.parse_args(argv)
     from vaemo_dist.fsutil import FolderInUseError
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("DeepSpeed", "deepspeed"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     start = time.perf_counter()
     try:
         out = export_checkpoint(args.checkpoint, args.out, include_decoder=args.with_decoder,
                                 dtype=args.dtype, overwrite=args.overwrite)
-    except (ExportError, NotImplementedError, FolderInUseError) as e:
-        print(f"vaemo-export: {e}", file=sys.stderr)
-        return 2
+    except (CheckpointError, NotImplementedError, FolderInUseError) as e:
+        return fail(f"vaemo-export: {e}")
     config = json.loads((out / CONFIG).read_text())
     source = config["source"]
     print(f"exported stage-{config['stage']} step {source.get('step')} (ZeRO-{source.get('zero_stage')}"

@@ -76,7 +76,9 @@ def folder_owner(path: Path) -> str | None:
 
 
 def _is_empty(path: Path) -> bool:
-    return not any(p for p in path.iterdir() if p.name not in (".lock", OWNER_FILE))
+    # The owner file being written by a concurrent claim (another rank) does not make a folder non-empty.
+    return not any(p for p in path.iterdir()
+                   if p.name not in (".lock", OWNER_FILE) and not p.name.startswith(f".{OWNER_FILE}.tmp-"))
 
 
 def refusal(path: Path, why: str, flag: str) -> str:

@@ -1,4 +1,11 @@
-"""What every launcher does: parse, configure, start the process group, find the data, train, exit."""
+"""What every launch of a training stage does: parse, configure, check, start the process group,
+prepare the data, train, exit. The stage (vaemo_dist/stages/) says what is trained; the start-up
+shared with every console script (logging with the secret mask, errors as exit 2) is
+vaemo_dist/startup.py.
+
+    from vaemo_dist.stages import run
+    run("stage1")  # launchers/stage1.py
+"""
 
 from __future__ import annotations
 
@@ -6,69 +13,32 @@ import argparse
 import logging
 import os
 import sys
-import time
 import traceback
-import warnings
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 
-import torch
-
-from vaemo_dist.config import Config, ConfigError, DataConfig, load_config, validate_world
+from vaemo_dist.config import Config, ConfigError, load_config, validate_world
 from vaemo_dist.fsutil import FolderInUseError, move_aside, refusal
-from vaemo_dist.secrets import install_log_masking
+from vaemo_dist.stages.base import SYNTH_OVERWRITE as SYNTH_OVERWRITE  # noqa: F401 - re-exported
+from vaemo_dist.stages.base import Stage, run_folder, train
+from vaemo_dist.stages.base import prepare_synthetic as prepare_synthetic  # noqa: F401 - re-exported
+from vaemo_dist.stages.base import shard_urls as shard_urls  # noqa: F401 - re-exported
+from vaemo_dist.startup import refuse, say, setup_logging
 
 log = logging.getLogger("vaemo")
 
+__all__ = ["check_run_folder", "overwrite_run_folder", "parse_args", "refuse", "run_folder", "run_stage"]
 
-def parse_args(argv: list[str] | None, default_config: str) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__)
+
+def parse_args(argv: list[str] | None, default_config: str,
+               description: str | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=description or __doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=default_config, help="YAML config (may name a `base:` file)")
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="config overrides such as model.depth=8 train.steps=50")
     return p.parse_intermixed_args(argv)
-
-
-def setup_logging(rank: int) -> None:
-    level = logging.INFO if rank == 0 else logging.WARNING
-    logging.basicConfig(level=level, format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", force=True)
-    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    # DeepSpeed's ZeRO code (the ZeRO-1/2 step's all_gather_dp_groups, ZeRO-3's parameter all-gather
-    # and gradient reduce-scatter) calls torch.distributed.all_gather_into_tensor and
-    # reduce_scatter_tensor through deepspeed.comm, aliases torch 2.13 deprecates: a FutureWarning per
-    # rank and call site, which only DeepSpeed can act on. Only those two messages are ignored (they are
-    # attributed to torch's c10d_logger wrapper, not to DeepSpeed, so the message is what identifies
-    # them); every other warning still shows.
-    deprecated = r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated"
-    warnings.filterwarnings("ignore", message=deprecated, category=FutureWarning)
-    install_log_masking()
-
-
-def shard_urls(data: DataConfig) -> list[str]:
-    from vaemo_dist.data.shards import expand_shards
-
-    return expand_shards(data.synth.dir if data.shards == "synthetic" else data.shards)
-
-
-# How a launcher user moves a folder that is not a synthetic corpus out of data.synth.dir's way.
-SYNTH_OVERWRITE = "`vaemo-synth --out {dir} --overwrite` (once)"
-
-
-def prepare_synthetic(data: DataConfig) -> None:
-    """Build the synthetic corpus if the config asks for it and it is not complete yet."""
-    if data.shards == "synthetic":
-        from vaemo_dist.data.synth import ensure_corpus
-
-        ensure_corpus(data.synth, flag=SYNTH_OVERWRITE.format(dir=data.synth.dir))
-
-
-def run_folder(cfg: Config) -> Path:
-    """`<train.out_dir>/<train.run_name>`: where a run writes its metrics, checkpoints and curves."""
-    return Path(cfg.train.out_dir) / cfg.train.run_name
 
 
 def _describe_run(run: Path) -> str:
@@ -126,29 +96,17 @@ def overwrite_run_folder(cfg: Config, rank: int, local_rank: int) -> Path | None
     return moved
 
 
-def refuse(message: str) -> NoReturn:
-    """Leave with exit code 2, `message` on stderr from global rank 0 only (RANK "0" or unset): every
-    rank of a launch finds the same config or folder problem before any process group, one says so.
-    The other ranks wait a moment first: launchers end every process once one fails, and rank 0
-    should have said why by then."""
-    if os.environ.get("RANK", "0") == "0":
-        print(message, file=sys.stderr, flush=True)
-    else:
-        time.sleep(3)
-    sys.exit(2)
+def run_stage(stage: type[Stage], argv: list[str] | None = None) -> NoReturn:
+    """Launch one run of `stage` (a Stage class) from the command line `argv` (default sys.argv):
 
-
-def run_stage(name: str, build: Callable[[Config, Any], tuple[torch.nn.Module, Any]], default_config: str,
-              argv: list[str] | None = None, prepare: Callable[[Config], None] | None = None,
-              check: Callable[[Config], None] | None = None,
-              shards: Callable[[Config], list[str]] | None = None) -> None:
-    """`prepare(cfg)`, if given, runs once per node (local rank 0) before the shards are listed, e.g. to
-    build a stage's derived data on first use; the other ranks wait for it. `check(cfg)`, if given,
-    runs on every rank before any process group: a ConfigError or FolderInUseError it raises ends the
-    launch with exit 2. `shards(cfg)`, if given, lists the training shards instead of data.shards."""
+    every rank, before any process group: logging (with the secret mask), the config (--config,
+    --resume and key=value overrides), the resume plan, the run folder (never written over) and the
+    stage's own checks; a problem is said once, exit 2. Then the process group; once per node (local
+    rank 0) the stage prepares its data while the other ranks wait; the shards are listed and checked;
+    the stage's model trains. Ends the process (exit 0, 1 on a failure, 2 on a taken port or folder)."""
     from vaemo_dist import dist
 
-    args = parse_args(argv, default_config)
+    args = parse_args(argv, stage.default_config, sys.modules[stage.__module__].__doc__)
     rank = int(os.environ.get("RANK", "0"))
     setup_logging(rank)
     try:  # a bad config fails here, before any process group exists
@@ -168,20 +126,13 @@ def run_stage(name: str, build: Callable[[Config, Any], tuple[torch.nn.Module, A
     problem = check_run_folder(cfg)  # an earlier run is never written over: every rank checks, now
     if problem:
         refuse(problem)
-    if cfg.data.shards == "synthetic":  # the corpus folder is the builder's own or refused, before any work
-        from vaemo_dist.data.synth import claim_corpus_dir
-
-        try:
-            claim_corpus_dir(cfg.data.synth.dir, flag=SYNTH_OVERWRITE.format(dir=cfg.data.synth.dir))
-        except FolderInUseError as e:
-            refuse(f"data.synth.dir: {e}")
-    if check is not None:  # the stage's own start-up checks (its data and folders), before any work
-        try:
-            check(cfg)
-        except ConfigError as e:
-            refuse(f"config error: {e}")
-        except FolderInUseError as e:
-            refuse(str(e))
+    job = stage(cfg)
+    try:  # the stage's own start-up checks (its data and folders), before any work
+        job.check()
+    except ConfigError as e:
+        refuse(f"config error: {e}")
+    except FolderInUseError as e:
+        refuse(str(e))
 
     from vaemo_dist.watchdog import PeerWatch, describe_failure
 
@@ -190,43 +141,25 @@ def run_stage(name: str, build: Callable[[Config, Any], tuple[torch.nn.Module, A
         info = dist.init_distributed(cfg.train.dist_timeout_s, cfg.parallel.tensor)
         overwrite_run_folder(cfg, info.rank, info.local_rank)  # train.overwrite=true: the old run aside
         if info.world_size > 1:
-            ckpt_root = Path(cfg.train.out_dir) / cfg.train.run_name / "checkpoints"
-            watch = PeerWatch(info.rank, info.world_size, ckpt_root).start()
+            watch = PeerWatch(info.rank, info.world_size, run_folder(cfg) / "checkpoints").start()
         if info.local_rank == 0:  # once per node
-            prepare_synthetic(cfg.data)
-            if cfg.eval.every:
-                from vaemo_dist.eval.online import prepare_online_eval
-
-                prepare_online_eval(cfg)
-            if prepare is not None:
-                prepare(cfg)
-        dist.barrier()  # the corpus is complete on this node before anyone reads it
+            job.prepare()
+        dist.barrier()  # the data is complete on this node before anyone reads it
         from vaemo_dist.data.storage import check_shards_reachable, configure_from
         configure_from(cfg.data)  # endpoint and retries for s3:// shards
-        urls = shards(cfg) if shards is not None else shard_urls(cfg.data)
+        urls = job.shards()
         check_shards_reachable(urls)  # wrong credentials or endpoint: a clear error now, not mid-run
-
-        from vaemo_dist.model.flops import account
-        from vaemo_dist.model.parallelize import parallelize
-        from vaemo_dist.train.trainer import Trainer
-
-        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        model, compute_loss = build(cfg, info)
-        model = parallelize(model, cfg.parallel)
-        cost = account(cfg.model, cfg.inputs)
-        final = Trainer(cfg, model, compute_loss, urls, info, flops_per_sample=cost.train_flops,
-                        tokens_per_sample=cost.tokens, watch=watch).fit()
+        final = train(job, info, urls, watch=watch)
         if info.is_main:
-            log.info("%s finished: %s", name, {k: round(v, 5) for k, v in final.items()})
+            log.info("%s finished: %s", stage.name, {k: round(v, 5) for k, v in final.items()})
     except dist.PortInUseError as e:  # another run on this machine holds the rendezvous port
-        if rank == 0:
-            print(f"{name}: {e}", file=sys.stderr, flush=True)
+        say(f"{stage.name}: {e}")
         exit_code = 2
     except FolderInUseError as e:  # a writer refused a folder of the user's
-        log.error("%s: %s", name, e)
+        log.error("%s: %s", stage.name, e)
         exit_code = 2
     except Exception as e:  # noqa: BLE001 - report and leave with a non-zero code instead of hanging peers
-        log.error("%s failed on rank %d:\n%s", name, rank, traceback.format_exc())
+        log.error("%s failed on rank %d:\n%s", stage.name, rank, traceback.format_exc())
         peer_trouble = describe_failure(watch, e)
         if peer_trouble:
             log.error(peer_trouble)
@@ -234,3 +167,4 @@ def run_stage(name: str, build: Callable[[Config, Any], tuple[torch.nn.Module, A
     if watch is not None:
         watch.stop()  # peers finishing a moment earlier is not a failure
     dist.shutdown(exit_code)
+    raise AssertionError("dist.shutdown returned")  # it leaves the process

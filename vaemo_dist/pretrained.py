@@ -1,7 +1,7 @@
 """The embedding API over an exported encoder (see vaemo_dist/export.py).
 
     import vaemo_dist
-    encoder = vaemo_dist.from_pretrained("exports/stage1-tiny")
+    encoder = vaemo_dist.from_pretrained("exported/stage1-tiny")
     out = encoder.encode(video="clip.mp4", audio="clip.mp4")   # files, decoded as in training
     out = encoder.encode(video=video_tensor)                     # or tensors; either modality alone
     out.joint_emb, out.video_emb, out.audio_emb                  # [B, E], L2-normalised
@@ -21,7 +21,7 @@ with the same call and predicts classes (vaemo_dist/eval/predict.py):
     clf = vaemo_dist.from_pretrained("runs/probe/classifier")
     res = clf.predict(video="clip.mp4")                          # res.predicted, res.probs, res.classes
 
-Files are decoded with the training preprocessing (vaemo_dist/data/decode_pyav.py): the centred
+Files are decoded with the training preprocessing (vaemo_dist/data/decode_files.py): the centred
 window of `inputs.video.frames` frames, centre crop + resize + normalise, and the log-mel window
 centred on that video window. Audio comes from a sibling `<stem>.flac` / `<stem>.wav` when there is
 one (the layout of our shards), else from the file's own audio track (AAC in an mp4, say). Audio at
@@ -31,38 +31,20 @@ the training data path itself never resamples.
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from vaemo_dist.export import (
-    CONFIG,
-    FORMAT,
-    FORMAT_VERSION,
-    TEXT_HEAD_WEIGHTS,
-    WEIGHTS,
-    ExportError,
-    is_decoder_key,
-    model_config_from,
-)
+from vaemo_dist.checkpoints import CLASSIFIER_CONFIG, CONFIG, WEIGHTS, ExportError, read_export
+from vaemo_dist.data.decode_files import decode_media
 from vaemo_dist.model.vaemo import EncoderOutput, VAEmoModel
 
-if TYPE_CHECKING:
-    from vaemo_dist.eval.predict import Predictor
-
 log = logging.getLogger(__name__)
-
-VIDEO_EXTS = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".flv", ".m4v")
-AUDIO_EXTS = (".flac", ".wav", ".mp3", ".m4a", ".aac", ".ogg", ".opus")
-SIBLING_AUDIO_EXTS = (".flac", ".wav")
 
 PathLike = str | Path
 MediaArg = torch.Tensor | PathLike | Sequence[PathLike] | None
@@ -71,117 +53,7 @@ MODALITIES = ("joint", "audio", "video")
 
 
 # --------------------------------------------------------------------------------------------
-# Decoding files with the training preprocessing
-
-
-def audio_source(path: PathLike) -> Path:
-    """Where the audio of media file `path` comes from: a sibling .flac/.wav, else the file itself."""
-    path = Path(path)
-    if path.suffix.lower() in VIDEO_EXTS:
-        for ext in SIBLING_AUDIO_EXTS:
-            sibling = path.with_suffix(ext)
-            if sibling.is_file():
-                return sibling
-    return path
-
-
-def sidecar_meta(path: Path) -> dict[str, Any]:
-    """A sibling `<stem>.json` (frames, duration), as our shards carry; {} when there is none."""
-    meta_file = path.with_suffix(".json")
-    if not meta_file.is_file():
-        return {}
-    try:
-        meta = json.loads(meta_file.read_text())
-    except ValueError:
-        return {}
-    return meta if isinstance(meta, dict) else {}
-
-
-def decode_audio(key: str, data: bytes, cfg: Any, duration: Any = None) -> np.ndarray:
-    """Mono float32 waveform at cfg.sample_rate. At that rate this is exactly the training decoder;
-    at any other rate the stream is resampled by libswresample, then channels are averaged."""
-    import av
-
-    from vaemo_dist.data.decode_pyav import decode_audio_wave
-    from vaemo_dist.data.types import DecodeError
-
-    try:
-        with av.open(io.BytesIO(data), mode="r") as container:
-            if not container.streams.audio:
-                raise DecodeError(key, "audio: no audio stream (and no sibling .flac/.wav)")
-            stream = container.streams.audio[0]
-            rate = stream.rate or stream.codec_context.sample_rate
-            if rate == cfg.sample_rate:
-                return decode_audio_wave(key, data, cfg, duration)
-            # Keep the channel layout through the resampler; average to mono afterwards, as training does.
-            resampler = av.AudioResampler(format="fltp", rate=cfg.sample_rate)
-            chunks = [f.to_ndarray() for frame in container.decode(stream) for f in resampler.resample(frame)]
-            chunks += [f.to_ndarray() for f in resampler.resample(None)]
-    except (av.FFmpegError, ValueError, OSError) as e:
-        raise DecodeError(key, f"audio: decoding failed ({type(e).__name__}: {e})") from e
-    if not chunks:
-        raise DecodeError(key, "audio: no decodable samples")
-    wave = np.concatenate(chunks, axis=1).astype(np.float32).mean(axis=0, dtype=np.float32)
-    if wave.size == 0:
-        raise DecodeError(key, "audio: no decodable samples")
-    return wave
-
-
-def decode_media(video: PathLike | None, audio: PathLike | None, inputs: Any) -> tuple[torch.Tensor | None,
-                                                                                      torch.Tensor | None]:
-    """Decode one clip's files into model inputs: video [3, T, H, W] and audio [1, F, M], normalised.
-
-    `audio` may be the video file itself (its sibling .flac/.wav or own track is used). With both, the
-    audio window is centred on the sampled video window, as in training; audio alone is centred in
-    the recording. Raises DecodeError (vaemo_dist.data.types) for media it cannot use.
-    """
-    from vaemo_dist.data.decode_pyav import audio_tensor, decode_video_frames, video_tensor
-    from vaemo_dist.data.types import DecodeError
-
-    if video is None and audio is None:
-        raise ValueError("decode_media needs a video file, an audio file or both")
-    video_t = audio_t = None
-    centre_s: float | None = None
-    if video is not None:
-        path = Path(video)
-        meta = sidecar_meta(path)
-        promised = meta.get("frames") if isinstance(meta.get("frames"), int) else None
-        try:
-            data = path.read_bytes()
-        except OSError as e:
-            raise DecodeError(str(path), f"cannot read ({e})") from e
-        frames, indices, fps, _ = decode_video_frames(str(path), data, inputs.video, promised)
-        video_t = video_tensor(frames, inputs.video)
-        centre_s = (indices[0] + indices[-1] + 1) / 2.0 / fps  # as vaemo_dist.data.decode_pyav does
-    if audio is not None:
-        path = audio_source(audio)
-        meta = sidecar_meta(path)
-        try:
-            data = path.read_bytes()
-        except OSError as e:
-            raise DecodeError(str(path), f"cannot read ({e})") from e
-        wave = decode_audio(str(path), data, inputs.audio, meta.get("duration"))
-        if centre_s is None:
-            centre_s = wave.size / inputs.audio.sample_rate / 2.0
-        audio_t = audio_tensor(wave, inputs.audio, centre_s)
-    return video_t, audio_t
-
-
-# --------------------------------------------------------------------------------------------
 # The encoder
-
-
-def strip_decoder(model: VAEmoModel) -> VAEmoModel:
-    """Remove the reconstruction decoder (modules, parameters, buffers): `encode` never uses it, and
-    a decoder left with random weights would be a trap."""
-    names = [n for n, _ in model.named_children()] + [n for n, _ in model.named_parameters(recurse=False)]
-    for name in names:
-        if is_decoder_key(name) or is_decoder_key(name + "."):
-            delattr(model, name)
-    for name in ("dec_video_pos", "dec_audio_pos"):
-        if hasattr(model, name):
-            delattr(model, name)
-    return model
 
 
 @dataclass
@@ -378,83 +250,23 @@ def _as_paths(x: MediaArg) -> list[PathLike] | None:
     return list(x)
 
 
-def load_text_head(folder: Path, config: dict[str, Any]) -> nn.Module | None:
-    """The exported TextHead of a stage-2 export (None for stage 1, old exports included)."""
-    from safetensors.torch import load_file
-
-    from vaemo_dist.objectives.stage2 import TextHead
-
-    info = config.get("text_head") if config.get("includes_text_head") else None
-    if not info:
-        return None
-    path = folder / info.get("file", TEXT_HEAD_WEIGHTS)
-    if not path.is_file():
-        raise ExportError(f"{folder / CONFIG} says a text head is included, but {path.name} is missing")
-    loss = config.get("loss") or {}
-    sizes = int(info["text_dim"]), int(config["model"]["embed_dim"]), int(info.get("text_head_hidden", 0))
-    head = TextHead(*sizes, max_logit_scale=float(loss.get("max_logit_scale", 100.0)))
-    try:
-        head.load_state_dict(load_file(str(path)))
-    except RuntimeError as e:
-        raise ExportError(f"{path} does not fit the text head described in {CONFIG}: {e}") from e
-    return head
-
-
-def build_model(config: dict[str, Any]) -> VAEmoModel:
-    """An untrained VAEmoModel of the architecture an export's config.json describes."""
-    cfg = model_config_from(config)
-    return VAEmoModel(cfg.model, cfg.inputs, max_logit_scale=cfg.loss.max_logit_scale,
-                      init_temperature=cfg.loss.init_temperature)
-
-
 def from_pretrained(folder: PathLike, device: str | torch.device = "cpu",
-                    dtype: torch.dtype | None = None, text_encoder: Any = None,
-                    encoder: PathLike | None = None) -> Encoder | Predictor:
+                    dtype: torch.dtype | None = None, text_encoder: Any = None) -> Encoder:
     """Load an exported encoder (vaemo-export) in eval mode, gradients off. Safetensors only: nothing
     is unpickled. A stage-2 export brings its text head (`embed_text`, `zero_shot`); `text_encoder`
     overrides the frozen text encoder named in its config.json: a name or local sentence-transformers
-    folder, or an already loaded model (loaded on first use otherwise).
-
-    A classifier folder (the `classifier/` a linear probe or a fine-tuning run saves, holding
-    classifier.json) loads as a `vaemo_dist.eval.predict.Predictor` instead:
-    `from_pretrained(folder).predict(video="clip.mp4")` gives class names and probabilities. A probe's
-    classifier refers to the export it was trained on by path and hash; `encoder` names that export
-    where it has moved (its weights must hash the same)."""
-    from safetensors.torch import load_file
-
-    from vaemo_dist.eval.predict import CLASSIFIER_CONFIG
-
+    folder, or an already loaded model (loaded on first use otherwise). `vaemo_dist.from_pretrained`
+    also loads classifier folders (as predictors)."""
     folder = Path(folder)
     if (folder / CLASSIFIER_CONFIG).is_file():
-        from vaemo_dist.eval.predict import load_classifier
-
-        return load_classifier(folder, device=device, dtype=dtype, encoder=encoder)
+        raise ExportError(f"{folder} is a classifier folder (probe / fine-tuning), not an export: load it "
+                          "with vaemo_dist.from_pretrained(...), which returns a predictor")
     config_file, weights_file = folder / CONFIG, folder / WEIGHTS
     if not config_file.is_file() or not weights_file.is_file():
         raise ExportError(f"{folder} is not an exported model (needs {CONFIG} and {WEIGHTS}; "
                           f"see vaemo-export) nor a classifier folder (needs {CLASSIFIER_CONFIG}; saved by "
                           "the linear probe and fine-tuning, docs/downstream.md)")
-    config = json.loads(config_file.read_text())
-    if config.get("format") != FORMAT:
-        raise ExportError(f"{config_file}: format {config.get('format')!r}, expected {FORMAT!r}")
-    if int(config.get("format_version", 1)) > FORMAT_VERSION:
-        log.warning("%s: format version %s is newer than this vaemo_dist reads (%d); fields it does not "
-                    "know are ignored", config_file, config.get("format_version"), FORMAT_VERSION)
-    model = build_model(config)
-    weights = load_file(str(weights_file))
-    if not any(is_decoder_key(k) for k in weights):
-        strip_decoder(model)
-    try:
-        result = model.load_state_dict(weights, strict=False)
-    except RuntimeError as e:  # shapes that differ from the architecture the config describes
-        first = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e)[:300])
-        raise ExportError(f"{weights_file} does not fit the architecture in {CONFIG}: {first}") from e
-    if result.missing_keys or result.unexpected_keys:
-        raise ExportError(f"{weights_file} does not fit the architecture in {CONFIG}: missing "
-                          f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
-    model.requires_grad_(False)
-    text_head = load_text_head(folder, config)
-    if text_head is not None:
-        text_head.requires_grad_(False)
-    encoder = Encoder(model, config, text_head=text_head, text_encoder=text_encoder, folder=folder)
+    export = read_export(folder)  # vaemo_dist.checkpoints: config, weights and text head, checked
+    encoder = Encoder(export.model, export.config, text_head=export.text_head, text_encoder=text_encoder,
+                      folder=folder)
     return encoder.to(device=device, dtype=dtype).eval()

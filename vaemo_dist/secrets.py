@@ -47,6 +47,13 @@ def secret_values() -> list[str]:
     return [v for k in SECRET_ENVS if len(v := os.environ.get(k, "")) >= 8]
 
 
+def mask_secrets(text: str, secrets: list[str] | None = None) -> str:
+    """`text` with every secret value (default: those of the environment now) replaced by MASK."""
+    for secret in secret_values() if secrets is None else secrets:
+        text = text.replace(secret, MASK)
+    return text
+
+
 class MaskSecrets(logging.Filter):
     def __init__(self) -> None:
         super().__init__()
@@ -55,9 +62,7 @@ class MaskSecrets(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if self.secrets:
             message = record.getMessage()
-            masked = message
-            for secret in self.secrets:
-                masked = masked.replace(secret, MASK)
+            masked = mask_secrets(message, self.secrets)
             if masked != message:
                 record.msg, record.args = masked, None
         return True

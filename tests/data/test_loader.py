@@ -1,10 +1,12 @@
 
+import json
+
 import pytest
 import webdataset as wds
 
 from tests.data.batches import take
 from vaemo_dist.config import DataConfig, InputConfig, SynthConfig
-from vaemo_dist.data.loader import DataState, build_loader, resize_data_states
+from vaemo_dist.data.loader import DATA_STATE_VERSION, DataState, build_loader, resize_data_states
 from vaemo_dist.data.synth import build_corpus
 from vaemo_dist.data.types import DECODE_KINDS
 
@@ -211,3 +213,50 @@ def test_a_slot_with_only_held_out_clips_stops_loudly(shards):
 
     with pytest.raises(ShardError, match="only held-out clips"):
         take(build_loader(shards[:2], data_cfg(0), INPUTS, 0, 1, exclude_keys=_all_keys(shards[:2])), 1)
+
+
+# --------------------------------------------------------------------------------------------
+# The loader owns its position: state_dict / load_state_dict / load_resized
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_loader_state_is_the_position_after_the_batches_handed_out(shards, workers):
+    cfg = data_cfg(workers)
+    full = [b.keys for b in take(build_loader(shards, cfg, INPUTS, 0, 1), 9)]
+    loader, tracked = build_loader(shards, cfg, INPUTS, 0, 1), DataState(workers, 1)
+    take(loader, 4, tracked)
+    saved = loader.state_dict()
+    assert saved["version"] == DATA_STATE_VERSION and saved["batches"] == 4
+    assert loader.state == tracked and saved == {**tracked.to_dict(), "version": DATA_STATE_VERSION}
+    resumed = build_loader(shards, cfg, INPUTS, 0, 1)
+    resumed.load_state_dict(json.loads(json.dumps(saved)))  # as it travels through a checkpoint
+    assert [b.keys for b in take(resumed, 5)] == full[4:]
+    assert [b.keys for b in take(loader, 5)] == full[4:]  # iterating again starts at the position
+
+
+def test_the_loader_refuses_a_newer_state_or_another_layout(shards):
+    loader = build_loader(shards, data_cfg(2), INPUTS, 0, 1)
+    state = {**DataState(2, 1).to_dict(), "version": DATA_STATE_VERSION + 1}
+    with pytest.raises(ValueError, match="version"):
+        loader.load_state_dict(state)
+    with pytest.raises(ValueError, match="same data layout.*load_resized"):
+        loader.load_state_dict(DataState(2, 2).to_dict())
+    with pytest.raises(ValueError, match="same shard list"):
+        loader.load_state_dict(DataState(2, 1, next_epoch=1, n_shards=len(shards) + 1).to_dict())
+    loader.load_state_dict(DataState(2, 1).to_dict())  # a state saved before versions: version 1
+
+
+def test_load_resized_is_the_resize_of_every_old_rank(shards):
+    urls = shards[:4]
+    cfg = DataConfig(shards="unused", batch_size=2, num_workers=2, shuffle_seed=5)
+    old = build_loader(urls, cfg, INPUTS, 0, 1)
+    take(old, 3)
+    saved = old.state_dict()
+    one = DataConfig(shards="unused", batch_size=2, num_workers=1, shuffle_seed=5)
+    expected = resize_data_states([DataState.from_dict(saved)], len(urls), cfg.shuffle_seed, 2, 1)
+    for rank in (0, 1):
+        loader = build_loader(urls, one, INPUTS, rank, 2)
+        said = loader.load_resized([saved])
+        assert loader.state == expected[rank] and "dealt to 2 slots" in said
+        with pytest.raises(ValueError, match="same data layout"):  # not an exact resume
+            loader.load_state_dict(saved)

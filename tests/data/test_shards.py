@@ -4,7 +4,15 @@ import os
 import pytest
 import webdataset as wds
 
-from vaemo_dist.data.shards import ShardError, StreamPosition, expand_shards, iter_slot, slot_plan
+from vaemo_dist.data.shards import (
+    ShardError,
+    ShardWriter,
+    StreamPosition,
+    expand_shards,
+    iter_slot,
+    read_shard,
+    slot_plan,
+)
 
 
 def make_shards(folder, n_shards, per_shard):
@@ -181,3 +189,80 @@ def test_shard_specs_pass_the_check(tiny_corpus, raw_media, tmp_path):
     make_shards(mixed, 1, 2)
     (mixed / "extra.mp4").write_bytes(b"")
     check_shard_spec(str(mixed))
+
+
+# --------------------------------------------------------------------------------------------
+# ShardWriter: the one writer of shard sets
+
+
+def _samples(n, tag="clip"):
+    return [{"__key__": f"{tag}-{i}", "txt": f"{tag}/{i}".encode(), "json": b"{}"} for i in range(n)]
+
+
+def test_shard_writer_publishes_whole_shards_only_and_the_manifest_last(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    writer = ShardWriter(tmp_path, per_shard=2, prefix="train")
+    during = []
+    for sample in _samples(5):
+        writer.write(sample)
+        during.append(sorted(p.name for p in tmp_path.iterdir()))
+    tmp = f".train-000000.tar.tmp-{os.getpid()}"
+    assert during[0] == during[1] == [tmp]  # the shard being written has no shard name yet
+    assert during[2] == [f".train-000001.tar.tmp-{os.getpid()}", "train-000000.tar"]
+    assert len(synced) == 4  # every published shard was flushed to disk first, then its folder
+    url = writer.write_manifest({"shards": writer.shards, "samples_per_shard": writer.counts})
+    assert url == f"{tmp_path}/manifest.json" and len(synced) == 8  # the last shard, then the manifest
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "train-000000.tar",
+                                                          "train-000001.tar", "train-000002.tar"]
+    assert (writer.shards, writer.counts, writer.total) == (
+        ["train-000000.tar", "train-000001.tar", "train-000002.tar"], [2, 2, 1], 5)
+    assert [s["__key__"] for u in expand_shards(str(tmp_path / "manifest.json")) for s in read_shard(u)] == \
+           [f"clip-{i}" for i in range(5)]
+
+
+def test_shard_writer_gives_the_same_bytes_for_the_same_samples(tmp_path):
+    for name in ("a", "b"):
+        with ShardWriter(tmp_path / name, per_shard=3) as writer:
+            for sample in _samples(4):
+                writer.write(sample)
+    for shard in ("shard-000000.tar", "shard-000001.tar"):
+        assert (tmp_path / "a" / shard).read_bytes() == (tmp_path / "b" / shard).read_bytes()
+
+
+def test_shard_writer_drops_the_unfinished_shard_on_an_error(tmp_path):
+    with pytest.raises(RuntimeError), ShardWriter(tmp_path, per_shard=2) as writer:
+        for sample in _samples(3):
+            writer.write(sample)
+        raise RuntimeError("the source failed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-000000.tar"]
+
+
+def test_shard_writer_replaces_an_earlier_larger_build_of_its_prefix_only(tmp_path):
+    make_shards(tmp_path, 4, 3)  # shard-000000 ... shard-000003.tar
+    (tmp_path / ".shard-000001.tar.tmp-99999").write_bytes(b"left by a killed writer")
+    (tmp_path / "other-000000.tar").write_bytes(b"another prefix")
+    (tmp_path / "notes.txt").write_text("kept")
+    with ShardWriter(tmp_path, per_shard=2) as writer:
+        for sample in _samples(3):
+            writer.write(sample)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "other-000000.tar", "shard-000000.tar",
+                                                          "shard-000001.tar"]
+    assert [s["__key__"] for s in read_shard(str(tmp_path / "shard-000001.tar"))] == ["clip-2"]
+
+
+def test_shard_writer_uploads_to_a_url(tmp_path):
+    import fsspec
+
+    store = fsspec.filesystem("memory")
+    writer = ShardWriter("memory://shard-writer/set/", per_shard=2)
+    for sample in _samples(3):
+        writer.write(sample)
+    writer.write_manifest({"shards": writer.shards}, sort_keys=False)
+    assert sorted(p.rsplit("/", 1)[-1] for p in store.ls("/shard-writer/set", detail=False)) == [
+        "manifest.json", "shard-000000.tar", "shard-000001.tar"]
+    assert not os.path.exists(writer._scratch)  # the local copies are gone
+    assert [s["__key__"] for u in expand_shards("memory://shard-writer/set/manifest.json")
+            for s in read_shard(u)] == ["clip-0", "clip-1", "clip-2"]
+    store.rm("/shard-writer", recursive=True)

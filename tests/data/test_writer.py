@@ -10,8 +10,9 @@ import webdataset as wds
 from vaemo_dist.config import InputConfig
 from vaemo_dist.data.decode_pyav import decode_sample
 from vaemo_dist.data.shards import expand_shards
+from vaemo_dist.data.sources import media_inputs
 from vaemo_dist.data.synth import write_media_file
-from vaemo_dist.data.writer import main, read_sources
+from vaemo_dist.data.writer import main
 from vaemo_dist.fsutil import OWNER_FILE
 
 INPUTS = InputConfig()
@@ -107,11 +108,11 @@ def test_csv_manifest_with_labels_and_vp9(media, tmp_path):
 
 def test_bad_input_spec_is_refused(tmp_path):
     with pytest.raises(ValueError, match="folder of videos or a .csv"):
-        read_sources(str(tmp_path / "nothing-here"))
+        media_inputs(str(tmp_path / "nothing-here"))
     bad = tmp_path / "bad.csv"
     bad.write_text("file,label\nx.mp4,1\n")
     with pytest.raises(ValueError, match="'path' column"):
-        read_sources(str(bad))
+        media_inputs(str(bad))
 
 
 # --------------------------------------------------------------------------------------------

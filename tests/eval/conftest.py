@@ -74,10 +74,11 @@ def speaker_clips(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def speaker_shards(speaker_clips, tmp_path_factory) -> Path:
     """The same corpus through vaemo-shard (stream-copied, 3 shards): json label/class_name/speaker."""
-    from vaemo_dist.data.writer import ShardOptions, read_sources, write_shards
+    from vaemo_dist.data.sources import media_inputs
+    from vaemo_dist.data.writer import ShardOptions, write_shards
 
     out = tmp_path_factory.mktemp("speaker-shards") / "shards"
-    write_shards(read_sources(str(speaker_clips / "clips.csv")), str(out),
+    write_shards(media_inputs(str(speaker_clips / "clips.csv")), str(out),
                  ShardOptions(size=64, clips_per_shard=10), progress=False)
     return out
 
@@ -85,10 +86,11 @@ def speaker_shards(speaker_clips, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def unlabelled_shards(speaker_clips, tmp_path_factory) -> Path:
     """Three clips through vaemo-shard from a CSV without labels."""
-    from vaemo_dist.data.writer import ShardOptions, read_sources, write_shards
+    from vaemo_dist.data.sources import media_inputs
+    from vaemo_dist.data.writer import ShardOptions, write_shards
 
     csv = speaker_clips / "unlabelled.csv"
     csv.write_text("path,speaker\nann_angry_0.mp4,ann\nbob_happy_0.mp4,bob\ncyd_sad_0.mp4,cyd\n")
     out = tmp_path_factory.mktemp("unlabelled-shards") / "shards"
-    write_shards(read_sources(str(csv)), str(out), ShardOptions(size=64), progress=False)
+    write_shards(media_inputs(str(csv)), str(out), ShardOptions(size=64), progress=False)
     return out

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from vaemo_dist.eval import downstream
-from vaemo_dist.eval.downstream import main
+from vaemo_dist.stages.finetune import main
 
 
 def probe(export, data, out, *extra):
@@ -89,7 +89,7 @@ def test_unlabelled_data_is_refused_before_anything_is_embedded_or_trained(tiny_
     def no_decoding(*args, **kwargs):
         raise AssertionError("a clip was decoded")
 
-    monkeypatch.setattr("vaemo_dist.eval.sources.decode_record", no_decoding)
+    monkeypatch.setattr("vaemo_dist.data.sources.decode_record", no_decoding)
     monkeypatch.setattr("vaemo_dist.data.decode_pyav.decode_sample", no_decoding)
     assert probe(tiny_export, unlabelled_shards, tmp_path / "p") == 2
     err = capsys.readouterr().err
@@ -146,9 +146,9 @@ def test_training_clips_are_stored_at_the_training_size(tmp_path):
     from vaemo_dist.config import load_config
     from vaemo_dist.data.decode_pyav import decode_sample
     from vaemo_dist.data.shards import read_shard
+    from vaemo_dist.data.sources import open_source
     from vaemo_dist.data.synth import write_media_file
     from vaemo_dist.eval.downstream import at_training_size, write_tars
-    from vaemo_dist.eval.sources import open_source
 
     inputs = load_config(None, ["inputs.video.frames=4", "inputs.video.size=32"]).inputs
     write_media_file(tmp_path / "wide.mp4", seconds=1.2, fps=30000 / 1001, width=320, height=180)

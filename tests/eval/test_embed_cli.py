@@ -11,8 +11,8 @@ from media_helpers import mp4_with_aac
 import vaemo_dist
 from vaemo_dist.data.decode_pyav import decode_sample
 from vaemo_dist.data.shards import expand_shards, read_shard
+from vaemo_dist.data.sources import SourceError, open_source
 from vaemo_dist.eval.embed import EmbeddingSet, main
-from vaemo_dist.eval.sources import SourceError, open_source
 
 
 def test_embed_shards_matches_the_encoder(tiny_export, tiny_corpus, tmp_path):

@@ -243,7 +243,7 @@ def test_stage2_models_get_zero_shot_figures_that_match_an_independent_computati
     from vaemo_dist.config import Stage2Config
     from vaemo_dist.data.synth import class_name
     from vaemo_dist.eval.online import ZERO_SHOT_NAMES, prepare_zero_shot
-    from vaemo_dist.objectives.stage2 import Stage2Model
+    from vaemo_dist.model.text_head import Stage2Model
     from vaemo_dist.text.encode import DEFAULT_ENCODER, embed_texts, load_text_encoder
     from vaemo_dist.text.synthetic import class_prompts
 
@@ -285,7 +285,7 @@ def test_stage2_models_get_zero_shot_figures_that_match_an_independent_computati
 def test_zero_shot_without_prepared_prompts_is_skipped_and_said_once(setup, tmp_path, caplog):
     from vaemo_dist.config import Stage2Config
     from vaemo_dist.eval.online import ZERO_SHOT_NAMES
-    from vaemo_dist.objectives.stage2 import Stage2Model
+    from vaemo_dist.model.text_head import Stage2Model
 
     cfg, _, model, _ = setup
     evaluator = OnlineEvaluator(cfg, torch.device("cpu"), torch.float32, tmp_path / "bare", is_main=True)

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import vaemo_dist
-from vaemo_dist.eval.downstream import main as downstream_main
 from vaemo_dist.eval.predict import CLASSIFIER_CONFIG, main, save_finetune_classifier
 from vaemo_dist.export import ExportError
+from vaemo_dist.stages.finetune import main as downstream_main
 
 FOLDS = 3
 
@@ -211,8 +211,8 @@ def test_a_finetuned_classifier_predicts_what_the_finetune_evaluation_predicts(t
     with a trained-looking head (random, seeded) saved as fine-tuning saves it."""
     from safetensors.torch import save_file
 
+    from vaemo_dist.data.sources import open_source
     from vaemo_dist.eval.downstream import evaluate
-    from vaemo_dist.eval.sources import open_source
     from vaemo_dist.objectives.finetune import Classifier
     from vaemo_dist.pretrained import from_pretrained
 

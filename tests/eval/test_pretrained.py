@@ -10,11 +10,11 @@ from media_helpers import mp4_with_aac, resample_linear, voice, wav_bytes
 
 import vaemo_dist
 from vaemo_dist.config import AudioInput
+from vaemo_dist.data.decode_files import decode_audio, decode_media
 from vaemo_dist.data.decode_pyav import audio_tensor, decode_sample
 from vaemo_dist.data.shards import expand_shards, read_shard
 from vaemo_dist.data.types import DecodeError
 from vaemo_dist.export import ExportError, model_config_from, save_pretrained
-from vaemo_dist.pretrained import decode_audio, decode_media
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +141,7 @@ def stage2_export(tiny_export, tmp_path_factory):
     """The tiny export plus a random linear text head: a stage-2 export."""
     from safetensors.torch import load_file
 
-    from vaemo_dist.objectives.stage2 import TextHead
+    from vaemo_dist.model.text_head import TextHead
 
     cfg = model_config_from(json.loads((tiny_export / "config.json").read_text()))
     torch.manual_seed(4)

@@ -46,7 +46,8 @@ gen = torch.Generator().manual_seed(1)
 video, audio = torch.randn(2, 3, 4, 32, 32, generator=gen), torch.randn(2, 1, 32, 128, generator=gen)
 dtype = torch.bfloat16 if bf16 else torch.float32
 if stage2:
-    from vaemo_dist.objectives.stage2 import Stage2Model, Stage2Objective
+    from vaemo_dist.model.text_head import Stage2Model
+    from vaemo_dist.objectives.stage2 import Stage2Objective
 
     model = Stage2Model(VAEmoModel(cfg.model, cfg.inputs), TEXT_DIM, cfg.stage2, cfg.loss)
     vaemo = model.vaemo
@@ -63,13 +64,13 @@ vaemo.joint_head.requires_grad_(False)
 opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
 engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(cfg, 1, bf16))
 
-checkpoint.save_checkpoint(engine, root, 0, 0, {"data": {}}, cfg.to_dict())
+checkpoint.save_checkpoint(checkpoint.checkpoint_parts(engine, data={}), root, 0, 0, cfg.to_dict())
 torch.manual_seed(0)
 for _ in range(2):
     loss, metrics = step_loss()
     engine.backward(loss)
     engine.step()
-checkpoint.save_checkpoint(engine, root, 2, 0, {"data": {}}, cfg.to_dict())
+checkpoint.save_checkpoint(checkpoint.checkpoint_parts(engine, data={}), root, 2, 0, cfg.to_dict())
 if stage2:
     (root.parent / "metrics.jsonl").write_text(json.dumps({"step": 2, **metrics}) + "\n")
 

@@ -14,10 +14,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vaemo_dist import export
+from vaemo_dist.checkpoints import consolidate, load_init
 from vaemo_dist.config import load_config
 from vaemo_dist.export import ExportError, export_checkpoint, is_decoder_key, save_pretrained
+from vaemo_dist.model.text_head import Stage2Model
 from vaemo_dist.model.vaemo import VAEmoModel
-from vaemo_dist.objectives.stage2 import Stage2Model, load_init
 from vaemo_dist.pretrained import from_pretrained
 from vaemo_dist.text.encode import embed_texts, load_text_encoder
 
@@ -94,7 +95,7 @@ def test_vaemo_weights_are_exported_under_their_usual_names(run, exported):
     cfg = tiny_config()
     expected = {k for k in VAEmoModel(cfg.model, cfg.inputs).state_dict() if not is_decoder_key(k)}
     assert set(weights) == expected  # no vaemo. prefix, no text head in this file
-    state = export.consolidate(run["ckpt"])  # the checkpoint's own weights
+    state = consolidate(run["ckpt"])  # the checkpoint's own weights
     for key, value in weights.items():
         assert torch.equal(value, state[f"vaemo.{key}"]), key
         assert torch.equal(value, run["held"][f"vaemo.{key}"]), key  # what the engine trained
@@ -157,7 +158,7 @@ def test_embed_text_equals_the_training_text_head(encoder, trained, text_encoder
 
 
 def test_load_init_reads_the_stage2_checkpoint_frozen_part_included(run):
-    """Stage 2 resuming from a stage-2 checkpoint relies on export.consolidate for frozen weights."""
+    """Stage 2 resuming from a stage-2 checkpoint relies on checkpoints.consolidate for frozen weights."""
     model = stage2_model(tiny_config())
     load_init(model, run["ckpt"], tiny_config())
     state = model.state_dict()

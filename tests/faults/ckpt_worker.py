@@ -50,7 +50,8 @@ def checksum() -> float:
 
 if mode == "save":
     train_step(), train_step()
-    checkpoint.save_checkpoint(engine, root, 2, 0, {"data": {"note": "two"}}, cfg.to_dict())
+    checkpoint.save_checkpoint(checkpoint.checkpoint_parts(engine, data={"note": "two"}), root, 2, 0,
+                               cfg.to_dict())
     print(json.dumps({"checksum": checksum(), "next_loss": train_step()}), flush=True)
     real_save = engine.save_checkpoint
 
@@ -59,10 +60,13 @@ if mode == "save":
         os._exit(9)
 
     engine.save_checkpoint = save_then_die
-    checkpoint.save_checkpoint(engine, root, 3, 0, {"data": {"note": "three"}}, cfg.to_dict())
+    checkpoint.save_checkpoint(checkpoint.checkpoint_parts(engine, data={"note": "three"}), root, 3, 0,
+                               cfg.to_dict())
 else:
     folder = checkpoint.resolve("latest", root)
-    state = checkpoint.load_checkpoint(engine, folder, 0)
+    data: dict = {}
+    state = checkpoint.load_checkpoint(checkpoint.checkpoint_parts(engine, data=data), folder, 0)
+    assert data == state["data"]  # the part was given its state back
     print(json.dumps({"folder": folder.name, "state": state, "checksum": checksum(),
                       "next_loss": train_step()}), flush=True)
 os._exit(0)

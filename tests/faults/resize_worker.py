@@ -1,9 +1,9 @@
 """launchers/stage1.py with a probe, for the elastic-resume tests (same arguments, any launcher).
 
 With VAEMO_TEST_DUMP=<folder>, rank 0 writes the engine's full fp32 weights and Adam moments
-(`w/<name>`, `m/<name>`, `v/<name>`) to `<folder>/saved-step<N>.safetensors` after every checkpoint
-the trainer saves, and to `<folder>/loaded-step<N>.safetensors` right after it loads one (N: the
-step), with the optimizer's parameter groups (all but their tensors) and Adam step counts in a
+(`w/<name>`, `m/<name>`, `v/<name>`) to `<folder>/saved-step<N>.safetensors` after the engine's part of
+every checkpoint the trainer saves, and to `<folder>/loaded-step<N>.safetensors` right after it loads
+one (N: the step), with the optimizer's parameter groups (all but their tensors) and Adam step counts in a
 `.json` beside it. Every torch.load of the run must be weights-only: one that is not fails the run.
 """
 
@@ -13,13 +13,12 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(REPO), str(REPO / "launchers")]
+sys.path[:0] = [str(REPO)]
 
-import stage1  # noqa: E402 - launchers/stage1.py: its build()
 import torch  # noqa: E402
 
-from vaemo_dist.launch import run_stage  # noqa: E402
-from vaemo_dist.train import trainer  # noqa: E402
+from vaemo_dist.stages import run  # noqa: E402
+from vaemo_dist.train import checkpoint  # noqa: E402
 
 DUMP = Path(os.environ["VAEMO_TEST_DUMP"])
 _real_torch_load = torch.load
@@ -75,24 +74,22 @@ def _zero12_state(engine, p, key: str) -> torch.Tensor:
 
 
 def _after_save(real):
-    def save(engine, ckpt_root, step, *args, **kwargs):
-        folder = real(engine, ckpt_root, step, *args, **kwargs)
-        dump(engine, f"saved-step{step}")
-        return folder
+    def save(part, folder, rank):
+        real(part, folder, rank)
+        dump(part.engine, f"saved-step{int(folder.name.rsplit('_', 1)[1])}")  # .tmp-step_00000004
     return save
 
 
 def _after_load(real):
-    def load(engine, *args, **kwargs):
-        result = real(engine, *args, **kwargs)
-        dump(engine, f"loaded-step{engine.global_steps}")
-        return result
+    def load(part, folder, rank):
+        real(part, folder, rank)
+        dump(part.engine, f"loaded-step{part.engine.global_steps}")
     return load
 
 
-trainer.save_checkpoint = _after_save(trainer.save_checkpoint)
-trainer.load_checkpoint = _after_load(trainer.load_checkpoint)  # the same-size path
-trainer.load_model_state = _after_load(trainer.load_model_state)  # the resize path
+# The engine's part of every checkpoint, saved and loaded (the same-size and the resize paths alike).
+checkpoint.EngineState.save = _after_save(checkpoint.EngineState.save)
+checkpoint.EngineState.load = _after_load(checkpoint.EngineState.load)
 
 if __name__ == "__main__":
-    run_stage("stage1", stage1.build, default_config="configs/stage1/tiny.yaml")
+    run("stage1")

@@ -18,9 +18,9 @@ import yaml
 from safetensors.torch import load_file
 
 from tests.launching import SMALL, output, run_stage1
+from vaemo_dist.checkpoints import _consolidate_data_parallel, consolidate, read_layout
 from vaemo_dist.config import SynthConfig, load_config
 from vaemo_dist.data.synth import build_corpus
-from vaemo_dist.export import _consolidate_data_parallel, consolidate, read_layout
 from vaemo_dist.train.schedule import lr_at
 
 WORKER = "tests/faults/resize_worker.py"

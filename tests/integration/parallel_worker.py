@@ -57,7 +57,8 @@ engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
 objective = Stage1Objective(cfg.loss, group=info.dp_group)
 start = 0
 if mode == "load":
-    start = checkpoint.load_checkpoint(engine, checkpoint.resolve("latest", ckpt_dir), info.rank)["step"]
+    start = checkpoint.load_checkpoint(checkpoint.checkpoint_parts(engine, data={}),
+                                       checkpoint.resolve("latest", ckpt_dir), info.rank)["step"]
 losses = {}
 for step in range(start, steps):
     step_box[0] = step
@@ -75,7 +76,8 @@ for step in range(start, steps):
     norm = engine.get_global_grad_norm()
     losses[step + 1] = [mean.item() / world, None if norm is None else float(norm)]
     if mode == "save" and step + 1 == steps // 2:
-        checkpoint.save_checkpoint(engine, ckpt_dir, step + 1, info.rank, {"data": {}}, cfg.to_dict())
+        parts = checkpoint.checkpoint_parts(engine, data={})
+        checkpoint.save_checkpoint(parts, ckpt_dir, step + 1, info.rank, cfg.to_dict())
 if info.rank == 0:
     with open(out_path, "w") as f:
         json.dump(losses, f)

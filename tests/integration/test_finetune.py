@@ -14,9 +14,9 @@ import torch
 
 from vaemo_dist.config import load_config
 from vaemo_dist.data.shards import expand_shards, read_shard
-from vaemo_dist.eval.downstream import main
 from vaemo_dist.export import is_decoder_key, save_pretrained
 from vaemo_dist.model.vaemo import VAEmoModel
+from vaemo_dist.stages.finetune import main
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_MODEL = ["inputs.video.frames=4", "inputs.video.size=32", "inputs.audio.frames=32", "model.depth=1",

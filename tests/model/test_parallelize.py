@@ -85,3 +85,57 @@ def test_compile_after_activation_checkpointing_keeps_the_state_dict_names():
     for block in [*model.blocks, *model.decoder_blocks]:
         assert type(block).__name__ == "CheckpointWrapper" and block._compiled_call_impl is not None
         assert block._checkpoint_wrapped_module._compiled_call_impl is None
+
+
+def test_the_tp_plan_names_the_linear_layers_of_a_block():
+    from vaemo_dist.model.parallelize import TP_PLAN
+    from vaemo_dist.model.vaemo import Block
+
+    block = Block(8, 2, 4.0)
+    for path in TP_PLAN:
+        assert isinstance(block.get_submodule(path), torch.nn.Linear), path
+
+
+def test_unshard_joins_what_apply_tensor_parallel_split(monkeypatch):
+    """apply_tensor_parallel and the export's merge read one plan (TP_PLAN): the state dicts of the TP
+    ranks, merged, are the unsharded model's, under the same names. Megatron's layers are stood in for
+    by plain Linear layers of the shard's shape (no process group needed)."""
+    import copy
+
+    from megatron.core import parallel_state
+
+    from vaemo_dist.checkpoints import merge_tensor_parallel
+    from vaemo_dist.model import parallelize as par
+
+    tp = 2
+
+    class Column(torch.nn.Linear):
+        def __init__(self, fin, fout, *, config, init_method, bias, gather_output):
+            super().__init__(fin, fout // tp)
+
+    class Row(torch.nn.Linear):
+        def __init__(self, fin, fout, *, config, init_method, bias, input_is_parallel, skip_bias_add):
+            super().__init__(fin // tp, fout)
+
+    cfg = load_config(None, ["inputs.video.frames=4", "inputs.video.size=32", "inputs.audio.frames=32",
+                             "model.depth=2", "model.decoder_depth=1", "model.heads=4"])
+    torch.manual_seed(0)
+    model = VAEmoModel(cfg.model, cfg.inputs)
+    full = model.state_dict()
+    monkeypatch.setattr(par, "_megatron_layers", lambda: (Column, Row))
+    monkeypatch.setattr(par, "_megatron_config", lambda tp: None)
+    shards = []
+    for rank in range(tp):
+        monkeypatch.setattr(parallel_state, "get_tensor_model_parallel_rank", lambda rank=rank: rank)
+        sharded = copy.deepcopy(model)
+        par.apply_tensor_parallel(sharded, tp)
+        assert sharded.blocks[0].attn.heads == cfg.model.heads // tp
+        shards.append(sharded.state_dict())
+    dim = cfg.model.dim
+    assert shards[0]["blocks.0.attn.qkv.weight"].shape == (3 * dim // tp, dim)
+    fc2 = "decoder_blocks.0.mlp.2.weight"  # the decoder's blocks are split too
+    assert shards[1][fc2].shape[1] == full[fc2].shape[1] // tp
+    merged = merge_tensor_parallel(shards)
+    assert list(merged) == list(full)
+    for key, value in full.items():
+        assert torch.equal(merged[key], value), key

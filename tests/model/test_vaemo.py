@@ -196,3 +196,39 @@ def test_an_old_config_without_norm_pix_loss_audio_loads(tmp_path, video_norm):
     torch.testing.assert_close(encoder.model.encode(video, audio).joint_emb,
                                model.encode(video, audio).joint_emb)
     assert encoder.model.cfg.norm_pix_audio is video_norm
+
+
+def test_every_weight_and_buffer_belongs_to_exactly_one_declared_part():
+    """PARTS is the one statement of the model's structure (export, strip_decoder, fine-tuning read it):
+    a layer added or renamed without its entry fails here."""
+    from vaemo_dist.model.vaemo import PARTS
+
+    model = _model()
+    names = {n.split(".", 1)[0] for n in [*model.state_dict(), *(b for b, _ in model.named_buffers())]}
+    declared = [n for part in PARTS.values() for n in part]
+    assert len(declared) == len(set(declared))  # no name in two parts
+    assert names == set(declared)
+    assert set(PARTS) == {"encoder", "heads", "decoder"}
+
+
+def test_strip_decoder_removes_exactly_the_decoder():
+    from vaemo_dist.model.vaemo import is_decoder_key, strip_decoder
+
+    model = _model()
+    full = model.state_dict()
+    kept = strip_decoder(model).state_dict()
+    assert set(kept) == {k for k in full if not is_decoder_key(k)}
+    assert {k for k in full if is_decoder_key(k)} >= {"mask_token", "decoder_embed.weight", "video_pred.bias",
+                                                       "decoder_blocks.0.attn.qkv.weight"}
+    assert not hasattr(model, "dec_video_pos") and not is_decoder_key("norm.weight")
+    video, audio = _batch()
+    assert model.encode(video, audio).joint_emb.shape == (B, TINY.embed_dim)
+
+
+def test_the_stage2_model_is_the_declared_parts():
+    from vaemo_dist.config import Stage2Config
+    from vaemo_dist.model.text_head import TEXT_HEAD, TEXT_HEAD_PREFIX, VAEMO, VAEMO_PREFIX, Stage2Model
+
+    model = Stage2Model(_model(), 24, Stage2Config(), LossConfig())
+    assert [name for name, _ in model.named_children()] == [VAEMO, TEXT_HEAD]
+    assert all(k.startswith((VAEMO_PREFIX, TEXT_HEAD_PREFIX)) for k in model.state_dict())

@@ -10,16 +10,12 @@ import torch.distributed as dist
 import yaml
 
 from tests.distributed import spawn_gloo, unit_rows
+from vaemo_dist.checkpoints import check_compatible, resolve_init
 from vaemo_dist.config import LossConfig, Stage2Config, load_config
+from vaemo_dist.model.text_head import Stage2Model, Stage2Output
 from vaemo_dist.model.vaemo import ModelOutput, VAEmoModel
 from vaemo_dist.objectives.stage1 import Stage1Objective
-from vaemo_dist.objectives.stage2 import (
-    Stage2Model,
-    Stage2Objective,
-    Stage2Output,
-    check_compatible,
-    resolve_init,
-)
+from vaemo_dist.objectives.stage2 import Stage2Objective
 
 
 def _plain_infonce(x, y, scale):
@@ -209,7 +205,7 @@ def test_a_key_the_checkpoint_predates_is_compared_with_its_default(tmp_path, ca
 
 def test_frozen_weights_missing_from_consolidation_come_from_the_module_state(tmp_path):
     """ZeRO-0/1 checkpoints of a head-only run keep the frozen encoder only in the module state."""
-    from vaemo_dist.export import _with_frozen_parameters
+    from vaemo_dist.checkpoints import _with_frozen_parameters
 
     cfg = _tiny_cfg()
     model = Stage2Model(VAEmoModel(cfg.model, cfg.inputs), 24, Stage2Config(freeze_encoder=True), cfg.loss)
@@ -237,8 +233,8 @@ def _export(cfg, folder, seed, text_head=None):
 
 
 def test_init_from_an_export_gives_the_exports_weights(tmp_path, caplog):
-    from vaemo_dist.export import is_decoder_key
-    from vaemo_dist.objectives.stage2 import load_init
+    from vaemo_dist.checkpoints import load_init
+    from vaemo_dist.model.vaemo import is_decoder_key
 
     cfg = _tiny_cfg()
     weights = _export(cfg, tmp_path / "export", seed=1)

@@ -1,11 +1,10 @@
-"""Stage 2's data (launchers/stage2.py: check, prepare, shards, embeddings_path): a user's described
+"""Stage 2's data (vaemo_dist/stages/stage2.py: check, prepare, shards, embeddings_path): a user's described
 set is only read, whatever stage2.describe_synthetic says; the synthetic described set lives in a cache
 folder of its own; embeddings a user's set lacks are computed into stage 2's own cache."""
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import shutil
@@ -17,6 +16,7 @@ from tests.text.test_encode import FakeEncoder
 from vaemo_dist.config import ConfigError, load_config
 from vaemo_dist.data.shards import expand_shards
 from vaemo_dist.fsutil import OWNER_FILE, FolderInUseError, folder_owner
+from vaemo_dist.stages import stage2
 from vaemo_dist.text import encode
 from vaemo_dist.text.describe import (
     SUCCESS,
@@ -28,16 +28,6 @@ from vaemo_dist.text.describe import (
 from vaemo_dist.text.encode import EMBEDDINGS, TextEmbeddingTable, ensure_embeddings, read_metadata
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _launcher():
-    spec = importlib.util.spec_from_file_location("stage2_launcher", REPO / "launchers" / "stage2.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-stage2 = _launcher()
 
 
 def tree_hashes(root: Path) -> dict[str, str]:

@@ -29,11 +29,10 @@ import torch.nn.functional as F
 
 from vaemo_dist.config import AudioInput, InputConfig, VideoInput
 from vaemo_dist.data.audio import fit_length, log_mel, mel_spec_params, normalise_log_mel
+from vaemo_dist.data.media import AUDIO_FIELDS, VIDEO_FIELDS
 from vaemo_dist.data.timeout import DeadlineExceeded, deadline
 from vaemo_dist.data.types import Clip, DecodeError, DecodeLimits
 
-VIDEO_FIELDS = ("mp4", "webm", "mkv", "mov", "avi")
-AUDIO_FIELDS = ("flac", "wav")
 # A clip that decodes to fewer than this fraction of the frames (or audio samples) its json
 # promises is treated as truncated rather than edge-padded.
 MIN_DECODED_FRACTION = 0.9

@@ -1,4 +1,4 @@
-"""Shards -> decoded clips -> batches, with the data position carried on every batch.
+"""Shards -> decoded clips -> batches; the loader owns its data position (`state_dict` / `load_state_dict`).
 
 Each DataLoader worker is one slot of `shards.iter_slot`; it validates, skips and counts bad clips,
 and collates micro-batches itself (DataLoader(batch_size=None)). The DataLoader hands batches out
@@ -20,6 +20,12 @@ Skipped clips are counted per worker, in total (`decode`) and by kind (`decode/<
 Held-out clips (`exclude_keys`: the keys of `eval.holdout`'s split) are passed over where they are read,
 before decoding, and not counted as samples. Positions still count them as read samples, so exact and
 elastic resume (with the same keys excluded) continue the same streams.
+
+The position: every batch carries the position after its last sample (`Batch.state`); the loader
+(`BatchLoader`) applies it to its `DataState` as it hands the batch out, so its `state_dict()` is the
+position after the batches the trainer has taken. `load_state_dict()` restores a position of the same
+layout (data-parallel size and worker count, checked, as is the version); `load_resized()` continues the
+positions of every rank of another layout. Iterating the loader starts at its position.
 """
 
 from __future__ import annotations
@@ -56,6 +62,8 @@ EXCLUDED_EPOCHS_LIMIT = 10
 
 Decoder = Callable[[dict[str, Any], InputConfig], Any]  # sample -> Clip (pyav) or Prepared (dali)
 DECODERS = ("auto", "dali", "pyav")
+# The version of the loader's state_dict. 1: written before the state recorded one (the same fields).
+DATA_STATE_VERSION = 2
 
 
 def resolve_decoder(name: str) -> str:
@@ -321,33 +329,88 @@ class ClipStream(IterableDataset):
 
 
 class BatchLoader:
-    """What `build_loader` returns: iterate it for `Batch`es.
+    """What `build_loader` returns: iterate it for `Batch`es; it knows where its stream stands.
 
-    It wraps the DataLoader, decodes `PendingBatch`es with this process's DALI pipeline, and
-    (with `data.log_keys`) writes the keys of every batch handed to the trainer to
+    It wraps the DataLoader, decodes `PendingBatch`es with this process's DALI pipeline, and keeps
+    `state` (a `DataState`), the position after the last batch handed out: `state_dict()` for a
+    checkpoint, `load_state_dict()` / `load_resized()` before iterating to resume. Every iteration starts
+    at that position (batches prefetched and never handed out are read again).
+
+    With `data.log_keys` it writes the keys of every batch handed to the trainer to
     `<log_keys>/keys-rank<R>.txt` (R: the global rank), one line per batch, keys separated by
     spaces: a debugging aid for checking that no sample is lost or repeated. The file is first cut
-    to the batches the resumed run starts after (`resume.key_log_base + resume.batches`; none for a
+    to the batches the iteration starts after (`state.key_log_base + state.batches`; none for a
     fresh start): lines written after the last checkpoint, for batches that were never trained on or
     are read again, go. So across crashes and resumes it lists exactly the batches the model trained on.
     """
 
     def __init__(self, loader: Iterable[Batch | PendingBatch], data: DataConfig, inputs: InputConfig,
-                 rank: int, resume: DataState | None = None) -> None:
-        self.loader, self.data, self.inputs, self.rank = loader, data, inputs, rank
-        # A number, not the DataState: the trainer keeps updating the object it resumed from.
-        self.resume_batches = resume.key_log_base + resume.batches if resume is not None else 0
+                 rank: int, stream: ClipStream | None = None) -> None:
+        """`rank`: the data-parallel rank; `stream`: the dataset behind `loader`, told the position to
+        start at on every iteration (None: a fixed iterable, as in tests)."""
+        self.loader, self.data, self.inputs, self.rank, self.stream = loader, data, inputs, rank, stream
+        self.world_size = stream.world_size if stream is not None else 1
+        self.state = DataState(data.num_workers, self.world_size)
         self._dali: Any = None
         # Clips that passed the workers' probe but failed in the main process, per logical worker
         # (counts by key, as in new_counts); added to the worker's cumulative counts so the
         # checkpointed totals include them.
         self._late_failures: dict[int, dict[str, int]] = {}
 
+    def state_dict(self) -> dict[str, Any]:
+        """The position after the batches handed out so far, with its version and layout (JSON)."""
+        return {"version": DATA_STATE_VERSION, **self.state.to_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume at `state` (a `state_dict()` of a loader of the same layout: data-parallel size and
+        data.num_workers; another layout is `load_resized`'s)."""
+        restored = _checked_state(state)
+        layout = (self.data.num_workers, self.world_size)
+        if (restored.num_workers, restored.world_size) != layout:
+            raise ValueError(
+                f"exact resume needs the same data layout: the checkpoint has data.num_workers="
+                f"{restored.num_workers} and world size {restored.world_size}, this run has "
+                f"{layout[0]} and {layout[1]} (load_resized continues the states of another layout)")
+        n_urls = len(self.stream.urls) if self.stream is not None else restored.n_shards
+        if restored.n_shards and restored.n_shards != n_urls:
+            raise ValueError(f"the data state's remainder plan is for {restored.n_shards} shards, "
+                             f"data.shards names {n_urls}: resume with the same shard list")
+        self.state = restored
+
+    def load_resized(self, old: Sequence[dict[str, Any]], tp_size: int = 1) -> str:
+        """Resume from the states of another layout: `old` holds the `state_dict()` of every process of
+        the old run in global rank order (`tp_size` consecutive processes share a data-parallel rank).
+        This rank gets its part of the rest of the begun epoch (`resize_data_states`); with data.log_keys,
+        the key logs are handed over too. Returns what was done, for the log."""
+        if self.stream is None:
+            raise ValueError("load_resized needs a loader made by build_loader")
+        states = [_checked_state(s) for s in old]
+        per_dp = states[::tp_size]
+        new = resize_data_states(per_dp, len(self.stream.urls), self.data.shuffle_seed, self.world_size,
+                                 self.data.num_workers, self.data.resampled)
+        mine = new[self.rank]
+        if self.data.log_keys:
+            rank, world = _global_rank(self.rank, self.world_size)
+            if rank >= len(states):  # no old rank of this number: its file, if any, stays whole
+                mine.key_log_base = count_key_log(self.data.log_keys, rank)
+            if rank == 0:  # old ranks with no new process: their files keep the batches trained on
+                for g in range(world, len(states)):
+                    cut_key_log(self.data.log_keys, g, states[g].key_log_base + states[g].batches)
+        self.state = mine
+        pieces = [e for s in new for plan_of in s.remainder.values() for e in plan_of]
+        begun = "/".join(map(str, sorted({e.epoch for e in pieces}))) or "-"
+        return (f"the rest of epoch {begun} ({len(pieces)} pieces) dealt to "
+                f"{self.world_size * max(1, self.data.num_workers)} slots, the ordinary plan from epoch "
+                f"{new[0].next_epoch}")
+
     def __iter__(self) -> Iterator[Batch]:
+        if self.stream is not None:  # a copy: `state` goes on with the batches handed out
+            self.stream.resume = DataState.from_dict(self.state.to_dict())
         keys_file = self._open_keys_log() if self.data.log_keys else None
         try:
             for item in self.loader:
                 batch = self._decode(item) if isinstance(item, PendingBatch) else item
+                self.state.update(batch)
                 if keys_file is not None:
                     keys_file.write((" ".join(batch.keys) + "\n").encode())
                     keys_file.flush()
@@ -357,17 +420,18 @@ class BatchLoader:
                 keys_file.close()
 
     def _open_keys_log(self) -> BinaryIO:
-        """This rank's key log, cut to its first `resume_batches` lines, open for appending."""
+        """This rank's key log, cut to the batches handed out before this iteration, open for appending."""
         os.makedirs(self.data.log_keys, exist_ok=True)
         # One file per process (global rank): under tensor parallelism several processes share
         # a data-parallel rank and log the same keys.
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else self.rank
+        rank, _ = _global_rank(self.rank, self.world_size)
         path = os.path.join(self.data.log_keys, f"keys-rank{rank}.txt")
         f = open(path, "a+b")  # noqa: SIM115 (closed by __iter__)
-        lines = _cut_to_lines(f, self.resume_batches)
-        if lines < self.resume_batches:
+        start = self.state.key_log_base + self.state.batches
+        lines = _cut_to_lines(f, start)
+        if lines < start:
             log.warning("%s has %d lines but the run resumes after %d batches: it does not cover the "
-                        "whole run", path, lines, self.resume_batches)
+                        "whole run", path, lines, start)
         return f
 
     def _decoder(self) -> Any:
@@ -412,6 +476,22 @@ class BatchLoader:
                      state=state)
 
 
+def _checked_state(state: dict[str, Any]) -> DataState:
+    """A loader `state_dict()` (or a data state saved before versions) as a DataState, its version checked."""
+    version = int(state.get("version", 1))
+    if version > DATA_STATE_VERSION:
+        raise ValueError(f"the data state has version {version}, this vaemo_dist reads up to "
+                         f"{DATA_STATE_VERSION}: resume it with the version that wrote it")
+    return DataState.from_dict(state)
+
+
+def _global_rank(dp_rank: int, dp_size: int) -> tuple[int, int]:
+    """(rank, world size) of this process: the process group's, else the data-parallel ones."""
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return dp_rank, dp_size
+
+
 def build_loader(
     urls: list[str],
     data: DataConfig,
@@ -421,20 +501,12 @@ def build_loader(
     resume: DataState | None = None,
     exclude_keys: Iterable[str] | None = None,
 ) -> BatchLoader:
-    """Batches of this rank's share of `urls`, resumed from `resume` if given. `exclude_keys`: clips
-    never to train on (held out for evaluation); keep the same set across resumes."""
-    if resume is not None and (resume.num_workers, resume.world_size) != (data.num_workers, world_size):
-        raise ValueError(
-            f"exact resume needs the same data layout: the checkpoint has data.num_workers="
-            f"{resume.num_workers} and world size {resume.world_size}, this run has "
-            f"{data.num_workers} and {world_size} (resize_data_states makes the states of a new layout)"
-        )
-    if resume is not None and resume.n_shards and resume.n_shards != len(urls):
-        raise ValueError(f"the data state's remainder plan is for {resume.n_shards} shards, data.shards "
-                         f"names {len(urls)}: resume with the same shard list")
+    """Batches of this data-parallel rank's share of `urls`, resumed from `resume` if given (or later
+    with `load_state_dict`). `exclude_keys`: clips never to train on (held out for evaluation); keep
+    the same set across resumes."""
     decoder = resolve_decoder(data.decoder)
     storage.configure_from(data)
-    stream = ClipStream(urls, data, inputs, rank, world_size, resume, decoder, gpu=torch.cuda.is_available(),
+    stream = ClipStream(urls, data, inputs, rank, world_size, None, decoder, gpu=torch.cuda.is_available(),
                         exclude_keys=frozenset(exclude_keys or ()))
     loader = DataLoader(
         stream,
@@ -448,4 +520,7 @@ def build_loader(
         # restores on resume (masking depends on it).
         generator=torch.Generator().manual_seed(data.shuffle_seed),
     )
-    return BatchLoader(loader, data, inputs, rank, resume)
+    batches = BatchLoader(loader, data, inputs, rank, stream)
+    if resume is not None:
+        batches.load_state_dict(resume.to_dict())
+    return batches

@@ -18,6 +18,9 @@ sample, and for the fewer-shards-than-slots split a stride) of every begun epoch
 has read; each new slot reads its pieces, then the ordinary plan for the new slot count from the
 next epoch on (`Remainder.next_epoch`). A position (epoch, shard, sample) with an epoch below
 `next_epoch` indexes the remainder plan instead of an epoch's plan.
+
+Writing: `ShardWriter`, the one writer of shard sets (atomic: temporary name, fsync, rename; the
+manifest last). Which files are media (the `vaemo-shard` hints below): data/media.py.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import json
 import logging
 import os
 import random
+import shutil
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -36,6 +41,8 @@ from webdataset import TarWriter
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from vaemo_dist.data import storage
+from vaemo_dist.data.media import MEDIA_EXTS
+from vaemo_dist.fsutil import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +69,6 @@ class StreamPosition:
 
 # Inputs that are not shards but are easily taken for them: the raw material of `vaemo-shard`.
 CSV_SUFFIXES = (".csv", ".tsv")
-MEDIA_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".flv", ".wmv",
-                  ".wav", ".flac", ".mp3", ".m4a", ".aac", ".ogg", ".opus")
 _MEDIA_SCAN_LIMIT = 5000  # directory entries looked at when asking whether a folder holds media files
 
 
@@ -86,7 +91,7 @@ def _holds_media(folder: str) -> bool:
     seen = 0
     for _, _, files in os.walk(folder):
         for name in files:
-            if name.lower().endswith(MEDIA_SUFFIXES):
+            if name.lower().endswith(MEDIA_EXTS):
                 return True
             seen += 1
         if seen > _MEDIA_SCAN_LIMIT:
@@ -104,7 +109,7 @@ def check_shard_spec(spec: str, key: str = "data.shards") -> None:
         lower = item.lower().split("?", 1)[0]
         if lower.endswith(CSV_SUFFIXES):
             raise ShardError(_vaemo_shard_hint(item, "a CSV manifest", item, key))
-        if lower.endswith(MEDIA_SUFFIXES):
+        if lower.endswith(MEDIA_EXTS):
             folder = item.rstrip("/").rsplit("/", 1)[0] if "/" in item.rstrip("/") else "."
             raise ShardError(_vaemo_shard_hint(item, "a media file", folder, key))
         path = item.removeprefix("file://")
@@ -436,38 +441,135 @@ def _read(url: str, skip: int, stride: int, offset: int,
             on_trouble(trouble)
 
 
-class ShardSetWriter:
-    """Write samples into `shard-000000.tar`, `shard-000001.tar`, ... of a local folder, at most
-    `per_shard` samples each. A shard is written under a temporary name and renamed when complete,
-    so a shard name only ever points at a whole tar. Fixed mtime and no re-encoding: the same samples
-    give byte-identical shards."""
+class ShardWriter:
+    """Samples -> `<prefix>-000000.tar`, `<prefix>-000001.tar`, ... at `out` (a local folder or an
+    fsspec URL), at most `per_shard` samples each: the one shard writer of the project (vaemo-shard,
+    the synthetic corpus, the described set, fine-tuning's training clips and fold shards).
 
-    def __init__(self, out: Path | str, per_shard: int) -> None:
-        self.out, self.per_shard = Path(out), per_shard
-        self.shards: list[str] = []
-        self.counts: list[int] = []
-        self._writer: TarWriter | None = None
+    Atomic: a shard is written under a temporary name (`.<name>.tmp-<pid>` beside it; for a remote
+    `out`, in a local scratch folder), flushed to disk (fsync) and renamed into place (uploaded) when
+    complete, so a shard name only ever points at a whole tar; `write_manifest` comes last, after every
+    shard. Fixed mtime, no re-encoding: the same samples give byte-identical shards.
+
+    `close()` publishes the last shard and, in a local folder, removes this prefix's shards of an
+    earlier, larger build and the temporary files a killed writer left: the folder is the caller's own
+    (claim it first, fsutil.claim_output_dir). As a context manager it closes on success; on an
+    exception the shard being written is dropped, the finished ones stay."""
+
+    def __init__(self, out: str | Path, per_shard: int, prefix: str = "shard") -> None:
+        if per_shard < 1:
+            raise ValueError(f"per_shard must be >= 1, got {per_shard}")
+        self.out, self.per_shard, self.prefix = str(out).rstrip("/"), per_shard, prefix
+        self.remote = storage.is_remote(self.out)
+        self.shards: list[str] = []  # names of the shards begun, in order
+        self.counts: list[int] = []  # samples in each
+        self._scratch = tempfile.mkdtemp(prefix="vaemo-shards-") if self.remote else ""
+        self._folder = Path(self._scratch if self.remote else storage.local_path(self.out))
+        self._file: Any = None
+        self._tar: TarWriter | None = None
         self._tmp: Path | None = None
+        self.closed = False
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+    def url(self, name: str) -> str:
+        """Where shard (or manifest) `name` of this set lives."""
+        return f"{self.out}/{name}"
 
     def write(self, sample: dict[str, Any]) -> None:
-        if not self.counts or self.counts[-1] >= self.per_shard:
-            self._close_shard()
-            self.shards.append(f"shard-{len(self.shards):06d}.tar")
+        """Add one sample ({"__key__": ..., field: bytes}); a new shard is begun when one is full."""
+        if self.closed:
+            raise ValueError("write on a closed ShardWriter")
+        if self._tar is None or self.counts[-1] >= self.per_shard:
+            self._finish_shard()
+            self.shards.append(f"{self.prefix}-{len(self.shards):06d}.tar")
             self.counts.append(0)
-            self._tmp = self.out / f".{self.shards[-1]}.tmp-{os.getpid()}"
-            self._writer = TarWriter(str(self._tmp), encoder=False, mtime=0.0)
-        self._writer.write(sample)
+            self._folder.mkdir(parents=True, exist_ok=True)
+            self._tmp = self._folder / f".{self.shards[-1]}.tmp-{os.getpid()}"
+            self._file = open(self._tmp, "wb")  # noqa: SIM115 - closed in _finish_shard / abort
+            self._tar = TarWriter(self._file, encoder=False, mtime=0.0)
+        self._tar.write(sample)
         self.counts[-1] += 1
 
-    def _close_shard(self) -> None:
-        if self._writer is not None and self._tmp is not None:
-            self._writer.close()
-            os.replace(self._tmp, self.out / self.shards[-1])
-            self._writer = None
+    def _finish_shard(self) -> None:
+        """Close the shard being written, flush it to disk and publish it under its name."""
+        if self._tar is None or self._tmp is None:
+            return
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._tar = self._file = None
+        if self.remote:
+            storage.put_file(str(self._tmp), self.url(self.shards[-1]))
+        else:
+            os.replace(self._tmp, self._folder / self.shards[-1])
+            _fsync_dir(self._folder)
+        self._tmp = None
 
     def close(self) -> None:
-        """Publish the last shard and remove shards of an earlier, larger build of this folder."""
-        self._close_shard()
-        for stale in self.out.glob("shard-*.tar"):
+        """Publish the last shard; in a local folder, remove this prefix's stale shards and temporary
+        files (see the class). Closing twice is harmless."""
+        if self.closed:
+            return
+        self._finish_shard()
+        self.closed = True
+        if self.remote:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            return
+        for stale in [*self._folder.glob(f"{glob.escape(self.prefix)}-*.tar"),
+                      *self._folder.glob(f".{glob.escape(self.prefix)}-*.tar.tmp-*")]:
             if stale.name not in self.shards:
-                stale.unlink()
+                stale.unlink(missing_ok=True)
+
+    def abort(self) -> None:
+        """Drop the shard being written (its temporary file); the published ones stay."""
+        if self._tar is not None:
+            self._tar.close()
+            self._file.close()
+            self._tar = self._file = None
+        if self._tmp is not None:
+            self._tmp.unlink(missing_ok=True)
+            self._tmp = None
+        if self.remote:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+        self.closed = True
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def write_manifest(self, manifest: dict[str, Any], *, sort_keys: bool = True,
+                       name: str = MANIFEST_NAME) -> str:
+        """Write `manifest` (JSON, indent 2) beside the shards, after closing them: the last file of
+        the set, replaced atomically (local: fsync, rename). Returns its URL."""
+        self.close()
+        text = json.dumps(manifest, indent=2, sort_keys=sort_keys)
+        url = self.url(name)
+        if self.remote:
+            storage.write_bytes(url, text.encode())
+        else:
+            write_atomic(self._folder / name, text)
+            _fsync_dir(self._folder)
+        return url
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable (where the platform allows opening a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

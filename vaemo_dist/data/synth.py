@@ -48,8 +48,9 @@ import numpy as np
 from tqdm import tqdm
 
 from vaemo_dist.config import SynthConfig
-from vaemo_dist.data.shards import ShardSetWriter
+from vaemo_dist.data.shards import ShardWriter
 from vaemo_dist.fsutil import FolderInUseError, claim_output_dir, folder_lock, write_atomic
+from vaemo_dist.startup import entry_point, fail
 
 FPS = 25
 SAMPLE_RATE = 16000
@@ -392,13 +393,11 @@ def build_corpus(cfg: SynthConfig, out_dir: str | Path, *, progress: bool = True
     if workers is None:
         workers = (os.cpu_count() or 1) if cfg.clips >= 32 else 1
 
-    shard_set = ShardSetWriter(out, cfg.clips_per_shard)
-    bar = tqdm(total=cfg.clips, desc=f"synth {out.name}", unit="clip", disable=not progress)
-    for sample in _clips(cfg, workers):
-        shard_set.write(sample)
-        bar.update(1)
-    shard_set.close()
-    bar.close()
+    shard_set = ShardWriter(out, cfg.clips_per_shard)
+    with shard_set, tqdm(total=cfg.clips, desc=f"synth {out.name}", unit="clip", disable=not progress) as bar:
+        for sample in _clips(cfg, workers):
+            shard_set.write(sample)
+            bar.update(1)
     shards, counts = shard_set.shards, shard_set.counts
     labels = clip_labels(cfg)
     manifest = {
@@ -418,11 +417,9 @@ def build_corpus(cfg: SynthConfig, out_dir: str | Path, *, progress: bool = True
         "seed": cfg.seed,
         "config": _config_record(cfg),
     }
-    write_atomic(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
+    shard_set.write_manifest(manifest, name=MANIFEST)
     write_atomic(out / SUCCESS, json.dumps(_config_record(cfg), sort_keys=True))
     return out
-
-
 
 
 def corpus_is_complete(cfg: SynthConfig, out_dir: str | Path) -> bool:
@@ -459,6 +456,7 @@ def ensure_corpus(cfg: SynthConfig, out_dir: str | Path | None = None, *, progre
 # Command line (registered as `vaemo-synth`)
 
 
+@entry_point("vaemo-synth")
 def main(argv: list[str] | None = None) -> int:
     d = SynthConfig()
     p = argparse.ArgumentParser(prog="vaemo-synth", description=__doc__.splitlines()[0])
@@ -484,8 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = build_corpus(cfg, args.out, progress=True, workers=args.workers, overwrite=args.overwrite)
     except FolderInUseError as e:
-        print(f"vaemo-synth: {e}", file=sys.stderr)
-        return 2
+        return fail(f"vaemo-synth: {e}")
     except ValueError as e:
         p.error(str(e))
     manifest = json.loads((out / MANIFEST).read_text())

@@ -2,7 +2,8 @@
 
 Input: a folder of video files (searched recursively) or a CSV manifest with a `path` column and
 optional `label`, `speaker` (or `id`), `description` columns; relative paths are relative to the
-CSV. Any other non-empty column is copied into the clip's json.
+CSV. Any other non-empty column is copied into the clip's json. Which files are videos:
+vaemo_dist/data/media.py; the listing: vaemo_dist/data/sources.py (`media_inputs`).
 
 Each usable clip becomes three tar members under one key:
 * `<key>.mp4`: H.264, video only, `--fps` frames per second, short side `--size` (yuv420p). A source
@@ -32,14 +33,12 @@ interrupted start); anything else is refused before work starts (`--overwrite` m
 from __future__ import annotations
 
 import argparse
-import csv
 import io
 import json
 import multiprocessing as mp
 import os
 import re
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -51,19 +50,18 @@ from typing import Any
 
 import av
 import numpy as np
-import webdataset as wds
 from tqdm import tqdm
 
 from vaemo_dist.data import storage
-from vaemo_dist.data.shards import MANIFEST_NAME
+from vaemo_dist.data.shards import MANIFEST_NAME, ShardWriter
+from vaemo_dist.data.sources import MediaInput, media_inputs
 from vaemo_dist.data.synth import BITEXACT
 from vaemo_dist.fsutil import FolderInUseError, claim_output_dir, folder_owner, move_aside, refusal
+from vaemo_dist.startup import entry_point, fail
 
-VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".flv", ".wmv")
 REPORT_NAME = "report.json"
 FORMAT_VERSION = 1
 CODECS = {"h264": ("libx264", "mp4", "h264"), "vp9": ("libvpx-vp9", "webm", "vp9")}  # encoder, ext, name
-KNOWN_COLUMNS = ("path", "label", "speaker", "id", "description")
 WRITER = "vaemo-shard"  # the owner name of its output folders (vaemo_dist.fsutil.claim_output_dir)
 
 
@@ -85,56 +83,11 @@ class ShardOptions:
     shuffle_seed: int | None = 0  # the order clips are shuffled into before sharding; None keeps input order
 
 
-@dataclass
-class Source:
-    path: str
-    key: str
-    label: str = ""
-    speaker: str = ""
-    description: str = ""
-    extra: dict[str, str] = field(default_factory=dict)
-
-
 # --------------------------------------------------------------------------------------------
-# Inputs
+# Labels of the inputs (a folder or a CSV manifest, listed by vaemo_dist/data/sources.py: media_inputs)
 
 
-def _slug(text: str, limit: int = 48) -> str:
-    # Keys must not contain dots (WebDataset splits key and extension at the first one).
-    return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_")[:limit] or "clip"
-
-
-def read_sources(spec: str) -> list[Source]:
-    """The inputs named by a folder or a CSV manifest, with unique keys, in a stable order."""
-    path = Path(spec)
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
-        rows: list[dict[str, str]] = [{"path": str(p)} for p in files]
-    elif path.is_file() and path.suffix.lower() == ".csv":
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            if reader.fieldnames is None or "path" not in reader.fieldnames:
-                raise ValueError(f"{spec}: a CSV manifest needs a 'path' column (has {reader.fieldnames})")
-            rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
-        for row in rows:
-            if row["path"] and not os.path.isabs(row["path"]):
-                row["path"] = str(path.parent / row["path"])
-    else:
-        raise ValueError(f"{spec}: expected a folder of videos or a .csv manifest")
-    sources = []
-    for i, row in enumerate(rows):
-        sources.append(Source(
-            path=row["path"],
-            key=f"{i:07d}-{_slug(Path(row['path']).stem)}",
-            label=row.get("label", ""),
-            speaker=row.get("speaker") or row.get("id", ""),
-            description=row.get("description", ""),
-            extra={k: v for k, v in row.items() if k not in KNOWN_COLUMNS and v},
-        ))
-    return sources
-
-
-def label_table(sources: list[Source]) -> tuple[dict[str, int], list[str]]:
+def label_table(sources: list[MediaInput]) -> tuple[dict[str, int], list[str]]:
     """Label text -> integer. Integer labels stay as they are; names get indices in sorted order."""
     names = sorted({s.label for s in sources if s.label})
     if all(re.fullmatch(r"-?\d+", n) for n in names):
@@ -265,7 +218,8 @@ def encode_flac(pcm: np.ndarray, sample_rate: int) -> bytes:
     return buf.getvalue()
 
 
-def convert_clip(source: Source, opts: ShardOptions, labels: dict[str, int] | None = None) -> dict[str, Any]:
+def convert_clip(source: MediaInput, opts: ShardOptions,
+                 labels: dict[str, int] | None = None) -> dict[str, Any]:
     """One WebDataset sample (bytes values) for `source`; raises Skip with the reason."""
     try:
         container = av.open(source.path)
@@ -314,7 +268,7 @@ def convert_clip(source: Source, opts: ShardOptions, labels: dict[str, int] | No
     }
 
 
-def _job(args: tuple[Source, ShardOptions, dict[str, int]]) -> dict[str, Any] | str:
+def _job(args: tuple[MediaInput, ShardOptions, dict[str, int]]) -> dict[str, Any] | str:
     """Worker entry: the sample, or the skip reason as a string (exceptions pickle poorly)."""
     source, opts, labels = args
     try:
@@ -344,7 +298,7 @@ class Report:
         return dict(Counter(s["reason"].split(":")[0] for s in self.skipped))
 
 
-def _results(jobs: list[tuple[Source, ShardOptions, dict[str, int]]],
+def _results(jobs: list[tuple[MediaInput, ShardOptions, dict[str, int]]],
              workers: int) -> Iterator[dict[str, Any] | str]:
     if workers <= 1:
         yield from map(_job, jobs)
@@ -354,7 +308,7 @@ def _results(jobs: list[tuple[Source, ShardOptions, dict[str, int]]],
         yield from pool.map(_job, jobs)  # in input order: shards do not depend on `workers`
 
 
-def shuffled(sources: list[Source], seed: int | None) -> list[Source]:
+def shuffled(sources: list[MediaInput], seed: int | None) -> list[MediaInput]:
     """`sources` in the order they are sharded: a permutation fixed by `seed` (None: as given)."""
     if seed is None:
         return list(sources)
@@ -387,7 +341,7 @@ def claim_out(out: str, overwrite: bool = False) -> None:
     claim_output_dir(path, WRITER, overwrite=overwrite)
 
 
-def write_shards(sources: list[Source], out: str, opts: ShardOptions = ShardOptions(), *,
+def write_shards(sources: list[MediaInput], out: str, opts: ShardOptions = ShardOptions(), *,
                  workers: int = 1, progress: bool = True, overwrite: bool = False) -> Report:
     """Convert `sources` into shards at `out` (folder or fsspec URL); returns what happened.
 
@@ -402,17 +356,9 @@ def write_shards(sources: list[Source], out: str, opts: ShardOptions = ShardOpti
     start = time.perf_counter()
     labels, class_names = label_table(sources)
     sources = shuffled(sources, opts.shuffle_seed)
-    remote = storage.is_remote(out)
-    writer: wds.TarWriter | None = None
-    tmp = ""
-
-    def close_shard() -> None:
-        if writer is not None:
-            writer.close()
-            storage.put_file(tmp, f"{out}/{report.shards[-1]}")
-
-    with tempfile.TemporaryDirectory(prefix="vaemo-shard-") as scratch:
-        bar = tqdm(total=len(sources), desc="vaemo-shard", unit="clip", disable=not progress)
+    # Each shard is written under a temporary name and renamed (uploaded) when whole; the manifest last.
+    shard_set = ShardWriter(out, opts.clips_per_shard, prefix=opts.prefix)
+    with shard_set, tqdm(total=len(sources), desc="vaemo-shard", unit="clip", disable=not progress) as bar:
         jobs = [(s, opts, labels) for s in sources]
         for source, result in zip(sources, _results(jobs, workers)):
             bar.update(1)
@@ -420,20 +366,10 @@ def write_shards(sources: list[Source], out: str, opts: ShardOptions = ShardOpti
                 report.skipped.append({"path": source.path, "key": source.key, "reason": result})
                 bar.set_postfix(skipped=len(report.skipped))
                 continue
-            if writer is None or report.samples_per_shard[-1] == opts.clips_per_shard:
-                close_shard()
-                report.shards.append(f"{opts.prefix}-{len(report.shards):06d}.tar")
-                report.samples_per_shard.append(0)
-                # Local: write beside the final name, then rename (atomic). Remote: upload when complete.
-                folder = scratch if remote else storage.local_path(out)
-                tmp = os.path.join(folder, f".{report.shards[-1]}.tmp-{os.getpid()}")
-                writer = wds.TarWriter(tmp, encoder=False, mtime=0.0)
-            writer.write(result)
-            report.samples_per_shard[-1] += 1
+            shard_set.write(result)
             report.written += 1
             report.stream_copied += json.loads(result["json"])["stream_copied"]
-        close_shard()
-        bar.close()
+    report.shards, report.samples_per_shard = list(shard_set.shards), list(shard_set.counts)
 
     report.seconds = time.perf_counter() - start
     video_ext = CODECS[opts.codec][1]
@@ -451,9 +387,9 @@ def write_shards(sources: list[Source], out: str, opts: ShardOptions = ShardOpti
     }
     if class_names:
         manifest["class_names"] = class_names
-    storage.write_bytes(f"{out}/{MANIFEST_NAME}", json.dumps(manifest, indent=2).encode())
     record = {**asdict(report), "skipped_by_reason": report.by_reason()}
     storage.write_bytes(f"{out}/{REPORT_NAME}", json.dumps(record, indent=2).encode())
+    shard_set.write_manifest(manifest, sort_keys=False)  # last: it says the set is complete
     return report
 
 
@@ -471,6 +407,7 @@ class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+@entry_point("vaemo-shard")
 def main(argv: list[str] | None = None) -> int:
     d = ShardOptions()
     p = argparse.ArgumentParser(prog="vaemo-shard", description=__doc__.splitlines()[0],
@@ -502,12 +439,11 @@ def main(argv: list[str] | None = None) -> int:
                         prefix=args.prefix, shuffle_seed=None if args.no_shuffle else args.shuffle_seed)
     storage.configure(endpoint=args.s3_endpoint)
     try:
-        sources = read_sources(args.input)
+        sources = media_inputs(args.input)
         report = write_shards(sources, args.out, opts, workers=args.workers, progress=not args.no_progress,
                               overwrite=args.overwrite)
     except (ValueError, OSError, FolderInUseError) as e:
-        print(f"vaemo-shard: {e}", file=sys.stderr)
-        return 2
+        return fail(f"vaemo-shard: {e}")
     out = report.out
     print(f"wrote {report.written} of {report.inputs} clips ({report.stream_copied} stream-copied) in "
           f"{len(report.shards)} shards to {out} in {report.seconds:.1f}s", file=sys.stderr)

@@ -39,16 +39,12 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import functools
 import hashlib
 import io
 import json
 import logging
-import math
-import os
 import sys
-import traceback
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +54,6 @@ import numpy as np
 import torch
 
 from vaemo_dist.eval.metrics import (
-    classification_metrics,
     format_summary,
     save_confusion_png,
     summarise,
@@ -66,7 +61,6 @@ from vaemo_dist.eval.metrics import (
 )
 from vaemo_dist.eval.splits import (
     Fold,
-    SplitError,
     check_keys,
     folds_from_columns,
     group_overlap,
@@ -96,13 +90,6 @@ CLIPS_FORMAT = 1
 
 class StartupError(ValueError):
     """Bad input found before any work (no labels, unusable folds, a folder not ours): exit 2."""
-
-
-def _startup_errors() -> tuple[type[BaseException], ...]:
-    from vaemo_dist.eval.sources import SourceError
-    from vaemo_dist.export import ExportError
-
-    return (StartupError, SourceError, SplitError, FolderInUseError, ExportError)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -162,7 +149,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 class Clips:
     """What the data's metadata says, read before any clip is decoded."""
 
-    records: list[Any]  # every clip's Record (eval/sources.py), without media bytes
+    records: list[Any]  # every clip's Record (data/sources.py), without media bytes
     class_names: list[str]
 
     @property
@@ -380,9 +367,9 @@ def default_features(modality: str) -> str:
 
 
 def run_probe(args: argparse.Namespace) -> dict[str, Any]:
+    from vaemo_dist.data.sources import open_source
     from vaemo_dist.eval.embed import EmbeddingSet, embed_source
     from vaemo_dist.eval.probe import probe_folds
-    from vaemo_dist.eval.sources import open_source
     from vaemo_dist.pretrained import from_pretrained
 
     out = Path(args.out)
@@ -444,30 +431,13 @@ def _file_digest(folder: Path) -> str:
 # Full fine-tuning
 
 
-def finetune_config(args: argparse.Namespace, export_config: dict[str, Any]) -> Any:
-    """The trainer's Config: --config + overrides, with model / inputs / loss from the export."""
-    from vaemo_dist.config import ConfigError, LossConfig, config_from_dict, read_config_dict
-
-    touched = [o for o in args.overrides if o.split("=", 1)[0].split(".")[0] in ("model", "inputs")]
-    if touched:
-        raise ConfigError(f"{touched}: model and inputs come from the pretrained export and cannot be "
-                          "overridden")
-    # Validated once, with the export's architecture in place (parallel.tensor must divide its heads).
-    raw = read_config_dict(args.config, args.overrides)
-    raw["model"], raw["inputs"] = export_config["model"], export_config["inputs"]
-    loss_keys = {f.name for f in dataclasses.fields(LossConfig)}
-    raw["loss"] = {**(raw.get("loss") or {}),
-                   **{k: v for k, v in export_config.get("loss", {}).items() if k in loss_keys}}
-    return config_from_dict(raw)
-
-
-VIDEO_FIELD_OF = {".mp4": "mp4", ".webm": "webm", ".mkv": "mkv", ".mov": "mov", ".avi": "avi"}
 
 
 def record_sample(record: Any, inputs: Any) -> dict[str, Any]:
     """A WebDataset sample (bytes) of one labelled record, for the trainer's loader."""
+    from vaemo_dist.data.decode_files import decode_audio
+    from vaemo_dist.data.media import audio_field, audio_source, sidecar_meta, video_field
     from vaemo_dist.data.synth import encode_audio
-    from vaemo_dist.pretrained import audio_source, decode_audio, sidecar_meta
 
     if record.sample is not None:
         sample = {k: v for k, v in record.sample.items() if not k.startswith("__")}
@@ -476,11 +446,12 @@ def record_sample(record: Any, inputs: Any) -> dict[str, Any]:
         return {"__key__": record.key, **sample, "json": json.dumps(meta).encode()}
     video = Path(record.path)
     # FFmpeg finds the container from the bytes; the field name only has to be one the decoder reads.
-    sample = {"__key__": record.key, VIDEO_FIELD_OF.get(video.suffix.lower(), "mp4"): video.read_bytes()}
+    sample = {"__key__": record.key, video_field(video): video.read_bytes()}
     audio = audio_source(record.audio_path or video)
     meta = {k: v for k, v in sidecar_meta(video).items() if k in ("frames", "duration", "fps")}
-    if audio != video and audio.suffix.lower() in (".flac", ".wav"):
-        sample[audio.suffix.lower().lstrip(".")] = audio.read_bytes()
+    field = audio_field(audio) if audio != video else None
+    if field is not None:
+        sample[field] = audio.read_bytes()
     else:  # the audio track of the video (or another format): decode, resample, store as FLAC
         wave = decode_audio(record.key, audio.read_bytes(), inputs.audio)
         peak = float(np.abs(wave).max()) if wave.size else 0.0
@@ -497,7 +468,7 @@ def at_training_size(sample: dict[str, Any], size: int) -> dict[str, Any]:
     or below `size` is returned as it is (no quality lost, no time spent)."""
     import av
 
-    from vaemo_dist.data.decode_pyav import VIDEO_FIELDS
+    from vaemo_dist.data.media import VIDEO_FIELDS
     from vaemo_dist.data.writer import ShardOptions, encode_video
 
     field = next((f for f in VIDEO_FIELDS if sample.get(f)), None)
@@ -558,28 +529,14 @@ def _ordered_map(fn: Any, items: Iterable[Any], workers: int) -> Iterator[Any]:
 
 
 def write_tars(samples: Iterable[dict[str, Any]], out_dir: Path, prefix: str, per_shard: int = 64) -> int:
-    """Write samples into `<out_dir>/<prefix>-000000.tar ...`, each under a temporary name renamed into
-    place when complete, after removing this prefix's earlier tars. Returns how many were written."""
-    import webdataset as wds
+    """Write samples into `<out_dir>/<prefix>-000000.tar ...` through the project's one shard writer
+    (atomic per shard; this prefix's stale tars of an earlier build removed). Returns how many."""
+    from vaemo_dist.data.shards import ShardWriter
 
-    for old in [*out_dir.glob(f"{prefix}-*.tar"), *out_dir.glob(f".{prefix}-*.tar.tmp-*")]:
-        old.unlink()  # our own earlier output (the folder is claimed), never the user's
-    written, shard, writer, tmp, final = 0, 0, None, Path(), Path()
-    for sample in samples:
-        if writer is None or written % per_shard == 0:
-            if writer is not None:
-                writer.close()
-                os.replace(tmp, final)
-            final = out_dir / f"{prefix}-{shard:06d}.tar"
-            tmp = out_dir / f".{final.name}.tmp-{os.getpid()}"
-            writer = wds.TarWriter(str(tmp), encoder=False)
-            shard += 1
-        writer.write(sample)
-        written += 1
-    if writer is not None:
-        writer.close()
-        os.replace(tmp, final)
-    return written
+    with ShardWriter(out_dir, per_shard, prefix=prefix) as shards:
+        for sample in samples:
+            shards.write(sample)
+    return shards.total
 
 
 def _stamp(*parts: Any) -> str:
@@ -677,23 +634,13 @@ def write_fold_shards(samples: Iterable[dict[str, Any]], keys: set[str], out_dir
     return sorted(str(p) for p in out_dir.glob("train-*.tar"))
 
 
-def build_classifier(pretrained: str | Path, num_classes: int, args: argparse.Namespace, seed: int) -> Any:
-    from vaemo_dist.objectives.finetune import Classifier
-    from vaemo_dist.pretrained import from_pretrained
-
-    backbone = from_pretrained(pretrained).model.train()
-    torch.manual_seed(seed)  # the same head on every rank
-    return Classifier(backbone, num_classes, args.modality, layer_decay=args.layer_decay,
-                      dropout=args.head_dropout)
-
-
 def evaluate(model: Any, source: Any, test_keys: list[str], inputs: Any, modality: str, batch_size: int,
              rank: int, world: int, device: torch.device) -> tuple[np.ndarray, list[str]]:
     """Predictions for `test_keys` (-1 where a clip could not be decoded), work split over ranks."""
     import torch.distributed as dist
 
+    from vaemo_dist.data.sources import decode_record
     from vaemo_dist.data.types import DecodeError
-    from vaemo_dist.eval.sources import decode_record
 
     index = {k: i for i, k in enumerate(test_keys)}
     preds = torch.zeros(len(test_keys), dtype=torch.long, device=device)  # prediction + 1; 0 = none
@@ -726,171 +673,3 @@ def evaluate(model: Any, source: Any, test_keys: list[str], inputs: Any, modalit
     if dist.is_initialized() and world > 1:
         dist.all_reduce(preds)
     return (preds - 1).cpu().numpy(), skipped
-
-
-def run_finetune(args: argparse.Namespace) -> int:
-    from vaemo_dist import dist
-    from vaemo_dist.config import ConfigError
-    from vaemo_dist.eval.sources import open_source
-
-    rank = int(os.environ.get("RANK", "0"))
-    export_config = json.loads((Path(args.pretrained) / "config.json").read_text())
-    try:
-        cfg = finetune_config(args, export_config)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world % cfg.parallel.tensor:
-        print(f"config error: parallel.tensor: {cfg.parallel.tensor} does not divide the world size {world}",
-              file=sys.stderr)
-        return 2
-    # The data, the folds and --out are checked by every rank alike (read-only) before any process
-    # group or work starts; one rank says what is wrong.
-    try:
-        source = open_source(args.data, args.classes.split(",") if args.classes else None)
-        clips = scan_clips(source, args.data)
-        plan = plan_folds(args, clips)
-        problem = out_folder_problem(Path(args.out), "finetune", args)
-        if problem:
-            raise FolderInUseError(problem)
-    except _startup_errors() as e:
-        if rank == 0:
-            print(f"finetune: {e}", file=sys.stderr)
-        return 2
-    exit_code = 0
-    try:
-        info = dist.init_distributed(cfg.train.dist_timeout_s, cfg.parallel.tensor)
-        exit_code = _finetune_folds(args, cfg, info, source, clips, plan)
-    except Exception:  # noqa: BLE001 - report and leave with a non-zero code instead of hanging peers
-        log.error("finetune failed on rank %d:\n%s", rank, traceback.format_exc())
-        exit_code = 1
-    dist.shutdown(exit_code)
-    return exit_code  # not reached: shutdown leaves the process
-
-
-def _finetune_folds(args: argparse.Namespace, cfg: Any, info: Any, source: Any, clips: Clips,
-                    plan: FoldPlan) -> int:
-    import copy
-
-    from safetensors.torch import load_file, save_file
-
-    from vaemo_dist import dist
-    from vaemo_dist.export import consolidate, resolve_checkpoint
-    from vaemo_dist.model.parallelize import parallelize
-    from vaemo_dist.objectives.finetune import FinetuneObjective
-    from vaemo_dist.train.trainer import Trainer
-
-    out = Path(args.out)
-    class_names = clips.class_names
-    label_of = {r.key: r.label for r in clips.labelled}
-    if info.is_main:
-        claim_out(out, "finetune", args)
-        write_fold_file(out / FOLDS_FILE, plan.all_folds, plan.group_of)
-        log_plan(plan, args, out / FOLDS_FILE)
-        claim_output_dir(out / CLIPS_DIR, "finetune", adopt=any((out / CLIPS_DIR).glob("_SUCCESS*")))
-    dist.barrier()
-    # Every training clip once at the training resolution, the ranks sharing the work.
-    wanted = {k for fold in plan.folds.values() for k in fold.train if label_of.get(k, -1) >= 0}
-    order = [r.key for r in clips.labelled if r.key in wanted]  # the source's order
-    clips_stamp = write_training_clips(source, order, out / CLIPS_DIR, cfg.inputs, info.rank,
-                                       info.world_size, args.workers)
-    dist.barrier()
-    objective = FinetuneObjective(len(class_names), args.mixup, args.label_smoothing)
-    results: dict[str, FoldResult] = {}
-    for name, fold in plan.folds.items():
-        fold_dir = out / f"fold_{name}"
-        train_keys = {k for k in fold.train if label_of.get(k, -1) >= 0}
-        if info.is_main:
-            write_fold_shards(training_clips(out / CLIPS_DIR, info.world_size, order), train_keys,
-                              fold_dir / "train_shards", clips_stamp)
-        dist.barrier()
-        urls = sorted(str(p) for p in (fold_dir / "train_shards").glob("train-*.tar"))
-        fold_cfg = copy.deepcopy(cfg)
-        fold_cfg.data.shards = str(fold_dir / "train_shards")
-        fold_cfg.train.out_dir, fold_cfg.train.run_name = str(out), fold_dir.name
-        if args.resume:
-            fold_cfg.train.resume = "latest"
-        if args.epochs > 0:
-            per_step = cfg.data.batch_size * cfg.train.grad_accum * info.dp_size
-            fold_cfg.train.steps = max(1, math.ceil(args.epochs * len(train_keys) / per_step))
-            fold_cfg.train.stop_at = 0
-        fold_cfg.train.ckpt_every = min(fold_cfg.train.ckpt_every, fold_cfg.train.steps)
-        # Tensor parallelism (parallel.tensor) splits the pretrained blocks as in pretraining; the
-        # evaluation below runs the consolidated (merged) classifier whole on every rank.
-        model = parallelize(build_classifier(args.pretrained, len(class_names), args, cfg.train.seed),
-                            cfg.parallel)
-
-        def compute_loss(engine: Any, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
-            return objective(engine, batch.video, batch.audio, batch.label)
-
-        Trainer(fold_cfg, model, compute_loss, urls, info).fit()
-
-        # Evaluate what was saved: the final checkpoint, consolidated as for an export.
-        weights = fold_dir / "classifier.safetensors"
-        if info.is_main:
-            state = consolidate(resolve_checkpoint(fold_dir / "checkpoints"))
-            save_file({k: v.contiguous() for k, v in state.items()}, str(weights))
-        dist.barrier()
-        model = build_classifier(args.pretrained, len(class_names), args, cfg.train.seed)
-        model.load_state_dict(load_file(str(weights)))
-        model.to(info.device).eval()
-        test_keys = [k for k in fold.test if label_of.get(k, -1) >= 0]
-        preds, skipped = evaluate(model, source, test_keys, cfg.inputs, args.modality, args.batch_size,
-                                  info.rank, info.world_size, info.device)
-        ok = preds >= 0
-        kept = [k for k, good in zip(test_keys, ok) if good]
-        y = np.array([label_of[k] for k in kept], dtype=np.int64)
-        metrics = classification_metrics(y, preds[ok], len(class_names))
-        metrics.update(n_train=len(train_keys), steps=fold_cfg.train.steps, skipped_test=int((~ok).sum()))
-        results[name] = FoldResult(metrics, kept, y.tolist(), preds[ok].tolist())
-        if info.is_main:
-            log.info("fold %s: UAR %.2f WAR %.2f (%d test clips)", name, 100 * metrics["uar"],
-                     100 * metrics["war"], metrics["n"])
-            from vaemo_dist.eval.predict import save_finetune_classifier  # for vaemo-predict
-
-            save_finetune_classifier(fold_dir / "classifier", weights, export=args.pretrained,
-                                     config=cfg.to_dict(), class_names=class_names, modality=args.modality,
-                                     trained_on={"mode": "finetune", "data": args.data, "fold": name,
-                                                 "metrics": metrics})
-    if info.is_main:
-        info_dict = {"mode": "finetune", "pretrained": args.pretrained, "data": args.data,
-                     "modality": args.modality, "layer_decay": args.layer_decay, "mixup": args.mixup,
-                     **plan.info(), "config": cfg.to_dict()}
-        write_report(out, results, class_names, info_dict)
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", force=True)
-    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    from vaemo_dist.export import ExportError, export_or_checkpoint
-    from vaemo_dist.secrets import install_log_masking
-
-    install_log_masking()
-    try:  # an export as it is; a checkpoint (step, checkpoints/ or run folder) exported once into a cache
-        export = export_or_checkpoint(args.pretrained)
-    except ExportError as e:
-        if rank == 0:
-            print(f"{args.mode}: --pretrained {args.pretrained}: {e}", file=sys.stderr)
-        return 2
-    if str(export) != str(args.pretrained):
-        log.info("--pretrained %s is a checkpoint: using its export %s", args.pretrained, export)
-        args.pretrained = str(export)
-    if args.mode == "probe":
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            print("--mode probe runs in one process: start it with python, not deepspeed", file=sys.stderr)
-            return 2
-        try:
-            report = run_probe(args)
-        except _startup_errors() as e:
-            print(f"probe: {e}", file=sys.stderr)
-            return 2
-        print(f"probe: {format_summary(report['summary'])} -> {args.out}/metrics.json", file=sys.stderr)
-        return 0
-    return run_finetune(args)

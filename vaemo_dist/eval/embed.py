@@ -2,7 +2,7 @@
 
     vaemo-embed --model exports/stage1-tiny --input clips/ --out clips.npz [--modality av|video|audio]
 
-`--input` is a folder of media files, a CSV manifest or WebDataset shards (vaemo_dist/eval/sources.py).
+`--input` is a folder of media files, a CSV manifest or WebDataset shards (vaemo_dist/data/sources.py).
 The output is one .npz (read it with `np.load(path)`, no pickle needed):
 
     keys          [N] str     clip keys, in the source's order
@@ -38,7 +38,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from vaemo_dist.eval.sources import MODALITIES, Decoded, Record, Source, decoded_loader, open_source
+from vaemo_dist.data.sources import MODALITIES, Decoded, Record, Source, decoded_loader, open_source
+from vaemo_dist.startup import entry_point, fail
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +177,7 @@ def _class_names_from(labels: list[int]) -> list[str]:
     return [str(i) for i in range(top + 1)]
 
 
+@entry_point("vaemo-embed")
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="vaemo-embed", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="an exported model folder (vaemo-export)")
@@ -191,9 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=0, help="only the first N clips (0: all)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    from vaemo_dist.eval.sources import SourceError
+    from vaemo_dist.data.sources import SourceError
     from vaemo_dist.export import ExportError
     from vaemo_dist.fsutil import FolderInUseError
     from vaemo_dist.pretrained import from_pretrained
@@ -203,8 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         encoder = from_pretrained(args.model, device=args.device)
         source = open_source(args.input, args.classes.split(",") if args.classes else None)
     except (ExportError, SourceError, FolderInUseError) as e:
-        print(f"vaemo-embed: {e}", file=sys.stderr)
-        return 2
+        return fail(f"vaemo-embed: {e}")
     keep = None
     if args.limit > 0:
         order: dict[str, int] = {}

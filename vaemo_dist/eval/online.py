@@ -40,7 +40,6 @@ import dataclasses
 import json
 import logging
 import os
-import random
 import time
 import zlib
 from collections.abc import Sequence
@@ -52,10 +51,23 @@ import numpy as np
 import torch
 
 from vaemo_dist.config import Config
+from vaemo_dist.data.holdout import (  # noqa: F401 - the split is data (layer 1); its names stay here too
+    HOLDOUT_FILE,
+    Holdout,
+    HoldoutError,
+    ensure_holdout,
+    holdout_amount,
+    holdout_path,
+    redact_spec,
+    run_dir_of,
+    split_holdout,
+    training_urls,
+)
+from vaemo_dist.data.holdout import training_data_name as _training_data
 from vaemo_dist.eval.metrics import classification_metrics
-from vaemo_dist.fsutil import write_atomic
 from vaemo_dist.model.vaemo import ModelOutput, VAEmoModel
 from vaemo_dist.objectives.stage1 import masked_mse
+from vaemo_dist.train.metrics import log_pictures  # noqa: F401 - its home is train.metrics
 
 log = logging.getLogger(__name__)
 
@@ -91,19 +103,6 @@ def trains_on_synthetic(cfg: Config) -> bool:
     return cfg.data.shards == "synthetic"
 
 
-def _training_data(cfg: Config) -> str:
-    """data.shards as said in names and records (no credentials)."""
-    if cfg.data.shards == "synthetic":
-        return f"the synthetic corpus {cfg.data.synth.dir}"
-    return redact_spec(cfg.data.shards)
-
-
-def redact_spec(spec: str) -> str:
-    from vaemo_dist.data.storage import is_remote, redact
-
-    return ",".join(redact(s) if is_remote(s) else s for s in spec.split(","))
-
-
 def eval_set(cfg: Config) -> EvalSet:
     """Which held-out clips `eval.shards` / `eval.holdout` mean for this config (eval.every aside).
 
@@ -136,10 +135,6 @@ def heldout_dir(cfg: Config) -> Path:
     return synth.parent / f"{synth.name}-heldout" / f"seed{heldout_seed(cfg)}-{cfg.eval.clips}-c{classes}"
 
 
-def run_dir_of(cfg: Config) -> Path:
-    return Path(cfg.train.out_dir) / cfg.train.run_name
-
-
 def prepare_online_eval(cfg: Config, progress: bool = False) -> None:
     """What online evaluation needs before training, once per node (local rank 0): the synthetic
     held-out corpus when that is the set (concurrent builders take turns on a lock), or the held-out
@@ -154,137 +149,6 @@ def prepare_online_eval(cfg: Config, progress: bool = False) -> None:
                        classes=cfg.eval.classes, progress=progress)
     elif kind == "holdout" and cfg.data.shards != "synthetic":  # which synthetic set a stage reads: the
         ensure_holdout(cfg)  # trainer knows (its shard list), and splits that one
-
-
-# --------------------------------------------------------------------------------------------
-# eval.holdout: held-out clips split off the training shards, by speaker
-
-HOLDOUT_FILE = "holdout.json"
-
-
-class HoldoutError(ValueError):
-    """The training shards cannot give the held-out split asked for."""
-
-
-def holdout_amount(holdout: float) -> str:
-    """eval.holdout as said in names: "10%" or "40 clips"."""
-    return f"{100 * holdout:g}%" if holdout < 1 else f"{int(holdout)} clips"
-
-
-@dataclass
-class Holdout:
-    """The split of `eval.holdout`, as written to `<run>/holdout.json`: the held-out keys (never trained
-    on), the speakers they belong to, how it was split, and from what."""
-
-    keys: list[str]
-    speakers: list[str]  # held-out speakers (none when split by clip)
-    train_speakers: list[str]
-    by: str  # "speaker", "clip", or "speaker, by clip where a clip has none"
-    holdout: float  # eval.holdout when the split was made
-    seed: int  # data.shuffle_seed when the split was made
-    data_shards: str  # data.shards (credentials removed)
-    shards: list[str]  # the shard list read (credentials removed)
-    clips_total: int
-
-    def name(self) -> str:
-        n = len(self.speakers)
-        who = f", {n} speaker{'s' if n != 1 else ''}" if n else ""
-        return (f"held-out {holdout_amount(self.holdout)} of {self.data_shards} by {self.by} "
-                f"({len(self.keys)} clips{who})")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"format": "vaemo-holdout", "format_version": 1, **dataclasses.asdict(self)}
-
-    @staticmethod
-    def from_dict(d: dict[str, Any]) -> Holdout:
-        names = {f.name for f in dataclasses.fields(Holdout)}
-        return Holdout(**{k: v for k, v in d.items() if k in names})
-
-
-def split_holdout(clips: Sequence[tuple[str, str | None]], holdout: float,
-                  seed: int) -> tuple[list[str], list[str], list[str], str]:
-    """(held-out keys, held-out speakers, training speakers, how) of (key, speaker or None) clips.
-
-    Whole speakers are held out: the speakers, in an order fixed by `seed`, are taken until at least
-    `holdout` (a fraction < 1 of the clips, or a count) are held out, so no speaker is in both sets. A clip
-    without a speaker is a group of its own (split by clip). At least one group stays for training."""
-    n = len(clips)
-    target = max(1, round(holdout * n) if holdout < 1 else int(holdout))
-    if n < 2 or target >= n:
-        raise HoldoutError(f"eval.holdout={holdout:g} asks for {target} of {n} training clips held out: "
-                           "nothing would be left to train on")
-    groups: dict[str, list[str]] = {}
-    for key, speaker in clips:
-        groups.setdefault(f"s:{speaker}" if speaker is not None else f"k:{key}", []).append(key)
-    order = sorted(groups)
-    random.Random(f"holdout:{seed}").shuffle(order)
-    held: list[str] = []
-    taken = 0
-    while len(held) < target and taken < len(order):
-        held.extend(groups[order[taken]])
-        taken += 1
-    if taken == len(order):
-        one = [g[2:] for g in order if g.startswith("s:")]
-        raise HoldoutError(f"eval.holdout={holdout:g}: the training clips hold {len(order)} group(s) "
-                           f"({len(one)} speaker(s): {one[:5]}), and holding out {target} clips by speaker "
-                           "would leave none to train on; give held-out shards in eval.shards instead")
-    speakers = sorted(g[2:] for g in order[:taken] if g.startswith("s:"))
-    rest = sorted(g[2:] for g in order[taken:] if g.startswith("s:"))
-    with_speaker = sum(1 for _, s in clips if s is not None)
-    how = "speaker" if with_speaker == n else "clip" if with_speaker == 0 else \
-        f"speaker ({n - with_speaker} clips without one by clip)"
-    return sorted(held), speakers, rest, how
-
-
-def training_urls(cfg: Config) -> list[str]:
-    """data.shards expanded (the synthetic corpus's shards for `synthetic`), as the launcher lists them."""
-    from vaemo_dist.data.shards import expand_shards
-
-    data = cfg.data
-    return expand_shards(data.synth.dir if data.shards == "synthetic" else data.shards)
-
-
-def holdout_path(run_dir: str | Path) -> Path:
-    return Path(run_dir) / HOLDOUT_FILE
-
-
-def ensure_holdout(cfg: Config, run_dir: str | Path | None = None, urls: list[str] | None = None,
-                   write: bool = True) -> Holdout:
-    """The held-out split of `eval.holdout`: read from `<run>/holdout.json` when there (a resumed run keeps
-    the clips it held out when it started, whatever the config says now, said in the log), else made from
-    the training shards' json (`speaker`; only the json members are read) and, with `write`, written
-    there. `urls`: the training shard list (default: data.shards expanded)."""
-    run_dir = Path(run_dir) if run_dir is not None else run_dir_of(cfg)
-    path = holdout_path(run_dir)
-    if path.is_file():
-        record = Holdout.from_dict(json.loads(path.read_text()))
-        now = (cfg.eval.holdout, cfg.data.shuffle_seed, _training_data(cfg))
-        if (record.holdout, record.seed, record.data_shards) != now:
-            log.warning("%s was made for eval.holdout=%g, seed %d, data.shards=%s; the config now says %g, "
-                        "%d, %s. Kept as it is: its clips were held out since the run started", path,
-                        record.holdout, record.seed, record.data_shards, *now)
-        return record
-    from vaemo_dist.data.shards import read_clip_meta
-
-    urls = urls or training_urls(cfg)
-    clips: dict[str, str | None] = {}
-    for url in urls:
-        for key, meta in read_clip_meta(url):
-            speaker = meta.get("speaker")
-            clips[key] = None if speaker in (None, "") else str(speaker)
-    keys, speakers, rest, how = split_holdout(sorted(clips.items()), cfg.eval.holdout, cfg.data.shuffle_seed)
-    record = Holdout(keys=keys, speakers=speakers, train_speakers=rest, by=how, holdout=cfg.eval.holdout,
-                     seed=cfg.data.shuffle_seed, data_shards=_training_data(cfg),
-                     shards=[redact_spec(u) for u in urls], clips_total=len(clips))
-    if write:
-        if (run_dir / "checkpoints").is_dir():
-            log.warning("eval.holdout: %s is new but the run has checkpoints: the clips held out now may "
-                        "have been trained on before", path)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, json.dumps(record.to_dict(), indent=1) + "\n")
-        log.info("eval.holdout: %s (of %d clips; speakers %s held out), never trained on; written to %s",
-                 record.name(), len(clips), speakers[:10] if speakers else "-", path)
-    return record
 
 
 def heldout_class_names(cfg: Config) -> list[str] | None:
@@ -444,11 +308,13 @@ def recall_at_1(query: torch.Tensor, keys: torch.Tensor) -> float:
 
 def unwrap_vaemo(model: torch.nn.Module) -> VAEmoModel:
     """The VAEmoModel inside a DeepSpeed engine (`.module`) and/or a stage-2 model (`.vaemo`)."""
+    from vaemo_dist.model.text_head import VAEMO
+
     inner: Any = model
     for _ in range(3):
         if isinstance(inner, VAEmoModel):
             return inner
-        for name in ("module", "vaemo"):
+        for name in ("module", VAEMO):  # DeepSpeed's engine holds the model as `.module`
             if getattr(inner, name, None) is not None:
                 inner = getattr(inner, name)
                 break
@@ -680,12 +546,3 @@ def _concat(outs: list[ModelOutput]) -> ModelOutput:
         parts = [getattr(o, f.name) for o in outs]
         fields[f.name] = parts[0] if parts[0].dim() == 0 else torch.cat(parts)
     return ModelOutput(**fields)
-
-
-def log_pictures(wandb_run: Any, paths: Sequence[Path], step: int) -> None:
-    """Send the reconstruction PNGs to a wandb run (`MetricsLogger.wandb`; None: nothing to do)."""
-    if wandb_run is None or not paths:
-        return
-    import wandb
-
-    wandb_run.log({"eval/reconstruction": [wandb.Image(str(p)) for p in paths]}, step=step)

@@ -30,7 +30,7 @@ A classifier folder holds:
 Safetensors and JSON only: nothing is unpickled. A probe's head runs on the frozen export it was
 trained on, found by path and checked by hash (a moved export: `--encoder` / `encoder=`).
 
-`vaemo-predict --input` takes what the other commands take (vaemo_dist/eval/sources.py: a folder of
+`vaemo-predict --input` takes what the other commands take (vaemo_dist/data/sources.py: a folder of
 media files, a CSV manifest, shards, a shard folder or its manifest.json), and media files named one
 by one. It writes one row per clip, in input order: key, path, label (where the input has one),
 predicted (a class name), one `prob_<class>` column per class, and error. A clip that cannot be read
@@ -56,18 +56,19 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from vaemo_dist.checkpoints import CLASSIFIER_CONFIG
 from vaemo_dist.export import CONFIG, WEIGHTS, ExportError
 from vaemo_dist.fsutil import claim_output_dir, move_aside
+from vaemo_dist.startup import entry_point, fail
 
 if TYPE_CHECKING:
+    from vaemo_dist.data.sources import Source
     from vaemo_dist.eval.probe import LinearProbe
-    from vaemo_dist.eval.sources import Source
     from vaemo_dist.eval.splits import Fold
     from vaemo_dist.pretrained import Encoder, MediaArg
 
 log = logging.getLogger(__name__)
 
-CLASSIFIER_CONFIG = "classifier.json"
 HEAD_WEIGHTS = "head.safetensors"  # probe
 MODEL_WEIGHTS = "model.safetensors"  # finetune
 FORMAT = "vaemo-classifier"
@@ -337,8 +338,9 @@ def load_classifier(folder: str | Path, device: str | torch.device = "cpu", dtyp
     from safetensors.numpy import load_file as load_numpy
     from safetensors.torch import load_file
 
+    from vaemo_dist.checkpoints import build_model
     from vaemo_dist.eval.probe import LinearProbe
-    from vaemo_dist.pretrained import Encoder, build_model, from_pretrained
+    from vaemo_dist.pretrained import Encoder, from_pretrained
 
     folder = Path(folder)
     info = _read_info(folder)
@@ -384,8 +386,8 @@ def load_classifier(folder: str | Path, device: str | torch.device = "cpu", dtyp
 def open_inputs(specs: Sequence[str]) -> list[Source]:
     """--input values -> sources, in order: media files named one by one (keyed by the path as given)
     form one source; anything else is opened as the other commands open it (open_source)."""
-    from vaemo_dist.eval.sources import Record, Source, open_source
-    from vaemo_dist.pretrained import AUDIO_EXTS, VIDEO_EXTS
+    from vaemo_dist.data.media import AUDIO_EXTS, VIDEO_EXTS
+    from vaemo_dist.data.sources import Record, Source, open_source
 
     sources: list[Source] = []
     files: list[Record] = []
@@ -412,7 +414,7 @@ def predict_sources(predictor: Predictor, sources: Sequence[Source], batch_size:
     """One dict per clip, in input order: key, path, label, predicted, probs (None with an error)."""
     from tqdm import tqdm
 
-    from vaemo_dist.eval.sources import decoded_loader
+    from vaemo_dist.data.sources import decoded_loader
 
     total = sum(s.size or 0 for s in sources) if all(s.size for s in sources) else None
     bar = tqdm(total=total, desc="predict", unit="clip", disable=not progress, dynamic_ncols=True)
@@ -465,6 +467,7 @@ def write_predictions(path: Path, rows: Iterator[dict[str, Any]], classes: Seque
     return done, failed
 
 
+@entry_point("vaemo-predict")
 def main(argv: list[str] | None = None) -> int:
     from vaemo_dist.data.writer import HelpWithDefaults
 
@@ -485,25 +488,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    from vaemo_dist.eval.sources import SourceError
+    from vaemo_dist.data.sources import SourceError
 
     out = Path(args.out)
     if out.is_dir():
-        print(f"vaemo-predict: --out {out} is a folder; name the CSV file to write", file=sys.stderr)
-        return 2
+        return fail(f"vaemo-predict: --out {out} is a folder; name the CSV file to write")
     if out.exists() and not args.overwrite:
-        print(f"vaemo-predict: refusing to write {out}: the file exists. Nothing was changed. Name another "
-              f"file, or pass --overwrite to move it aside to {out.name}.old-<timestamp> (never deleted)",
-              file=sys.stderr)
-        return 2
+        return fail(f"vaemo-predict: refusing to write {out}: the file exists. Nothing was changed. Name "
+                    f"another file, or pass --overwrite to move it aside to {out.name}.old-<timestamp> "
+                    "(never deleted)")
     try:
         predictor = load_classifier(args.model, device=args.device, encoder=args.encoder)
         sources = open_inputs(args.input)
     except (ExportError, SourceError, OSError) as e:
-        print(f"vaemo-predict: {e}", file=sys.stderr)
-        return 2
+        return fail(f"vaemo-predict: {e}")
     log.info("%r", predictor)
     if out.exists():
         log.info("moved the old %s aside to %s", out, move_aside(out))

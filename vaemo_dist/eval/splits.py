@@ -1,7 +1,7 @@
 """Evaluation protocols: which clips train and which test, per fold.
 
 A split file is a CSV with a header row, in one of two forms (clips are named by key, see
-vaemo_dist/eval/sources.py):
+vaemo_dist/data/sources.py):
 
 1. Fold assignment, `key,fold`: every clip belongs to one test fold. Fold f tests on its clips and
    trains on the clips of every other fold. Fits protocols whose test folds partition the data:

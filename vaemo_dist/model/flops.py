@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from vaemo_dist.config import MODEL_PRESETS, Config, InputConfig, ModelConfig, load_config
+from vaemo_dist.startup import entry_point
 
 # Dense bf16 peak TFLOP/s per device (vendor figures, without sparsity).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0}
@@ -97,6 +98,7 @@ def table(cfg: Config) -> str:
     return "\n".join(rows)
 
 
+@entry_point("vaemo-flops")
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Parameters and training FLOPs of every model preset.")
     p.add_argument("--config", default=None, help="YAML config whose inputs/model settings to use")

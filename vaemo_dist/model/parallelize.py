@@ -1,8 +1,10 @@
 """Parallelism, applied to a built model by plain functions, in a fixed order:
 
-1. tensor parallelism (megatron-core): in every transformer block, QKV and MLP-in become
-   ColumnParallelLinear, attention-out and MLP-out become RowParallelLinear. Each rank keeps its
-   heads and its slice of the MLP; one all-reduce after attention and one after the MLP.
+1. tensor parallelism (megatron-core): in every transformer block, the Linear layers TP_PLAN names
+   become ColumnParallelLinear (QKV, MLP-in) or RowParallelLinear (attention-out, MLP-out). Each rank
+   keeps its heads and its slice of the MLP; one all-reduce after attention and one after the MLP.
+   TP_PLAN is the one statement of that split: `unshard` (the export's merge of the TP ranks'
+   weights, vaemo_dist/checkpoints.py) joins by it too.
 2. activation checkpointing: each block is recomputed in the backward pass.
 3. torch.compile: each encoder and decoder block (with its checkpoint wrapper, if any) is compiled in
    place with `nn.Module.compile()`, so parameter and state-dict names stay those of the eager model.
@@ -15,6 +17,9 @@ The model code itself knows nothing of either.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -23,6 +28,29 @@ from vaemo_dist.config import ParallelConfig
 from vaemo_dist.model.vaemo import Block
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Split:
+    """How one nn.Linear of a transformer Block is split over the tensor-parallel ranks.
+
+    "column": its output features (rows of weight and bias) are split, each rank computing its part of
+    the output; "row": its input features (columns of weight) are split, the partial outputs summed by
+    an all-reduce and the bias, whole on every rank, added once after it. `groups`: the split axis is
+    that many equal blocks (q|k|v), each split on its own, so that a rank keeps whole heads."""
+
+    style: Literal["column", "row"]
+    groups: int = 1
+
+
+# THE tensor-parallel plan: the Linear layers of a Block (paths inside the block) and their split.
+# apply_tensor_parallel shards by it, unshard joins by it; everything else is replicated.
+TP_PLAN: dict[str, Split] = {
+    "attn.qkv": Split("column", groups=3),  # its output is laid out (q|k|v, head, head_dim)
+    "attn.proj": Split("row"),
+    "mlp.0": Split("column"),
+    "mlp.2": Split("row"),
+}
 
 
 def parallelize(model: nn.Module, parallel: ParallelConfig) -> nn.Module:
@@ -60,20 +88,6 @@ def _megatron_config(tp: int):
                                gradient_accumulation_fusion=False, perform_initialization=True)
 
 
-def _rows(full: nn.Linear, index: torch.Tensor, layer: nn.Module) -> nn.Module:
-    with torch.no_grad():
-        layer.weight.copy_(full.weight[index])
-        layer.bias.copy_(full.bias[index])
-    return layer
-
-
-def _cols(full: nn.Linear, index: torch.Tensor, layer: nn.Module) -> nn.Module:
-    with torch.no_grad():
-        layer.weight.copy_(full.weight[:, index])
-        layer.bias.copy_(full.bias)  # the row-parallel bias is added once, after the all-reduce
-    return layer
-
-
 def shard_indices(width: int, tp: int, rank: int, groups: int = 1) -> torch.Tensor:
     """Indices of rank `rank`'s slice of a width-`width` axis made of `groups` equal blocks
     (e.g. q|k|v) each split into `tp` contiguous parts."""
@@ -83,32 +97,55 @@ def shard_indices(width: int, tp: int, rank: int, groups: int = 1) -> torch.Tens
                       for g in range(groups)])
 
 
+def _split_linear(full: nn.Linear, split: Split, tp: int, rank: int, layers: tuple[type, type],
+                  config: object) -> nn.Module:
+    """Rank `rank`'s megatron layer in place of `full`, holding its shard of `full`'s weights."""
+    Column, Row = layers
+    init = nn.init.zeros_
+    fin, fout = full.in_features, full.out_features
+    if split.style == "column":
+        index = shard_indices(fout, tp, rank, split.groups)
+        layer = Column(fin, fout, config=config, init_method=init, bias=True, gather_output=False)
+        with torch.no_grad():
+            layer.weight.copy_(full.weight[index])
+            layer.bias.copy_(full.bias[index])
+    else:
+        index = shard_indices(fin, tp, rank, split.groups)
+        layer = Row(fin, fout, config=config, init_method=init, bias=True, input_is_parallel=True,
+                    skip_bias_add=False)
+        with torch.no_grad():
+            layer.weight.copy_(full.weight[:, index])
+            layer.bias.copy_(full.bias)  # the row-parallel bias is added once, after the all-reduce
+    return layer
+
+
 def apply_tensor_parallel(model: nn.Module, tp: int) -> None:
     from megatron.core import parallel_state
 
     rank = parallel_state.get_tensor_model_parallel_rank()
-    Column, Row = _megatron_layers()
+    layers = _megatron_layers()
     config = _megatron_config(tp)
-    init = nn.init.zeros_
     blocks = [m for m in model.modules() if isinstance(m, Block)]
     for block in blocks:
-        attn, (fc1, _, fc2) = block.attn, block.mlp
-        dim, hidden = attn.proj.in_features, fc1.out_features
-        # Heads stay whole on one rank: q, k and v of the same heads go to the same rank.
-        head_cols = shard_indices(dim, tp, rank)
-        qkv_rows = shard_indices(3 * dim, tp, rank, groups=3)
-        attn.qkv = _rows(attn.qkv, qkv_rows, Column(dim, 3 * dim, config=config, init_method=init, bias=True,
-                                                    gather_output=False))
-        attn.proj = _cols(attn.proj, head_cols,
-                          Row(dim, dim, config=config, init_method=init, bias=True, input_is_parallel=True,
-                              skip_bias_add=False))
-        attn.heads //= tp
-        mlp_cols = shard_indices(hidden, tp, rank)
-        block.mlp[0] = _rows(fc1, mlp_cols, Column(dim, hidden, config=config, init_method=init, bias=True,
-                                                   gather_output=False))
-        block.mlp[2] = _cols(fc2, mlp_cols, Row(hidden, dim, config=config, init_method=init, bias=True,
-                                                input_is_parallel=True, skip_bias_add=False))
+        for path, split in TP_PLAN.items():
+            parent, _, name = path.rpartition(".")
+            owner = block.get_submodule(parent)
+            setattr(owner, name, _split_linear(getattr(owner, name), split, tp, rank, layers, config))
+        block.attn.heads //= tp  # heads stay whole on one rank: q, k and v of the same heads
     log.info("tensor parallel: %d blocks split %d ways (rank %d)", len(blocks), tp, rank)
+
+
+def unshard(name: str, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The full value of state-dict entry `name` from the values its tensor-parallel ranks hold (in rank
+    order): joined as TP_PLAN split it (column-parallel rows regrouped per q|k|v block, row-parallel
+    weight columns), anything else replicated (the first rank's, row-parallel biases included)."""
+    module, _, param = name.rpartition(".")
+    split = next((s for path, s in TP_PLAN.items() if module == path or module.endswith("." + path)), None)
+    if split is None or param not in ("weight", "bias") or (split.style == "row" and param == "bias"):
+        return parts[0]
+    axis = 0 if split.style == "column" else 1
+    blocks = [p.chunk(split.groups, dim=axis) for p in parts]
+    return torch.cat([b[g] for g in range(split.groups) for b in blocks], dim=axis)
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:

@@ -16,6 +16,30 @@ from vaemo_dist.config import InputConfig, ModelConfig
 from vaemo_dist.model.attention import attention
 from vaemo_dist.model.embed import TokenEmbed, patchify_audio, patchify_video, sincos_pos_embed
 
+# The parts of VAEmoModel, declared once: every submodule, parameter and buffer of the model (the first
+# component of its state-dict names) under the part it belongs to. What an export leaves out without the
+# decoder, what `strip_decoder` removes, what fine-tuning freezes and how it numbers layers all read this
+# table; tests/model/test_vaemo.py checks it against the model, so a layer added or renamed in
+# `VAEmoModel.__init__` without an entry here fails there, not silently in export or fine-tuning.
+TOKEN_EMBEDS = ("video_embed", "audio_embed")  # patch/tubelet -> token (+ positions): encoder layer 0
+ENCODER_BLOCKS = "blocks"  # the shared transformer stack (nn.ModuleList of Block)
+PARTS: dict[str, tuple[str, ...]] = {
+    "encoder": (*TOKEN_EMBEDS, ENCODER_BLOCKS, "norm"),
+    "heads": ("video_head", "audio_head", "joint_head", "log_logit_scale"),  # contrastive projections
+    "decoder": ("decoder_embed", "mask_token", "dec_video_modality", "dec_audio_modality", "dec_video_pos",
+                "dec_audio_pos", "decoder_blocks", "decoder_norm", "video_pred", "audio_pred"),
+}
+
+
+def in_part(name: str, part: str) -> bool:
+    """Whether the VAEmoModel state-dict (or parameter, module) name `name` belongs to `part` of PARTS."""
+    return name.split(".", 1)[0] in PARTS[part]
+
+
+def is_decoder_key(name: str) -> bool:
+    """Whether `name` (a VAEmoModel state-dict name) is of the MAE reconstruction decoder."""
+    return in_part(name, "decoder")
+
 
 @dataclass
 class ModelOutput:
@@ -265,3 +289,12 @@ class VAEmoModel(nn.Module):
             video_keep=v_keep,
             audio_keep=a_keep,
         )
+
+
+def strip_decoder(model: VAEmoModel) -> VAEmoModel:
+    """Remove the reconstruction decoder (modules, parameters, buffers: PARTS["decoder"]): `encode` never
+    uses it, and a decoder left with random weights would be a trap."""
+    for name in PARTS["decoder"]:
+        if hasattr(model, name):
+            delattr(model, name)
+    return model

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from vaemo_dist.config import OptimConfig
-from vaemo_dist.model.vaemo import VAEmoModel
+from vaemo_dist.model.vaemo import ENCODER_BLOCKS, TOKEN_EMBEDS, VAEmoModel, in_part, strip_decoder
 
-FROZEN_PREFIXES = ("video_head.", "audio_head.", "joint_head.", "log_logit_scale")
+FROZEN_PARTS = ("heads",)  # of VAEmoModel's PARTS: the contrastive heads and logit scale, unused here
 
 
 class Classifier(nn.Module):
@@ -29,12 +29,10 @@ class Classifier(nn.Module):
             raise ValueError(f"modality {modality!r}: choose av, video or audio")
         if num_classes < 2:
             raise ValueError(f"a classifier needs at least 2 classes, got {num_classes}")
-        from vaemo_dist.pretrained import strip_decoder
-
         self.backbone = strip_decoder(backbone)
         self.modality, self.layer_decay, self.num_classes = modality, layer_decay, num_classes
         for name, p in self.backbone.named_parameters():
-            p.requires_grad_(not name.startswith(FROZEN_PREFIXES))
+            p.requires_grad_(not any(in_part(name, part) for part in FROZEN_PARTS))
         in_dim = backbone.cfg.dim * (2 if modality == "av" else 1)
         self.fc_norm = nn.LayerNorm(in_dim, eps=1e-6)
         self.dropout = nn.Dropout(dropout)
@@ -55,10 +53,13 @@ class Classifier(nn.Module):
     def layer_id(self, name: str) -> int:
         """0 for the patch embeddings, i + 1 for encoder block i, depth + 1 for the rest."""
         depth = len(self.backbone.blocks)
-        if name.startswith(("backbone.video_embed.", "backbone.audio_embed.")):
+        top, _, inner = name.partition(".")
+        if top != "backbone":
+            return depth + 1
+        if inner.split(".", 1)[0] in TOKEN_EMBEDS:
             return 0
-        if name.startswith("backbone.blocks."):
-            return int(name.split(".")[2]) + 1
+        if inner.split(".", 1)[0] == ENCODER_BLOCKS:
+            return int(inner.split(".")[1]) + 1
         return depth + 1
 
     def optimizer_param_groups(self, optim: OptimConfig) -> list[dict[str, Any]]:

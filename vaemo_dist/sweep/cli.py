@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from vaemo_dist.fsutil import FolderInUseError
+from vaemo_dist.startup import entry_point, fail
 from vaemo_dist.sweep.plan import (
     SweepError,
     build_points,
@@ -54,6 +55,7 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+@entry_point("sweep error")
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     # Overrides after an option (`run S --only x key=v`) are left over by argparse: they are extras too.
@@ -114,8 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             print(text, end="")
         return 0
     except (SweepError, FolderInUseError) as e:  # FolderInUseError: data.synth.dir is a folder of the user's
-        print(f"sweep error: {e}", file=sys.stderr)
-        return 2
+        return fail(f"sweep error: {e}")
 
 
 if __name__ == "__main__":

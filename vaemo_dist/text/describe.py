@@ -49,9 +49,11 @@ import requests
 import yaml
 from tqdm import tqdm
 
-from vaemo_dist.data.shards import ShardSetWriter
+from vaemo_dist.data.shards import ShardWriter
 from vaemo_dist.fsutil import FolderInUseError, claim_output_dir, folder_lock, write_atomic
+from vaemo_dist.startup import entry_point, fail
 from vaemo_dist.text import media
+from vaemo_dist.text.described import CACHE, read_cache  # noqa: F401  (CACHE: also this module's name)
 from vaemo_dist.text.prompt import (
     DEFAULT_PROMPT,
     REASONING_KEYS,
@@ -63,7 +65,6 @@ from vaemo_dist.text.prompt import (
 
 log = logging.getLogger(__name__)
 
-CACHE = "descriptions.jsonl"
 MANIFEST = "manifest.json"
 SUMMARY = "summary.json"
 SUCCESS = "_SUCCESS"
@@ -288,22 +289,6 @@ class SyntheticDescriber:
 # The cache
 
 
-def read_cache(path: Path) -> dict[str, dict[str, Any]]:
-    """The last record per key (a torn last line from a killed run is skipped)."""
-    records: dict[str, dict[str, Any]] = {}
-    if not path.is_file():
-        return records
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            records[str(record["key"])] = record
-        except (ValueError, KeyError, TypeError):
-            log.warning("%s line %d is not a record (torn write?): skipped", path, n)
-    return records
-
-
 def is_done(record: dict[str, Any] | None, prompt_version: str, model: str) -> bool:
     return (record is not None and record.get("status") == "ok"
             and record.get("prompt_version") == prompt_version and record.get("model") == model)
@@ -506,25 +491,23 @@ def desc_record(record: dict[str, Any]) -> dict[str, Any]:
 def write_sidecar(urls: list[str], out: Path, records: dict[str, dict[str, Any]], clips_per_shard: int,
                   source_record: dict[str, Any]) -> list[str]:
     """Copy the media of the described clips into `out`'s shards, each with its <key>.desc.json."""
-    shard_set = ShardSetWriter(out, clips_per_shard)
     written: set[str] = set()
-    for sample in iter_samples(urls) if records else ():
-        key = sample["__key__"]
-        if key not in records or key in written:
-            continue
-        entry = {k: v for k, v in sample.items() if not k.startswith("__") and k != DESC_EXT}
-        entry["__key__"] = key
-        entry[DESC_EXT] = json.dumps(desc_record(records[key]), ensure_ascii=False, sort_keys=True).encode()
-        shard_set.write(entry)
-        written.add(key)
-    shard_set.close()
+    with ShardWriter(out, clips_per_shard) as shard_set:
+        for sample in iter_samples(urls) if records else ():
+            key = sample["__key__"]
+            if key not in records or key in written:
+                continue
+            entry = {k: v for k, v in sample.items() if not k.startswith("__") and k != DESC_EXT}
+            entry["__key__"] = key
+            entry[DESC_EXT] = json.dumps(desc_record(records[key]), ensure_ascii=False,
+                                         sort_keys=True).encode()
+            shard_set.write(entry)
+            written.add(key)
     shards, counts = shard_set.shards, shard_set.counts
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "shards": shards,
                 "samples_per_shard": counts, "total": sum(counts), "sources": _sources(urls), **source_record}
-    write_atomic(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
+    shard_set.write_manifest(manifest, name=MANIFEST)
     return shards
-
-
 
 
 def described_is_complete(out_dir: str | Path, expected: dict[str, Any]) -> bool:
@@ -630,23 +613,22 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
     return opts
 
 
+@entry_point("vaemo-describe")
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    for noisy in ("urllib3", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     p = _parser()
     opts = _options(p.parse_args(argv))
-    from vaemo_dist.data.shards import expand_shards
+    from vaemo_dist.data.shards import ShardError, expand_shards
 
-    urls = expand_shards(str(opts["shards"]))
+    try:
+        urls = expand_shards(str(opts["shards"]))
+    except ShardError as e:
+        return fail(f"vaemo-describe: {e}")
     if Path(opts["out"]).resolve() in {Path(u).resolve().parent for u in urls if "://" not in u}:
         p.error("--out must not be the folder of the source shards")
     try:  # before any request: a folder of someone else's is refused with nothing changed
         claim_described_dir(opts["out"], WRITER, overwrite=bool(opts.get("overwrite")))
     except FolderInUseError as e:
-        print(f"vaemo-describe: {e}", file=sys.stderr)
-        return 2
+        return fail(f"vaemo-describe: {e}")
     if opts.get("synthetic"):
         describer: Any = SyntheticDescriber(int(opts.get("seed", 0)))
     else:
@@ -685,8 +667,7 @@ def main(argv: list[str] | None = None) -> int:
             path, _ = write_embeddings(opts["out"], str(opts.get("text_encoder", DEFAULT_ENCODER)),
                                        overwrite=bool(opts.get("overwrite")))
         except FolderInUseError as e:
-            print(f"vaemo-describe: {e}", file=sys.stderr)
-            return 2
+            return fail(f"vaemo-describe: {e}")
         print(f"vaemo-describe: text embeddings in {path}", file=sys.stderr)
     return 0 if summary.described + summary.cached > 0 or summary.selected == 0 else 1
 

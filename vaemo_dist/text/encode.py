@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from vaemo_dist.startup import entry_point, fail
+
 log = logging.getLogger(__name__)
 
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
@@ -80,7 +82,7 @@ def embed_texts(texts: list[str], encoder: Any, batch_size: int = 64) -> torch.T
 
 def descriptions_of(described_dir: str | Path) -> dict[str, dict[str, Any]]:
     """The "ok" records of a described set, by key (from its descriptions.jsonl)."""
-    from vaemo_dist.text.describe import CACHE, read_cache
+    from vaemo_dist.text.described import CACHE, read_cache
 
     path = Path(described_dir) / CACHE
     if not path.is_file():
@@ -250,9 +252,8 @@ class TextEmbeddingTable:
         return self.embeddings[torch.tensor(rows, dtype=torch.long)]
 
 
+@entry_point("vaemo-embed-text")
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
     p = argparse.ArgumentParser(prog="vaemo-embed-text", description=__doc__.split("\n\n")[0])
     p.add_argument("described", help="a vaemo-describe output folder")
     p.add_argument("--encoder", default=DEFAULT_ENCODER,
@@ -268,11 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path, written = write_embeddings(args.described, args.encoder, args.out, overwrite=args.overwrite,
                                          batch_size=args.batch_size)
-    except EmbeddingError as e:
-        p.error(str(e))
-    except FolderInUseError as e:
-        print(f"vaemo-embed-text: {e}", file=sys.stderr)
-        return 2
+    except (EmbeddingError, FolderInUseError) as e:
+        return fail(f"vaemo-embed-text: {e}")
     meta = read_metadata(path)
     what = "->" if written else "already current in"
     print(f"vaemo-embed-text: {meta['count']} descriptions x {meta['dim']} ({meta['encoder']}) {what} {path}",

@@ -10,8 +10,10 @@ from typing import Any
 import av
 import numpy as np
 
-VIDEO_EXTS = ("mp4", "webm", "mkv", "mov", "avi")
-AUDIO_EXTS = ("flac", "wav", "mp3", "m4a", "ogg")
+from vaemo_dist.data.media import ANY_AUDIO_FIELDS, VIDEO_FIELDS
+
+VIDEO_EXTS = VIDEO_FIELDS  # the sample fields a clip's video or audio is read from (data/media.py)
+AUDIO_EXTS = ANY_AUDIO_FIELDS
 IMAGE_CODECS = {"jpeg": ("mjpeg", "yuvj420p", "image/jpeg"), "png": ("png", "rgb24", "image/png")}
 FF_QP2LAMBDA = 118  # FFmpeg's quantiser -> lambda factor (what `-q:v N` sets)
 

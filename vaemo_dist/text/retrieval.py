@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from vaemo_dist.config import Config, SynthConfig
-from vaemo_dist.objectives.stage2 import Stage2Model
+from vaemo_dist.model.text_head import Stage2Model
 
 log = logging.getLogger(__name__)
 
@@ -170,8 +170,8 @@ def stage2_config_of(checkpoint: str | Path) -> Config:
     """The full config of a stage-2 run, from a checkpoint of it."""
     import yaml
 
+    from vaemo_dist.checkpoints import resolve_init
     from vaemo_dist.config import config_from_dict
-    from vaemo_dist.objectives.stage2 import resolve_init
 
     folder = resolve_init(checkpoint)
     return config_from_dict(yaml.safe_load((folder / "config.yaml").read_text()))
@@ -181,8 +181,8 @@ def build_model(cfg: Config, text_dim: int, init: str | Path | None = None) -> S
     """The Stage2Model a stage-2 run with `cfg` builds (same seed, so the same initial text head),
     loaded from `init`: a stage-1 checkpoint gives the starting point of stage 2 (the stage-1 VA model
     with the untrained head), a stage-2 checkpoint the trained model."""
+    from vaemo_dist.checkpoints import load_init
     from vaemo_dist.model.vaemo import VAEmoModel
-    from vaemo_dist.objectives.stage2 import load_init
 
     torch.manual_seed(cfg.train.seed)  # as vaemo_dist.launch does before build()
     vaemo = VAEmoModel(cfg.model, cfg.inputs, max_logit_scale=cfg.loss.max_logit_scale,

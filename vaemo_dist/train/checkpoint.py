@@ -7,6 +7,12 @@ Layout under `<run>/checkpoints/`:
         config.yaml          the run's full config
     latest                   the name of the newest complete checkpoint
 
+A checkpoint is a dict of parts (`checkpoint_parts`) that save and restore themselves, in order: the
+DeepSpeed engine (`EngineState`: model, optimizer, scheduler, in DeepSpeed's files), any parts with a
+`state_dict()` / `load_state_dict()` (the data loader under "data", the trainer's counters under
+"train", whose entries sit at the top of vaemo_rank*.json as they always did), and the RNG last
+(`RNGState`: rng_rank*.safetensors).
+
 A checkpoint is written under `.tmp-step_...`, renamed into place once every rank has finished,
 and only then named in `latest` (itself replaced atomically). A process killed mid-save leaves
 `latest` pointing at the previous complete checkpoint.
@@ -29,40 +35,39 @@ import argparse
 import contextlib
 import datetime
 import hashlib
-import importlib
 import io
 import json
 import logging
 import os
-import re
 import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+# Reading checkpoints is vaemo_dist/checkpoints.py; the names below are used here (and imported from
+# here by older code).
+from vaemo_dist.checkpoints import LATEST as LATEST
+from vaemo_dist.checkpoints import CheckpointError as CheckpointError
+from vaemo_dist.checkpoints import CheckpointMeta as CheckpointMeta
+from vaemo_dist.checkpoints import read_meta as read_meta
+from vaemo_dist.checkpoints import resolve as resolve
+from vaemo_dist.checkpoints import safe_torch_load as safe_torch_load
+from vaemo_dist.checkpoints import weights_only_torch as weights_only_torch
 from vaemo_dist.dist import barrier
 from vaemo_dist.fsutil import write_atomic
 
 log = logging.getLogger(__name__)
 
-LATEST = "latest"
 TMP_PREFIX = ".tmp-"
 UNIVERSAL = "universal"  # the converted copy inside a step folder, for resuming on another DP size
 # How long the other ranks wait for rank 0's conversion: it reads and writes the whole optimizer
 # state once, which on a large model takes far longer than an ordinary collective may.
 CONVERT_TIMEOUT_S = 3 * 3600
-_RANK_FILE = re.compile(r"vaemo_rank(\d+)\.json$")
-
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 class ResumeError(CheckpointError):
@@ -96,25 +101,91 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+TOP_LEVEL = "train"  # the part whose state sits at the top of vaemo_rank*.json (step, non-finite steps)
+
+
+class Stateful(Protocol):
+    """A checkpoint part kept in this rank's vaemo_rank*.json, under its name: JSON in, JSON out."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class SavesItself(Protocol):
+    """A checkpoint part with files of its own in the step folder."""
+
+    def save(self, folder: Path, rank: int) -> None: ...
+
+    def load(self, folder: Path, rank: int) -> None: ...
+
+
+Part = Stateful | SavesItself | dict  # a plain dict: JSON kept as it is, refilled in place on load
+
+
+def rank_state_file(folder: Path, rank: int) -> Path:
+    return folder / f"vaemo_rank{rank:05d}.json"
+
+
+class EngineState:
+    """Model, optimizer and LR scheduler, in DeepSpeed's own files (collective: every rank saves and
+    loads). `universal`: load from that converted copy instead (a resize of ZeRO 1-3)."""
+
+    def __init__(self, engine: Any, universal: Path | None = None) -> None:
+        self.engine, self.universal = engine, universal
+
+    def save(self, folder: Path, rank: int) -> None:
+        self.engine.save_checkpoint(str(folder.parent), tag=folder.name, save_latest=False)
+
+    def load(self, folder: Path, rank: int) -> None:
+        load_model_state(self.engine, folder, self.universal)
+
+
+class RNGState:
+    """This process's torch (and CUDA) generators: rng_rank<R>.safetensors."""
+
+    def save(self, folder: Path, rank: int) -> None:
+        save_file(rng_state(), str(folder / f"rng_rank{rank:05d}.safetensors"))
+
+    def load(self, folder: Path, rank: int) -> None:
+        set_rng_state(load_file(str(folder / f"rng_rank{rank:05d}.safetensors")))
+
+
+def checkpoint_parts(engine: Any, universal: Path | None = None, **states: Part) -> dict[str, Part]:
+    """The parts of a checkpoint in the order they are saved and loaded: the engine (loading from
+    `universal` when given), `states` (e.g. data=<the loader>, train=<the trainer's counters>), the RNG
+    last (nothing is drawn after it is set)."""
+    return {"model": EngineState(engine, universal), **states, "rng": RNGState()}
+
+
 def save_checkpoint(
-    engine: Any,
+    parts: dict[str, Part],
     ckpt_root: Path,
     step: int,
     rank: int,
-    state: dict[str, Any],
     config: dict[str, Any],
     keep_last: int = 2,
 ) -> Path:
-    """Collective: every rank calls it. Returns the published checkpoint folder."""
+    """Collective: every rank calls it. Every part saves itself into the step folder, the Stateful ones
+    into this rank's vaemo_rank*.json. Returns the published checkpoint folder."""
     tag = tag_for(step)
     tmp, final = ckpt_root / (TMP_PREFIX + tag), ckpt_root / tag
     if rank == 0:
         ckpt_root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # debris of an earlier crash at this step
     barrier()
-    engine.save_checkpoint(str(ckpt_root), tag=TMP_PREFIX + tag, save_latest=False)
-    write_atomic(tmp / f"vaemo_rank{rank:05d}.json", json.dumps({"step": step, **state}, indent=1))
-    save_file(rng_state(), str(tmp / f"rng_rank{rank:05d}.safetensors"))
+    tmp.mkdir(parents=True, exist_ok=True)
+    state: dict[str, Any] = {"step": step}
+    for name, part in parts.items():
+        if hasattr(part, "save"):
+            part.save(tmp, rank)
+            continue
+        own = dict(part) if isinstance(part, dict) else part.state_dict()
+        if name == TOP_LEVEL:
+            state.update(own)
+        else:
+            state[name] = own
+    write_atomic(rank_state_file(tmp, rank), json.dumps(state, indent=1))
     if rank == 0:
         write_atomic(tmp / "config.yaml", yaml.safe_dump(config, sort_keys=False))
     barrier()
@@ -135,71 +206,6 @@ def _prune(ckpt_root: Path, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def resolve(which: str, ckpt_root: Path) -> Path | None:
-    """`latest` -> the newest complete checkpoint (None if there is none yet); a path -> itself."""
-    if which == LATEST:
-        pointer = ckpt_root / LATEST
-        if not pointer.exists():
-            return None
-        folder = ckpt_root / pointer.read_text().strip()
-    else:
-        folder = Path(which)
-    if not folder.is_dir():
-        raise CheckpointError(f"checkpoint folder not found: {folder}")
-    return folder
-
-
-def deepspeed_safe_globals() -> list[Any]:
-    """The few DeepSpeed classes its checkpoints hold besides tensors and containers."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, ZeroStageEnum, fragment_address]
-
-
-def safe_torch_load(path: Any, map_location: Any = "cpu", mmap: bool | None = None, **_ignored: Any) -> Any:
-    """torch.load with weights_only=True (whatever the caller asked) and DeepSpeed's classes allowed:
-    the one loader of DeepSpeed files, for resume (as DeepSpeed's checkpoint engine) and for export."""
-    with torch.serialization.safe_globals(deepspeed_safe_globals()):
-        return torch.load(path, map_location=map_location, mmap=mmap, weights_only=True)
-
-
-class _WeightsOnlyTorch:
-    """Stands in for the `torch` module inside DeepSpeed modules whose loaders call
-    torch.load(weights_only=False); everything but `load` is the real torch."""
-
-    def __init__(self, drop_none_module_entries: bool = False) -> None:
-        self._drop_none = drop_none_module_entries
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(torch, name)
-
-    def load(self, path: Any, map_location: Any = None, mmap: bool | None = None, **_ignored: Any) -> Any:
-        state = safe_torch_load(path, map_location=map_location, mmap=mmap)
-        if self._drop_none and isinstance(state, dict) and isinstance(state.get("module"), dict):
-            # megatron-core's layers put `_extra_state: None` in the state dict (TransformerEngine's
-            # slot); ds_to_universal would call .float() on it. It carries nothing.
-            state = {**state, "module": {k: v for k, v in state["module"].items() if v is not None}}
-        return state
-
-
-@contextlib.contextmanager
-def weights_only_torch(*module_names: str,
-                       drop_none_module_entries: bool = False) -> Iterator[list[ModuleType]]:
-    """The named modules with their torch.load forced to weights_only=True (DeepSpeed's few classes
-    allowed, `safe_torch_load`), for the duration; yields the modules."""
-    modules = [importlib.import_module(name) for name in module_names]
-    real = [m.torch for m in modules]
-    for m in modules:
-        m.torch = _WeightsOnlyTorch(drop_none_module_entries)
-    try:
-        yield modules
-    finally:
-        for m, t in zip(modules, real):
-            m.torch = t
-
-
 # DeepSpeed modules that call torch.load themselves: the universal-checkpoint converter and what it
 # reads with, and the loaders of a universal checkpoint (per-parameter files, the optimizer's state).
 _CONVERTER_MODULES = ("deepspeed.checkpoint.ds_to_universal", "deepspeed.checkpoint.deepspeed_checkpoint",
@@ -209,14 +215,25 @@ _UNIVERSAL_LOADER_MODULES = ("deepspeed.checkpoint.universal_checkpoint", "deeps
                              "deepspeed.runtime.zero.stage3")
 
 
-def load_checkpoint(engine: Any, folder: Path, rank: int) -> dict[str, Any]:
-    """Restore model, optimizer, scheduler and RNG; return our per-rank state dict."""
-    load_model_state(engine, folder)
-    state_file = folder / f"vaemo_rank{rank:05d}.json"
+def load_checkpoint(parts: dict[str, Part], folder: Path, rank: int) -> dict[str, Any]:
+    """Restore every part from `folder` (written by this layout), in order; return this rank's
+    vaemo_rank*.json as read."""
+    state_file = rank_state_file(folder, rank)
     if not state_file.exists():
         raise CheckpointError(f"{state_file} is missing: was the checkpoint written with another world size?")
-    set_rng_state(load_file(str(folder / f"rng_rank{rank:05d}.safetensors")))
-    return json.loads(state_file.read_text())
+    state = json.loads(state_file.read_text())
+    for name, part in parts.items():
+        own = state if name == TOP_LEVEL else state.get(name)
+        if hasattr(part, "load"):
+            part.load(folder, rank)
+        elif own is None:
+            raise CheckpointError(f"{state_file} holds no {name!r} state")
+        elif isinstance(part, dict):
+            part.clear()
+            part.update(own)
+        else:
+            part.load_state_dict(own)
+    return state
 
 
 def load_model_state(engine: Any, folder: Path, universal: Path | None = None) -> None:
@@ -254,52 +271,6 @@ def _undo_zero3_universal_slips(engine: Any, universal: Path) -> None:
             if id(step) in seen:
                 state["step"] = step.clone()
             seen.add(id(step))
-
-
-def read_rank_states(folder: Path) -> list[dict[str, Any]]:
-    """Our state of every rank that wrote `folder` (vaemo_rank*.json), in rank order."""
-    found = {int(m.group(1)): p for p in folder.iterdir() if (m := _RANK_FILE.match(p.name))}
-    if not found or sorted(found) != list(range(len(found))):
-        raise CheckpointError(f"{folder} holds per-rank states for ranks {sorted(found)}: not 0..N-1")
-    return [json.loads(found[r].read_text()) for r in range(len(found))]
-
-
-@dataclass(frozen=True)
-class CheckpointMeta:
-    """What a resume must know of the run that wrote a checkpoint, from our files alone."""
-
-    folder: Path
-    step: int
-    world_size: int  # processes that wrote it
-    tp_size: int
-    zero_stage: int
-    num_workers: int
-    nvme_offload: bool
-
-    @property
-    def dp_size(self) -> int:
-        return self.world_size // self.tp_size
-
-
-def read_meta(folder: Path) -> CheckpointMeta:
-    config_file = folder / "config.yaml"
-    if not config_file.is_file():
-        raise CheckpointError(f"{config_file} is missing: was this checkpoint written by vaemo_dist's "
-                              "trainer?")
-    raw = yaml.safe_load(config_file.read_text()) or {}
-    train, parallel = raw.get("train") or {}, raw.get("parallel") or {}
-    zero = ((train.get("deepspeed") or {}).get("zero_optimization") or {})
-    states = read_rank_states(folder)
-    steps = {int(s["step"]) for s in states}
-    if len(steps) != 1:
-        raise CheckpointError(f"the ranks of {folder} disagree on the step: {sorted(steps)}")
-    tp = int(parallel.get("tensor", 1))
-    if len(states) % tp:
-        raise CheckpointError(f"{folder}: {len(states)} rank states, not a multiple of parallel.tensor={tp}")
-    return CheckpointMeta(folder=folder, step=steps.pop(), world_size=len(states), tp_size=tp,
-                          zero_stage=int(train.get("zero_stage", 1)),
-                          num_workers=int(states[0]["data"]["num_workers"]),
-                          nvme_offload=(zero.get("offload_optimizer") or {}).get("device") == "nvme")
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from vaemo_dist.startup import entry_point, fail
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -270,6 +271,7 @@ def draw_runs(run_dirs: Sequence[str | Path], smooth: int = 10,
     return fig
 
 
+@entry_point("vaemo-plot")
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Training curves of one or more runs as a PNG.")
     p.add_argument("runs", nargs="+", help="run folders (runs/<train.run_name>) holding metrics.jsonl")
@@ -284,8 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         terms = args.terms.split(",") if args.terms else None
         path = plot_runs(args.runs, out, max(1, args.smooth), terms)
     except FileNotFoundError as e:
-        print(f"vaemo-plot: {e}", file=sys.stderr)
-        return 2
+        return fail(f"vaemo-plot: {e}")
     print(f"wrote {path}")
     return 0
 

@@ -1,4 +1,5 @@
-"""Metrics out of the loop: a JSONL file, wandb, a rank-0 progress bar, peak memory, a profiler window."""
+"""Metrics out of the loop: a step's record, a JSONL file, wandb, a rank-0 progress bar, peak memory, a
+profiler window."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import resource
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from vaemo_dist.config import ProfileConfig
+from vaemo_dist.dist import DistInfo, reduce_over_ranks
 from vaemo_dist.fsutil import move_aside, write_atomic
 
 log = logging.getLogger(__name__)
@@ -80,6 +83,10 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
 
+    def log_pictures(self, paths: Sequence[Path], step: int) -> None:
+        """Send an evaluation's PNGs to wandb (nothing on other ranks or with wandb off)."""
+        log_pictures(self.wandb, paths, step)
+
     def advance(self, n: int, postfix: dict[str, Any]) -> None:
         if self.bar is not None:
             self.bar.update(n)
@@ -90,6 +97,15 @@ class MetricsLogger:
             self.bar.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def log_pictures(wandb_run: Any, paths: Sequence[Path], step: int) -> None:
+    """Send the reconstruction PNGs to a wandb run (`MetricsLogger.wandb`; None: nothing to do)."""
+    if wandb_run is None or not paths:
+        return
+    import wandb
+
+    wandb_run.log({"eval/reconstruction": [wandb.Image(str(p)) for p in paths]}, step=step)
 
 
 def _step_of(line: str) -> int | None:
@@ -114,6 +130,61 @@ def _start_wandb(run_dir: Path, mode: str, project: str, entity: str, name: str,
     os.environ.setdefault("WANDB_SILENT", "true")
     return wandb.init(project=project, entity=entity or None, name=name or None, id=run_id,
                       resume="allow", mode=mode, dir=str(run_dir), config=config)
+
+
+def applied_updates(optimizer: torch.optim.Optimizer) -> int:
+    """How many updates the optimizer really applied (its own per-parameter step counters)."""
+    steps = [float(s["step"]) for s in optimizer.state.values() if "step" in s]
+    return int(max(steps)) if steps else 0
+
+
+class StepRecorder:
+    """The metrics.jsonl record of a logged step (`record`): this rank's loss terms averaged over the
+    data-parallel ranks, skip counts summed, times and memory the maximum (one collective), with the
+    learning rate, throughput, FLOPs and the optimizer's applied updates. Elapsed time counts from
+    its creation."""
+
+    def __init__(self, samples_per_step: int, optimizer: torch.optim.Optimizer, scheduler: Any,
+                 dist: DistInfo, flops_per_sample: float = 0.0, tokens_per_sample: int = 0,
+                 peak_tflops: float = 0.0) -> None:
+        self.samples_per_step, self.optimizer, self.scheduler = samples_per_step, optimizer, scheduler
+        self.dist, self.flops_per_sample, self.tokens_per_sample = dist, flops_per_sample, tokens_per_sample
+        self.peak = peak_tflops
+        self.start = time.perf_counter()
+
+    def train_flops(self, step: int) -> float:
+        """Training FLOPs up to `step` (all ranks)."""
+        return step * self.samples_per_step * self.flops_per_sample
+
+    def record(self, engine: Any, step: int, sums: dict[str, float], step_time: float, data_wait: float,
+               skips: dict[str, int], nonfinite: int) -> dict[str, float]:
+        """Collective over the data-parallel group. `skips`: this rank's skip counts (DataState.totals)."""
+        d = self.dist
+        # Skip counts, in all and per kind (decode/no_audio -> skipped/no_audio); every rank has the
+        # same keys, so they ride in the same collective and add up over DP ranks.
+        counts = {"skipped_decode": skips["decode"], "skipped_shards": skips["shard"]}
+        counts.update({"skipped/" + k[len("decode/"):]: v
+                       for k, v in skips.items() if k.startswith("decode/")})
+        # Maxima: the slowest rank's times (it gates the step), the fullest rank's memory.
+        maxes = {"step_time_s": step_time, "data_wait_s": data_wait, **memory_stats(d.device)}
+        record = reduce_over_ranks({**sums, **counts, **maxes}, d.device, d.dp_group,
+                                   sums=counts, maxes=maxes)  # the rest: means over DP ranks
+        for k in counts:
+            record[k] = round(record[k])
+        record["data_wait_frac"] = record["data_wait_s"] / record["step_time_s"]
+        samples_per_s = self.samples_per_step / record["step_time_s"]
+        record.update(lr=self.scheduler.get_last_lr()[0], samples_per_s=samples_per_s,
+                      tokens_per_s=samples_per_s * self.tokens_per_sample,
+                      grad_norm=float(engine.get_global_grad_norm() or 0.0),
+                      samples_seen=step * self.samples_per_step, train_flops=self.train_flops(step),
+                      nonfinite_steps=nonfinite, optimizer_steps=applied_updates(self.optimizer),
+                      elapsed_s=time.perf_counter() - self.start)
+        if self.flops_per_sample:
+            tflops = self.flops_per_sample * samples_per_s / d.world_size / 1e12
+            record["tflops_per_device"] = tflops
+            if self.peak:
+                record["mfu"] = tflops / self.peak
+        return record
 
 
 def memory_stats(device: torch.device) -> dict[str, float]:

@@ -1,22 +1,29 @@
-"""Where downstream clips come from: a CSV manifest, WebDataset shards, or a folder of media files.
+"""Where clips come from: the one reader of every input the commands take.
 
-    manifest.csv   header row; columns `path` (required), `label`, `key`, `audio`, `fold`, `split`,
-                   `speaker`, and any others (kept per clip, e.g. for `--group-by`)
-    shards         a .tar, a folder of *.tar, the manifest.json vaemo-shard writes, a brace pattern or
-                   fsspec URLs (as data.shards); `<key>.json` may hold "label" (int), "class_name",
-                   "speaker", "fold", "split"
-    folder         every video file below it (or, if it has none, every audio file), unlabelled
+    folder         every video file below it (data/media.py's table; or, if it has none, every audio
+                   file); for vaemo-shard every video file
+    manifest.csv   header row; columns `path` (required; relative to the CSV's folder), `label`, `key`,
+                   `audio`, `fold`, `split`, `speaker`, and any others (kept per clip, e.g. for
+                   `--group-by`)
+    shards         a .tar, a folder of *.tar, the manifest.json vaemo-shard writes, a brace pattern, a
+                   comma list or fsspec URLs (as data.shards); `<key>.json` may hold "label" (int),
+                   "class_name", "speaker", "fold", "split"
+
+Two views of the same listing. `media_inputs(spec)`: vaemo-shard's input (a folder or a CSV: the
+files to convert, with the CSV's columns as text). `open_source(spec)`: a `Source` of `Record`s, the
+clips that vaemo-embed, vaemo-predict, the linear probe and fine-tuning read (media files or shard
+samples), with class indices.
 
 Shards given any of these ways are the same records with the same class names: the class names
 (and clip count) come from the manifest.json next to the shards (each shard's folder), else from the
 clips' json "class_name". `Source.metadata()` lists the records without their media bytes (local
 shards: only the json members are read), for start-up checks before anything is decoded.
 
-Manifest paths are relative to the CSV's folder. A row's key is its `key` column, else the file name
-without extension (keys must be unique; split files name clips by key). Labels are class indices
-(0, 1, ...) or class names; names are numbered in sorted order unless `class_names` fixes the order.
-An empty label means "unknown" (-1). In a folder, a clip's key is its path below the folder without
-extension.
+Keys. `open_source`: a CSV row's key is its `key` column, else the file name without extension (keys
+must be unique; split files name clips by key); in a folder, the path below the folder without
+extension. `media_inputs`: `<row number>-<file stem>` (vaemo-shard's keys: unique whatever the names).
+Labels (`open_source`) are class indices (0, 1, ...) or class names; names are numbered in sorted
+order unless `class_names` fixes the order. An empty label means "unknown" (-1).
 
 Audio of a video file comes from a sibling `<stem>.flac`/`.wav` if present, else its own track, or
 from the manifest's `audio` column.
@@ -27,6 +34,8 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,17 +44,93 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vaemo_dist.pretrained import AUDIO_EXTS, VIDEO_EXTS, decode_media
+from vaemo_dist.data import storage
+from vaemo_dist.data.media import AUDIO_EXTS, VIDEO_EXTS, is_audio
+from vaemo_dist.data.shards import MANIFEST_NAME, expand_shards, read_clip_meta, read_shard
 
 log = logging.getLogger(__name__)
 
 MODALITIES = ("av", "video", "audio")
 # Manifest columns (and json keys) with a field of their own in Record; the rest go to Record.fields.
 RECORD_COLUMNS = ("path", "key", "label", "audio", "fold", "split", "speaker", "class_name")
+# Manifest columns with a field of their own in MediaInput; the rest go to MediaInput.extra.
+INPUT_COLUMNS = ("path", "label", "speaker", "id", "description")
 
 
 class SourceError(ValueError):
     pass
+
+
+# --------------------------------------------------------------------------------------------
+# Reading folders and CSV manifests (both views)
+
+
+def media_files(folder: str | Path, exts: tuple[str, ...] = VIDEO_EXTS) -> list[Path]:
+    """The files below `folder` (searched recursively) whose extension is one of `exts`, sorted."""
+    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in exts and p.is_file())
+
+
+def manifest_rows(csv_path: str | Path) -> list[dict[str, str]]:
+    """The rows of a CSV manifest, column names and values stripped, empty cells as "", and `path`
+    made relative to the CSV's folder (an empty path stays empty). Raises SourceError without a
+    `path` column."""
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise SourceError(f"manifest not found: {csv_path}")
+    with csv_path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        columns = [c.strip() for c in reader.fieldnames or []]
+        if "path" not in columns:
+            raise SourceError(f"{csv_path}: a CSV manifest needs a header row with a 'path' column (has "
+                              f"{reader.fieldnames}; and 'label' for training)")
+        rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+    for row in rows:
+        if row.get("path") and not os.path.isabs(row["path"]):
+            row["path"] = str(csv_path.parent / row["path"])
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# vaemo-shard's view: the files to convert
+
+
+@dataclass
+class MediaInput:
+    """One file vaemo-shard converts, with its CSV row's text (label as written, not an index)."""
+
+    path: str
+    key: str
+    label: str = ""
+    speaker: str = ""
+    description: str = ""
+    extra: dict[str, str] = field(default_factory=dict)  # every other non-empty column
+
+
+def _slug(text: str, limit: int = 48) -> str:
+    # Keys must not contain dots (WebDataset splits key and extension at the first one).
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_")[:limit] or "clip"
+
+
+def media_inputs(spec: str | Path) -> list[MediaInput]:
+    """vaemo-shard's input named by a folder (every video file below it) or a CSV manifest (every
+    row, an empty or missing path included: the converter reports it), in a stable order, keyed
+    `<row number>-<file stem>`."""
+    path = Path(spec)
+    if path.is_dir():
+        rows: list[dict[str, str]] = [{"path": str(p)} for p in media_files(path, VIDEO_EXTS)]
+    elif path.is_file() and path.suffix.lower() == ".csv":
+        rows = manifest_rows(path)
+    else:
+        raise SourceError(f"{spec}: expected a folder of videos or a .csv manifest")
+    return [MediaInput(path=row["path"], key=f"{i:07d}-{_slug(Path(row['path']).stem)}",
+                       label=row.get("label", ""), speaker=row.get("speaker") or row.get("id", ""),
+                       description=row.get("description", ""),
+                       extra={k: v for k, v in row.items() if k not in INPUT_COLUMNS and v})
+            for i, row in enumerate(rows)]
+
+
+# --------------------------------------------------------------------------------------------
+# The clips' view: records
 
 
 @dataclass
@@ -75,7 +160,7 @@ class Record:
 class Source:
     """A re-iterable collection of records and what is known about it."""
 
-    kind: str  # "manifest", "shards" or "folder"
+    kind: str  # "manifest", "shards" or "folder" ("files": vaemo-predict's files named one by one)
     spec: str
     records: Callable[[], Iterator[Record]]
     size: int | None = None  # number of records, when known without reading everything
@@ -94,6 +179,7 @@ class Source:
 
 
 def open_source(spec: str | Path, class_names: list[str] | None = None) -> Source:
+    """The clips named by `spec`: a CSV manifest, a folder of media files (without *.tar), or shards."""
     spec = str(spec)
     path = Path(spec)
     if path.suffix.lower() == ".csv":
@@ -101,10 +187,6 @@ def open_source(spec: str | Path, class_names: list[str] | None = None) -> Sourc
     if path.is_dir() and not any(path.glob("*.tar")):
         return _folder_source(path)
     return _shard_source(spec, class_names)
-
-
-# --------------------------------------------------------------------------------------------
-# Manifests
 
 
 def _label_mapping(raw: list[str], class_names: list[str] | None) -> tuple[list[int], list[str]]:
@@ -132,44 +214,33 @@ def _label_mapping(raw: list[str], class_names: list[str] | None) -> tuple[list[
 
 
 def _manifest_source(csv_path: Path, class_names: list[str] | None) -> Source:
-    if not csv_path.is_file():
-        raise SourceError(f"manifest not found: {csv_path}")
-    with csv_path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or "path" not in rows[0]:
-        raise SourceError(f"{csv_path}: needs a header row with a 'path' column (and 'label' for training)")
+    rows = manifest_rows(csv_path)
+    if not rows:
+        raise SourceError(f"{csv_path}: a header row and no clips (one row per clip, with its 'path')")
     base = csv_path.parent
-    labels, names = _label_mapping([r.get("label") or "" for r in rows], class_names)
+    labels, names = _label_mapping([r.get("label", "") for r in rows], class_names)
     records: list[Record] = []
     seen: dict[str, int] = {}
     for i, (row, label) in enumerate(zip(rows, labels)):
-        rel = (row.get("path") or "").strip()
-        if not rel:
+        path = row["path"]
+        if not path:
             raise SourceError(f"{csv_path}, row {i + 2}: empty path")
-        key = (row.get("key") or "").strip() or Path(rel).stem
+        key = row.get("key") or Path(path).stem
         if key in seen:
             raise SourceError(f"{csv_path}: key {key!r} on rows {seen[key] + 2} and {i + 2}; keys must be "
                               "unique (add a 'key' column)")
         seen[key] = i
-        audio = (row.get("audio") or "").strip()
-        fields = {k.strip(): (v or "").strip() for k, v in row.items()
-                  if k and k.strip() not in RECORD_COLUMNS and (v or "").strip()}
-        records.append(Record(key=key, label=label, path=str(base / rel),
+        audio = row.get("audio", "")
+        fields = {k: v for k, v in row.items() if k not in RECORD_COLUMNS and v}
+        records.append(Record(key=key, label=label, path=path,
                               audio_path=str(base / audio) if audio else None,
-                              fold=(row.get("fold") or "").strip() or None,
-                              split=(row.get("split") or "").strip().lower() or None,
-                              speaker=(row.get("speaker") or "").strip() or None, fields=fields))
+                              fold=row.get("fold") or None, split=row.get("split", "").lower() or None,
+                              speaker=row.get("speaker") or None, fields=fields))
     return Source("manifest", str(csv_path), lambda: iter(records), len(records), names)
 
 
-# --------------------------------------------------------------------------------------------
-# Folders of media files
-
-
 def _folder_source(folder: Path) -> Source:
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in VIDEO_EXTS)
-    if not files:  # an audio-only collection
-        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in AUDIO_EXTS)
+    files = media_files(folder, VIDEO_EXTS) or media_files(folder, AUDIO_EXTS)  # else audio-only
     if not files:
         raise SourceError(f"no video ({', '.join(VIDEO_EXTS)}) or audio files below {folder}")
     records = [Record(key=str(p.relative_to(folder).with_suffix("")), path=str(p)) for p in files]
@@ -181,8 +252,6 @@ def _folder_source(folder: Path) -> Source:
 
 
 def _shard_source(spec: str, class_names: list[str] | None) -> Source:
-    from vaemo_dist.data.shards import expand_shards
-
     try:
         urls = expand_shards(spec)
     except Exception as e:  # noqa: BLE001 - ShardError and anything braceexpand raises
@@ -190,8 +259,6 @@ def _shard_source(spec: str, class_names: list[str] | None) -> Source:
     names, size = shard_manifest_info(urls)
 
     def records() -> Iterator[Record]:
-        from vaemo_dist.data.shards import read_shard
-
         for url in urls:
             try:
                 for sample in read_shard(url):
@@ -200,8 +267,6 @@ def _shard_source(spec: str, class_names: list[str] | None) -> Source:
                 log.warning("shard %s could not be read to the end: %s: %s", url, type(e).__name__, e)
 
     def metadata() -> Iterator[Record]:  # samples without a json member have no label: left out
-        from vaemo_dist.data.shards import read_clip_meta
-
         for url in urls:
             try:
                 for key, meta in read_clip_meta(url):
@@ -218,9 +283,6 @@ def shard_manifest_info(urls: list[str]) -> tuple[list[str], int | None]:
     """(class names, clip count) of shards from the vaemo-shard / synthetic-corpus manifest.json in
     their folder(s): the same whether the shards were named by folder, manifest, pattern or URL.
     The count is None unless the manifests list every one of `urls` with its sample count."""
-    from vaemo_dist.data import storage
-    from vaemo_dist.data.shards import MANIFEST_NAME
-
     names: list[str] = []
     counts: dict[str, int] = {}
     folders = list(dict.fromkeys(url.rsplit("/", 1)[0] if "/" in url else "." for url in urls))
@@ -275,6 +337,7 @@ def _shard_record(sample: dict[str, Any], meta: Any = None) -> Record:
 def decode_record(record: Record, inputs: Any, modality: str = "av") -> tuple[torch.Tensor | None,
                                                                             torch.Tensor | None]:
     """Model inputs of one record for `modality` ("av", "video" or "audio"); raises DecodeError."""
+    from vaemo_dist.data.decode_files import decode_media
     from vaemo_dist.data.decode_pyav import decode_sample
     from vaemo_dist.data.types import DecodeError
 
@@ -286,7 +349,7 @@ def decode_record(record: Record, inputs: Any, modality: str = "av") -> tuple[to
         return (clip.video if want_video else None), (clip.audio if want_audio else None)
     assert record.path is not None
     path = Path(record.path)
-    if want_video and path.suffix.lower() in AUDIO_EXTS:
+    if want_video and is_audio(path):
         raise DecodeError(record.key, f"{path.name} is an audio file: use modality 'audio'")
     audio = (record.audio_path or path) if want_audio else None
     return decode_media(path if want_video else None, audio, inputs)

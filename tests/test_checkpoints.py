@@ -1,0 +1,115 @@
+"""vaemo_dist.checkpoints, the one reader of checkpoints and exports: what `resolve` makes of each way of
+naming a checkpoint, how the kinds of folder are told apart, and reading an export. Consolidating real
+DeepSpeed checkpoints is tested in tests/export (every ZeRO stage) and tests/integration (TP)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from vaemo_dist import checkpoints
+from vaemo_dist.checkpoints import (
+    CheckpointError,
+    ExportError,
+    NotACheckpointError,
+    describe_folder,
+    is_checkpoint,
+    is_export,
+    read_export,
+    resolve,
+)
+from vaemo_dist.config import load_config
+from vaemo_dist.model.vaemo import VAEmoModel, is_decoder_key
+
+
+def _run(tmp_path, steps=(2, 4)):
+    """A run folder with step folders (DeepSpeed model states) and `latest` naming the last."""
+    ckpts = tmp_path / "run" / "checkpoints"
+    for step in steps:
+        folder = ckpts / f"step_{step:08d}"
+        folder.mkdir(parents=True)
+        (folder / "mp_rank_00_model_states.pt").write_bytes(b"")
+    (ckpts / "latest").write_text(f"step_{steps[-1]:08d}\n")
+    return ckpts
+
+
+def test_every_way_of_naming_a_checkpoint_resolves_to_its_step_folder(tmp_path):
+    ckpts = _run(tmp_path)
+    newest, older = ckpts / "step_00000004", ckpts / "step_00000002"
+    for given in (newest, ckpts / "latest", ckpts, ckpts.parent, str(ckpts.parent)):
+        assert resolve(given) == newest, given
+    assert resolve(older) == older  # a step folder is itself, whatever `latest` says
+    # The run's own `train.resume`: the word "latest" in its checkpoints folder, None before the first.
+    assert resolve("latest", ckpts) == newest
+    assert resolve("latest", tmp_path / "fresh" / "checkpoints") is None
+    assert resolve(older, ckpts) == older
+
+
+def test_what_is_not_a_checkpoint_is_refused_saying_what_it_is(tmp_path):
+    ckpts = _run(tmp_path)
+    with pytest.raises(CheckpointError, match="checkpoint folder not found"):
+        resolve(tmp_path / "missing")
+    (ckpts / "latest").write_text("step_00000099")  # a pointer to a folder that is gone
+    with pytest.raises(CheckpointError, match="step_00000099"):
+        resolve(ckpts)
+    with pytest.raises(CheckpointError, match="step_00000099"):
+        resolve("latest", ckpts)
+    described = tmp_path / "described"
+    described.mkdir()
+    (described / "descriptions.jsonl").write_text("{}\n")
+    with pytest.raises(NotACheckpointError, match=r"is a described set \(vaemo-describe output\)"):
+        resolve(described)
+    (tmp_path / "bare-run" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(NotACheckpointError, match="a run folder without checkpoints"):
+        resolve(tmp_path / "bare-run")
+
+
+def test_the_old_names_still_resolve(tmp_path):
+    """train.checkpoint.resolve / LATEST / CheckpointError are the reader's, imported for older code."""
+    from vaemo_dist.train import checkpoint as train_checkpoint
+
+    ckpts = _run(tmp_path)
+    assert train_checkpoint.resolve(train_checkpoint.LATEST, ckpts) == ckpts / "step_00000004"
+    assert train_checkpoint.CheckpointError is CheckpointError
+    assert issubclass(ExportError, CheckpointError)
+
+
+def _export(tmp_path, with_decoder=False):
+    from vaemo_dist.export import save_pretrained
+
+    cfg = load_config(None, ["inputs.video.frames=4", "inputs.video.size=32", "inputs.audio.frames=32",
+                             "model.depth=1", "model.decoder_depth=1"])
+    torch.manual_seed(0)
+    state = VAEmoModel(cfg.model, cfg.inputs).state_dict()
+    weights = {k: v for k, v in state.items() if with_decoder or not is_decoder_key(k)}
+    return save_pretrained(tmp_path / "export", weights, cfg, source={"checkpoint": "/x", "step": 3}), weights
+
+
+def test_an_export_is_told_apart_and_read_back(tmp_path):
+    folder, weights = _export(tmp_path)
+    assert is_export(folder) and not is_checkpoint(folder)
+    assert describe_folder(folder) == "an export (made by vaemo-export from /x at step 3, stage 1)"
+    with pytest.raises(NotACheckpointError, match="is an export"):
+        resolve(folder)
+    export = read_export(folder)
+    assert export.stage == 1 and export.text_head is None and export.folder == folder
+    state = export.model.state_dict()
+    assert set(state) == set(weights)  # no decoder in the export: none in the model
+    assert all(torch.equal(state[k], v) for k, v in weights.items())
+    assert not any(p.requires_grad for p in export.model.parameters())
+
+
+def test_a_broken_export_is_refused(tmp_path):
+    folder, _ = _export(tmp_path)
+    config = json.loads((folder / checkpoints.CONFIG).read_text())
+    (folder / checkpoints.CONFIG).write_text(json.dumps({**config, "format": "other"}))
+    with pytest.raises(ExportError, match="format 'other'"):
+        read_export(folder)
+    config["model"]["depth"] = 2
+    (folder / checkpoints.CONFIG).write_text(json.dumps(config))
+    with pytest.raises(ExportError, match="does not fit the architecture"):
+        read_export(folder)
+    with pytest.raises(ExportError, match="is not an exported model"):
+        read_export(tmp_path)
