@@ -1,4 +1,5 @@
-"""Downstream protocols on a pretrained export: linear probe and full fine-tuning, per fold.
+"""Downstream protocols on a pretrained export: the linear probe, and the folds, clips, evaluation and
+reports that fine-tuning (vaemo_dist/stages/finetune.py) uses.
 
     python launchers/finetune.py --mode probe --pretrained EXPORT --data manifest.csv --splits folds.csv
     deepspeed --num_gpus 2 launchers/finetune.py --mode finetune --pretrained EXPORT --data manifest.csv \
@@ -27,10 +28,11 @@ finetune: every labelled training clip is written once, at the training resoluti
 there by the shard writer's encoder, vaemo_dist/data/writer.py, at its own frame rate; smaller ones
 and all audio keep their bytes, except audio from a video's own track, which becomes 16-bit FLAC;
 the ranks share the work). Per fold, its training clips are copied from there into
-`<out>/fold_<f>/train_shards/` (every tar written under a temporary name, then renamed), the
-classifier (objectives/finetune.py) trains through the same DeepSpeed Trainer as pretraining
-(`<out>/fold_<f>/` holds its checkpoints and metrics.jsonl), and the final checkpoint, consolidated
-like an export, is evaluated on the fold's original test clips by all ranks.
+`<out>/fold_<f>/train_shards/` (through the one shard writer, data/shards.ShardWriter). The training
+itself is the fine-tuning stage (vaemo_dist/stages/finetune.py: the classifier of
+objectives/finetune.py through the same DeepSpeed Trainer as pretraining, `<out>/fold_<f>/` holding
+its checkpoints and metrics.jsonl); this module gives it the folds, the clips, the evaluation of the
+consolidated final checkpoint on the fold's original test clips and the reports.
 The trainer's config comes from `--config` (default configs/finetune/tiny.yaml) and dotted
 overrides; the `model` and `inputs` sections always come from the export.
 """
