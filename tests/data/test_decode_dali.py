@@ -24,6 +24,16 @@ from vaemo_dist.data.types import DecodeError, DecodeLimits  # noqa: E402
 DB_PER_NEPER = 10.0 / math.log(10.0)
 
 
+@pytest.fixture(autouse=True)
+def pyav_reads_chroma_as_dali_does(monkeypatch):
+    """DALI's decoder reads every 4:2:0 stream as centre-sited (it has no siting option), while PyAV
+    honours the stream's left siting (issue 18). The parity tests here compare everything else, so
+    PyAV is told to read as DALI does; the siting gap itself is measured in tests/data/test_colour.py."""
+    import vaemo_dist.data.decode_pyav as decode_pyav
+    monkeypatch.setattr(decode_pyav, "DEFAULT_CHROMA_SITING", {"chroma_sample_location": "center"})
+    monkeypatch.setattr(decode_pyav, "_records_siting", lambda data: False)
+
+
 def small_inputs(frames=4, stride=4, size=32, audio_frames=64) -> InputConfig:
     inputs = InputConfig()
     inputs.video.frames, inputs.video.stride, inputs.video.size = frames, stride, size

@@ -63,6 +63,21 @@ FORMAT_VERSION = 1
 _LATER_FIELDS = {"cues": "all"}
 CUES = ("all", "dynamics")
 BITEXACT = {"fflags": "+bitexact"}
+# Colour tags every video stream we write carries (issue 18): BT.601 matrix, limited ("tv") range and
+# left-sited 4:2:0 chroma (the MPEG-2/H.264 convention, which swscale's yuv420p output follows). Without
+# them a WebM records no chroma siting and decoders read VP9 chroma as centre-sited: fringes at colour
+# edges (mean ~4/255, max ~76/255 on colour bars).
+COLOUR_TAGS = {"color_range": av.video.reformatter.ColorRange.MPEG,
+               "colorspace": av.video.reformatter.Colorspace.ITU601}
+CHROMA_SITING = {"chroma_sample_location": "left"}  # an AVCodecContext option: PyAV has no attribute
+
+
+def tag_colour(stream: av.video.stream.VideoStream) -> None:
+    """Record colour range, matrix and chroma siting on an output video stream (before encoding)."""
+    ctx = stream.codec_context
+    for name, value in COLOUR_TAGS.items():
+        setattr(ctx, name, value)
+    stream.options = {**dict(stream.options or {}), **CHROMA_SITING}
 WRITER = "synthetic corpus"  # the owner recorded in the folder (fsutil.claim_output_dir)
 CLASS_NAMES = ["neutral", "happy", "sad", "angry", "fearful", "surprised", "disgusted", "calm"]
 
@@ -113,6 +128,7 @@ def encode_video(frames: np.ndarray, fps: int = FPS, codec: str = "h264",
                               "crf": str(32 if quality is None else quality)}
         stream.width, stream.height = width, height
         stream.pix_fmt = "yuv420p"
+        tag_colour(stream)
         # One encoder thread: clips are tiny, parallelism comes from worker processes, and a
         # single thread keeps the bitstream reproducible.
         stream.codec_context.thread_count = 1

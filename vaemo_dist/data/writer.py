@@ -55,7 +55,7 @@ from tqdm import tqdm
 from vaemo_dist.data import storage
 from vaemo_dist.data.shards import MANIFEST_NAME, ShardWriter
 from vaemo_dist.data.sources import MediaInput, media_inputs
-from vaemo_dist.data.synth import BITEXACT
+from vaemo_dist.data.synth import BITEXACT, COLOUR_TAGS, tag_colour
 from vaemo_dist.fsutil import FolderInUseError, claim_output_dir, folder_owner, move_aside, refusal
 from vaemo_dist.startup import entry_point, fail
 
@@ -155,10 +155,14 @@ def encode_video(path: str, opts: ShardOptions) -> tuple[bytes, int, float, int,
             outs.options = {"preset": opts.preset, "crf": str(opts.crf)}
         else:
             outs.options = {"deadline": "good", "cpu-used": "4", "b": "0", "crf": str(opts.crf)}
+        tag_colour(outs)  # BT.601, tv range, left-sited chroma: what the yuv420p frames below hold
 
         def emit(frame: av.VideoFrame) -> None:
             nonlocal written
-            out = frame.reformat(width=width, height=height, format="yuv420p", interpolation="AREA")
+            # Into the tagged matrix and range whatever the source's (a BT.709 or full-range source).
+            out = frame.reformat(width=width, height=height, format="yuv420p", interpolation="AREA",
+                                 dst_colorspace=COLOUR_TAGS["colorspace"],
+                                 dst_color_range=COLOUR_TAGS["color_range"])
             out.pts, out.time_base = written, Fraction(1, opts.fps)  # our own clock, not the source's
             dst.mux(outs.encode(out))
             written += 1
