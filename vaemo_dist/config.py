@@ -103,6 +103,9 @@ class DataConfig:
     max_skip_fraction: float = 0.1  # fail if more than this fraction of samples is undecodable
     s3_endpoint: str = ""  # S3 endpoint URL; "" = AWS_ENDPOINT_URL or AWS. Credentials: AWS env/profile
     io_retries: int = 10  # botocore attempts per storage request (then reopen-and-seek with backoff)
+    # Total budget of one storage operation (botocore retries and our reopens together): a store that
+    # does not answer within it ends the run with one line naming the URL and the endpoint.
+    io_timeout_s: float = 300.0
     log_keys: str = ""  # debug: a folder; each rank appends the keys it trains on to keys-rank<R>.txt
     # Global batch (all data-parallel ranks x grad_accum); 0: not set. When set, it must equal
     # batch_size x grad_accum x data-parallel size, checked before any process group starts.
@@ -557,6 +560,7 @@ def validate(cfg: Config) -> None:
     _check(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     _check(cfg.data.dali_threads >= 0, "data.dali_threads", "must be >= 0")
     _check(cfg.data.io_retries >= 1, "data.io_retries", "must be >= 1")
+    _check(cfg.data.io_timeout_s > 0, "data.io_timeout_s", "must be > 0")
     _check(0.0 <= cfg.data.max_skip_fraction <= 1.0, "data.max_skip_fraction", "must be in [0, 1]")
     _check(cfg.data.global_batch_size >= 0, "data.global_batch_size", "must be >= 0 (0: not set)")
     _check(cfg.data.decode_timeout_s > 0, "data.decode_timeout_s", "must be > 0")

@@ -96,6 +96,14 @@ def overwrite_run_folder(cfg: Config, rank: int, local_rank: int) -> Path | None
     return moved
 
 
+def _resume_hint(cfg: Config) -> str:
+    latest = run_folder(cfg) / "checkpoints" / "latest"
+    if latest.is_file():
+        return (f"Last complete checkpoint: {latest.parent / latest.read_text().strip()}; relaunch the same "
+                "command with --resume latest once the store answers")
+    return "No complete checkpoint yet"
+
+
 def run_stage(stage: type[Stage], argv: list[str] | None = None) -> NoReturn:
     """Launch one run of `stage` (a Stage class) from the command line `argv` (default sys.argv):
 
@@ -127,16 +135,20 @@ def run_stage(stage: type[Stage], argv: list[str] | None = None) -> NoReturn:
     if problem:
         refuse(problem)
     job = stage(cfg)
-    try:  # the stage's own start-up checks (its data and folders), before any work
+    from vaemo_dist.data.storage import StorageError, message
+
+    try:  # the stage's own start-up checks (its data, its store and folders), before any work
         job.check()
     except ConfigError as e:
         refuse(f"config error: {e}")
     except FolderInUseError as e:
         refuse(str(e))
+    except StorageError as e:  # credentials, bucket, endpoint: one line, once per job
+        refuse(message(e))
 
     from vaemo_dist.watchdog import PeerWatch, describe_failure
 
-    exit_code, watch = 0, None
+    exit_code, watch, training = 0, None, False
     try:
         info = dist.init_distributed(cfg.train.dist_timeout_s, cfg.parallel.tensor)
         overwrite_run_folder(cfg, info.rank, info.local_rank)  # train.overwrite=true: the old run aside
@@ -149,6 +161,7 @@ def run_stage(stage: type[Stage], argv: list[str] | None = None) -> NoReturn:
         configure_from(cfg.data)  # endpoint and retries for s3:// shards
         urls = job.shards()
         check_shards_reachable(urls)  # wrong credentials or endpoint: a clear error now, not mid-run
+        training = True
         final = train(job, info, urls, watch=watch)
         if info.is_main:
             log.info("%s finished: %s", stage.name, {k: round(v, 5) for k, v in final.items()})
@@ -158,6 +171,15 @@ def run_stage(stage: type[Stage], argv: list[str] | None = None) -> NoReturn:
     except FolderInUseError as e:  # a writer refused a folder of the user's
         log.error("%s: %s", stage.name, e)
         exit_code = 2
+    except StorageError as e:  # the store: one line, no traceback, no peer-death companions
+        if watch is not None:
+            watch.stop()
+        if training:  # mid-run: the store went away and did not come back within data.io_timeout_s
+            log.error("%s: %s. %s", stage.name, message(e), _resume_hint(cfg))
+            exit_code = 1
+        else:
+            say(f"{stage.name}: {message(e)}")
+            exit_code = 2
     except Exception as e:  # noqa: BLE001 - report and leave with a non-zero code instead of hanging peers
         log.error("%s failed on rank %d:\n%s", stage.name, rank, traceback.format_exc())
         peer_trouble = describe_failure(watch, e)

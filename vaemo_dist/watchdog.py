@@ -180,6 +180,8 @@ class PeerWatch:
 
 def describe_failure(watch: PeerWatch | None, error: BaseException) -> str:
     """A report for an exception that may come from a lost or hung peer; '' if it does not look like one."""
+    if any(c.__name__ == "StorageError" for c in type(error).__mro__):
+        return ""  # the object store, not a peer: its own one-line message says what happened
     text = f"{type(error).__name__}: {error}"
     lowered = text.lower()
     signs = ("gloo", "nccl", "timed out", "timeout", "connection", "peer", "distbackenderror")

@@ -186,3 +186,132 @@ def test_secrets_never_reach_logs_configs_or_the_run_folder(s3, corpus, tmp_path
         leaked = [p for p in files if secret.encode() in p.read_bytes()]
         assert not leaked, f"{name} written to {leaked}"
     assert MASK not in output(proc)  # nothing even tried to log one
+
+
+# ---- one storage failure policy: start-up errors are one line per job, a dead store ends the run in time
+
+BUDGET_S = 5
+COMPANIONS = ("a collective failed", "a peer process died", "all ranks on this host are running")
+
+
+def upload_manifest(urls, prefix):
+    """A vaemo-shard manifest.json beside the shards of `urls` (which sit in `prefix`)."""
+    import json
+
+    names = [u.rsplit("/", 1)[1] for u in urls]
+    storage.filesystem("s3").pipe_file(f"{prefix}/manifest.json", json.dumps({"shards": names}).encode())
+    return f"s3://{prefix}/manifest.json"
+
+
+def one_line_failure(out: str, needle: str) -> str:
+    """The single line of `out` holding `needle`; no traceback, no peer-death companions."""
+    lines = [line for line in out.splitlines() if needle in line]
+    assert len(lines) == 1, out[-4000:]
+    assert "Traceback" not in out and not any(c in out for c in COMPANIONS), out[-4000:]
+    return lines[0]
+
+
+def test_unreachable_endpoint_behind_a_manifest_fails_at_start_within_the_budget(tmp_path):
+    """No server at all (port 1): both ranks give up within data.io_timeout_s, rank 0 says it once."""
+    url = "s3://b/p/manifest.json"
+    started = time.monotonic()
+    proc = run_stage1(tmp_path / "run", url, 2, f"data.io_timeout_s={BUDGET_S}", "train.steps=2",
+                      env={"AWS_ENDPOINT_URL": "http://127.0.0.1:1", "AWS_ACCESS_KEY_ID": "k",
+                           "AWS_SECRET_ACCESS_KEY": S3_SECRET}, timeout=120)
+    took = time.monotonic() - started
+    out = output(proc)
+    line = one_line_failure(out, "did not answer")
+    assert proc.returncode == 2, out[-3000:]
+    assert line.startswith(f"cannot read the shard manifest: {url}: the store at http://127.0.0.1:1 did not "
+                           f"answer within data.io_timeout_s={BUDGET_S} s"), line
+    print(f"unreachable endpoint behind a manifest: exit {proc.returncode} after {took:.1f}s "
+          f"(budget {BUDGET_S}s + launch)")
+    assert took < BUDGET_S + 60
+
+
+def test_wrong_credentials_behind_a_manifest_are_one_line(s3, corpus, tmp_path):
+    urls, _ = corpus
+    url = upload_manifest(urls, f"{BUCKET}/clean")
+    secret = "definitely-not-the-secret"
+    proc = run_stage1(tmp_path / "run", url, 2, f"data.io_timeout_s={BUDGET_S}", "train.steps=2",
+                      env={**s3.env(), "AWS_SECRET_ACCESS_KEY": secret}, timeout=120)
+    out = output(proc)
+    line = one_line_failure(out, "access denied")
+    assert proc.returncode == 2, out[-3000:]
+    assert line.startswith(f"cannot read the shard manifest {url}: access denied"), line
+    assert line.count("Check the credentials") == 1 and line.count(url) == 1, line
+    assert s3.endpoint in line and secret not in out
+
+
+def test_a_missing_bucket_says_so(s3):
+    from vaemo_dist.data.shards import expand_shards
+
+    storage.configure(io_timeout_s=BUDGET_S)
+    try:
+        with pytest.raises(storage.StorageError) as info:
+            expand_shards("s3://no-such-bucket/p/manifest.json")
+        msg = str(info.value)
+        assert msg == (f"cannot read the shard manifest: s3://no-such-bucket/p/manifest.json: no bucket "
+                       f"'no-such-bucket' at {s3.endpoint} (check the bucket name and the endpoint)"), msg
+        with pytest.raises(storage.StorageError, match="no bucket 'no-such-bucket'"):
+            storage.check_shards_reachable(["s3://no-such-bucket/a.tar"])
+        # The bucket is there, the manifest is not: said as such.
+        with pytest.raises(Exception, match=f"s3://{BUCKET}/nothing/manifest.json: not found"):
+            expand_shards(f"s3://{BUCKET}/nothing/manifest.json")
+    finally:
+        storage.configure(retries=10, io_timeout_s=300.0)
+
+
+def test_a_store_that_dies_mid_run_ends_the_run_within_the_budget(corpus, tmp_path_factory, tmp_path):
+    """A second server, killed during training and not restarted: the run ends within data.io_timeout_s
+    (plus the launch's own shutdown) with one line naming the store, and its last checkpoint resumes."""
+    _, root = corpus
+    server = LocalS3(tmp_path_factory.mktemp("seaweedfs-dies"), secret_key=S3_SECRET)
+    server.start()
+    try:
+        with s3_environment(server):
+            server.create_bucket(BUCKET)
+            fs = storage.filesystem("s3")
+            for path in sorted(root.glob("shard-*.tar")):
+                fs.put_file(str(path), f"{BUCKET}/dies/{path.name}")
+        url = f"s3://{BUCKET}/dies/shard-{{000000..{N_SHARDS - 1:06d}}}.tar"
+        run_dir = tmp_path / "run"
+        from tests.launching import run_env, stage1_command
+
+        cmd = stage1_command(run_dir, url, 1, f"data.io_timeout_s={BUDGET_S}", "train.steps=100000",
+                             "train.ckpt_every=2", "inputs.video.size=32")
+        proc = subprocess.Popen(cmd, cwd=REPO, env=run_env(**server.env()), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        latest = run_dir / "checkpoints" / "latest"
+        deadline = time.monotonic() + 240
+        while not latest.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert latest.exists(), proc.communicate(timeout=30)[0][-3000:] if proc.poll() is not None else "slow"
+        killed = time.monotonic()
+        server.stop()  # SIGTERM, then waits for the server to go (a few seconds), counted in `took`
+        try:
+            out = proc.communicate(timeout=BUDGET_S + 120)[0]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        took = time.monotonic() - killed
+        print(f"store killed mid-run: exit {proc.returncode} {took:.1f}s later (budget {BUDGET_S}s)")
+        assert proc.returncode != 0
+        line = one_line_failure(out, "did not answer within")
+        assert f"the store at {server.endpoint} did not answer within data.io_timeout_s={BUDGET_S} s" in line
+        assert f"s3://{BUCKET}/dies/shard-" in line and "--resume latest" in line, line
+        assert took < BUDGET_S + 45, took
+        ckpt = latest.read_text().strip()
+        assert (run_dir / "checkpoints" / ckpt).is_dir()
+
+        # The store comes back: the run resumes from that checkpoint.
+        server.start()
+        step = int("".join(ch for ch in ckpt if ch.isdigit()) or 0)
+        resumed = run_stage1(run_dir, url, 1, "--resume", "latest", f"train.steps={step + 1}",
+                             "train.ckpt_every=2", "inputs.video.size=32", env=server.env())
+        assert resumed.returncode == 0, output(resumed)[-3000:]
+        resumed_at = [line for line in output(resumed).splitlines() if "resum" in line.lower()]
+        print(line, *resumed_at, sep="\n")
+        assert any(ckpt in line for line in resumed_at), output(resumed)[-3000:]
+    finally:
+        server.stop()

@@ -167,11 +167,26 @@ def expand_shards(spec: str, key: str = "data.shards") -> list[str]:
 def shards_from_manifest(url: str) -> list[str]:
     """The shard URLs a `vaemo-shard` manifest lists, resolved next to the manifest (for `<dir>/manifest.json`
     the same strings as listing `<dir>` gives)."""
+    prefix = f"cannot read the shard manifest {storage.redact(url)}"
     try:
-        manifest = json.loads(storage.read_bytes(url))
+        raw = storage.read_bytes(url)
+    except storage.StoreUnavailable as e:  # already one line naming the URL and the endpoint
+        raise storage.StoreUnavailable(f"cannot read the shard manifest: {e}") from None
+    except FileNotFoundError:
+        if storage.is_remote(url):
+            storage.check_bucket(url, "cannot read the shard manifest")  # a missing bucket says so
+        raise ShardError(f"{prefix}: not found") from None
+    except OSError as e:
+        # RetryingReader's errors already name the URL and give the hint; others get them here.
+        text = str(e) if storage.redact(url) in str(e) else storage.describe_error(url, e)
+        text = text.removeprefix(f"{storage.redact(url)}: ")
+        error = storage.StorageError if storage.is_remote(url) else ShardError
+        raise error(f"{prefix}: {text}") from None
+    try:
+        manifest = json.loads(raw)
         names = manifest["shards"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ShardError(f"cannot read the shard manifest: {storage.describe_error(url, e)}") from e
+    except (ValueError, KeyError, TypeError) as e:
+        raise ShardError(f"{prefix}: not a vaemo-shard manifest ({type(e).__name__}: {e})") from None
     base = url[: -len(MANIFEST_NAME)]
     return [base + name for name in names]
 
@@ -434,6 +449,8 @@ def _read(url: str, skip: int, stride: int, offset: int,
             if i < skip or i % stride != offset:
                 continue
             yield i, sample
+    except storage.StoreUnavailable:
+        raise  # the store itself is gone: every other shard lives there too, so the run ends
     except Exception as e:  # noqa: BLE001 - any read failure of one shard is reported, not fatal
         trouble = ShardTrouble(url, n_read, f"{type(e).__name__}: {e}")
         log.warning("shard %s failed after %d samples: %s", storage.redact(url), n_read, trouble.error)

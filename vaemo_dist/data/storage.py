@@ -2,10 +2,13 @@
 
 * One filesystem object per protocol and process, made on first use. s3fs keeps an event-loop
   thread and open connections that do not survive a fork, so every DataLoader worker builds its own.
-* Two layers of retries. botocore retries each request (`standard` mode, `retries` attempts), which
-  rides out short outages; `RetryingReader` then reopens the object at the byte it had reached, with
-  exponential backoff, when a read still fails (a longer server restart), and finally raises
-  `StorageError` naming the URL. Missing objects and refused credentials are not retried.
+* Two layers of retries under one time budget. botocore retries each request (`standard` mode,
+  `retries` attempts), which rides out short outages; `RetryingReader` then reopens the object at the
+  byte it had reached, with exponential backoff, when a read still fails (a longer server restart).
+  Both share `io_timeout_s` (`data.io_timeout_s`): an operation that has not succeeded within it,
+  counted from its start, raises `StoreUnavailable`, one line naming the URL and the endpoint. A call
+  still inside botocore at the deadline is abandoned (it runs in a daemon thread). Missing objects and
+  refused credentials are not retried.
 * Credentials come from the usual AWS chain (environment, `~/.aws` profile, instance role); the
   endpoint from `data.s3_endpoint`, else `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL`. Messages carry
   URLs with any query string and user info removed, never keys or signatures.
@@ -17,6 +20,7 @@ import contextlib
 import io
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -37,11 +41,17 @@ class StorageError(OSError):
     """A shard location that cannot be read; the message names the URL (redacted)."""
 
 
+class StoreUnavailable(StorageError):
+    """The store did not answer within `io_timeout_s`: fatal for the run (every other shard lives there
+    too), not a bad shard to skip."""
+
+
 @dataclass(frozen=True)
 class StorageSettings:
     endpoint: str = ""  # S3 endpoint URL; "" = AWS_ENDPOINT_URL(_S3) or AWS itself
     retries: int = 10  # botocore attempts per request
-    reopen_attempts: int = 6  # our reopen-and-seek attempts after botocore gave up
+    reopen_attempts: int = 1000  # our reopen-and-seek attempts after botocore gave up (the budget ends first)
+    io_timeout_s: float = 300.0  # the total budget of one operation, retries and reopens included
     backoff_s: float = 0.5  # first wait before a reopen; doubles each time
     max_backoff_s: float = 10.0
     # Bytes fetched per request. Small enough that a shard streams in several requests (memory,
@@ -62,7 +72,8 @@ def configure(settings: StorageSettings | None = None, **changes: Any) -> Storag
 
 def configure_from(data: Any) -> StorageSettings:
     """Apply the storage keys of a `DataConfig` (s3_endpoint, io_retries) to this process."""
-    return configure(endpoint=data.s3_endpoint, retries=data.io_retries)
+    return configure(endpoint=data.s3_endpoint, retries=data.io_retries,
+                     io_timeout_s=getattr(data, "io_timeout_s", _settings.io_timeout_s))
 
 
 def reset() -> None:
@@ -106,8 +117,11 @@ def filesystem(protocol: str) -> fsspec.AbstractFileSystem:
         if protocol in ("s3", "s3a"):
             import s3fs
 
+            # No single attempt may outlast the budget (botocore's defaults are 60 s each).
+            attempt_s = max(1.0, min(60.0, _settings.io_timeout_s))
             kwargs: dict[str, Any] = {
-                "config_kwargs": {"retries": {"max_attempts": _settings.retries, "mode": "standard"}},
+                "config_kwargs": {"retries": {"max_attempts": _settings.retries, "mode": "standard"},
+                                  "connect_timeout": attempt_s, "read_timeout": attempt_s},
                 "default_block_size": _settings.block_size,
                 "skip_instance_cache": True,  # fsspec's shared cache would hand a forked child our loop
             }
@@ -146,6 +160,83 @@ def describe_error(url: str, e: BaseException) -> str:
     return f"{redact(url)}: {what}"
 
 
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def message(e: BaseException) -> str:
+    """The one-line message of a storage error, also when a DataLoader worker re-raised it (torch puts
+    the worker's traceback into the message; the original message is its last line)."""
+    text = str(e)
+    if "Original Traceback" in text:
+        text = [line for line in text.splitlines() if line.strip()][-1]
+        head, sep, rest = text.partition(": ")
+        if sep and " " not in head:  # "vaemo_dist.data.storage.StoreUnavailable: <message>"
+            text = rest
+    return _one_line(text)
+
+
+def unavailable(url: str, what: str, budget: float, last: BaseException | None) -> StoreUnavailable:
+    """The one-line error for a store that did not answer within the budget."""
+    where = endpoint() or ("AWS" if url.startswith(("s3://", "s3a://")) else "its server")
+    cause = (f"; last error: {type(last).__name__}: {_one_line(str(last))}" if last is not None
+             else "; no answer yet")
+    return StoreUnavailable(f"{redact(url)}: the store at {where} did not answer within data.io_timeout_s="
+                            f"{budget:g} s ({what}{cause})")
+
+
+class _NoAnswer(Exception):
+    """An action still running when the budget ended."""
+
+
+def _call(action: Any, timeout: float) -> Any:
+    """`action()`, given up (left running in a daemon thread) after `timeout` seconds."""
+    if timeout <= 0:
+        raise _NoAnswer
+    box: dict[str, Any] = {}
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            box["value"] = action()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            box["error"] = e
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="vaemo-storage-call", daemon=True).start()
+    if not done.wait(timeout):
+        raise _NoAnswer
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def within_budget(url: str, action: Any, what: str, on_failure: Any = None) -> Any:
+    """Run `action()` until it succeeds, retrying transient failures with backoff, within
+    `io_timeout_s` from now; then `StoreUnavailable`. Permanent errors (missing, refused) are raised
+    as they are. `on_failure(error, wait)` is told of each retry (after it, the action starts afresh)."""
+    budget = _settings.io_timeout_s
+    deadline = time.monotonic() + budget
+    last: BaseException | None = None
+    for attempt in range(_settings.reopen_attempts + 1):
+        try:
+            return _call(action, deadline - time.monotonic())
+        except _NoAnswer:
+            raise unavailable(url, what, budget, last) from last
+        except PERMANENT:
+            raise
+        except Exception as e:  # noqa: BLE001 - network failures come in many types; retry them all
+            last = e
+            wait = min(_backoff(attempt), deadline - time.monotonic())
+            if wait <= 0 or attempt == _settings.reopen_attempts:
+                raise unavailable(url, f"{what}, {attempt + 1} attempts", budget, e) from e
+            if on_failure is not None:
+                on_failure(e, wait)
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
 class RetryingReader(io.RawIOBase):
     """A read-only stream over a remote object that survives transient failures.
 
@@ -168,21 +259,15 @@ class RetryingReader(io.RawIOBase):
         return f
 
     def _retry(self, action: Any, what: str) -> Any:
-        for attempt in range(_settings.reopen_attempts + 1):
-            try:
-                return action()
-            except PERMANENT as e:
-                raise type(e)(describe_error(self.url, e)) from e
-            except Exception as e:  # noqa: BLE001 - network failures come in many types; retry them all
-                if attempt == _settings.reopen_attempts:
-                    raise StorageError(f"{describe_error(self.url, e)} (gave up after {attempt} reopen "
-                                       f"attempts at byte {self._offset})") from e
-                wait = _backoff(attempt)
-                log.warning("%s: %s failed at byte %d (%s: %s); reopening in %.1fs", redact(self.url), what,
-                            self._offset, type(e).__name__, e, wait)
-                self._close_file()  # the next attempt opens afresh and seeks back to the offset
-                time.sleep(wait)
-        raise AssertionError("unreachable")
+        def reopen(e: BaseException, wait: float) -> None:
+            log.warning("%s: %s failed at byte %d (%s: %s); reopening in %.1fs", redact(self.url), what,
+                        self._offset, type(e).__name__, e, wait)
+            self._close_file()  # the next attempt opens afresh and seeks back to the offset
+
+        try:
+            return within_budget(self.url, action, f"{what} at byte {self._offset}", reopen)
+        except PERMANENT as e:
+            raise type(e)(describe_error(self.url, e)) from e
 
     def _close_file(self) -> None:
         if self._file is not None:
@@ -224,19 +309,15 @@ def read_bytes(url: str) -> bytes:
 
 
 def _retrying(url: str, action: Any, what: str) -> Any:
-    """Run `action()` (a whole-object operation), retrying transient failures with backoff."""
-    for attempt in range(_settings.reopen_attempts + 1):
-        try:
-            return action()
-        except PERMANENT as e:
-            raise StorageError(describe_error(url, e)) from e
-        except Exception as e:  # noqa: BLE001 - see RetryingReader._retry
-            if attempt == _settings.reopen_attempts:
-                raise StorageError(f"{describe_error(url, e)} ({what} gave up after {attempt} retries)"
-                                   ) from e
-            log.warning("%s: %s failed (%s: %s); retrying", redact(url), what, type(e).__name__, e)
-            time.sleep(_backoff(attempt))
-    raise AssertionError("unreachable")
+    """Run `action()` (a whole-object operation), retrying transient failures with backoff, within
+    the budget."""
+    def retrying(e: BaseException, wait: float) -> None:
+        log.warning("%s: %s failed (%s: %s); retrying", redact(url), what, type(e).__name__, e)
+
+    try:
+        return within_budget(url, action, what, retrying)
+    except PERMANENT as e:
+        raise StorageError(describe_error(url, e)) from e
 
 
 def put_file(local: str, url: str) -> None:
@@ -279,17 +360,37 @@ def check_shards_reachable(urls: Iterable[str]) -> None:
     for url in first_per_bucket.values():
         fs, path = split(url)
         try:
-            fs.info(path)
+            within_budget(url, lambda fs=fs, path=path: fs.info(path), "checking a shard")
         except FileNotFoundError:
-            # The shard is missing; is the bucket there (and readable) at all?
-            bucket = f"{url.split('://', 1)[0]}://{urlsplit(url).netloc}"
-            try:
-                fs.ls(fs._strip_protocol(bucket))
-            except Exception as e:  # noqa: BLE001 - any failure here means the bucket is unusable
-                raise StorageError(f"cannot read shards: {describe_error(bucket, e)}") from e
+            check_bucket(url, "cannot read shards")
             log.warning("shard %s does not exist; it will be reported and skipped", redact(url))
+        except StoreUnavailable as e:
+            raise StoreUnavailable(f"cannot read shards: {e}") from None
         except Exception as e:  # noqa: BLE001 - credentials, endpoint, network: all fatal at start-up
-            raise StorageError(f"cannot read shards: {describe_error(url, e)}") from e
+            raise StorageError(f"cannot read shards: {describe_error(url, e)}") from None
+
+
+def bucket_of(url: str) -> str:
+    """`s3://bucket` of `s3://bucket/key`."""
+    return f"{url.split('://', 1)[0]}://{urlsplit(url).netloc}"
+
+
+def check_bucket(url: str, prefix: str) -> None:
+    """After `url` was not found: raise a StorageError (`<prefix>: ...`) when its bucket is missing or
+    unreadable; return when the bucket is there (only the object is missing)."""
+    bucket = bucket_of(url)
+    fs = filesystem(url.split("://", 1)[0])
+    name = fs._strip_protocol(bucket)
+    try:
+        within_budget(bucket, lambda: fs.ls(name), "listing the bucket")
+    except FileNotFoundError:
+        where = endpoint() or "AWS"
+        raise StorageError(f"{prefix}: {redact(url)}: no bucket {urlsplit(url).netloc!r} at {where} "
+                           "(check the bucket name and the endpoint)") from None
+    except StoreUnavailable as e:
+        raise StoreUnavailable(f"{prefix}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - any failure here means the bucket is unusable
+        raise StorageError(f"{prefix}: {describe_error(bucket, e)}") from None
 
 
 def gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) -> IO[bytes]:

@@ -87,6 +87,28 @@ class Stage:
                 claim_corpus_dir(data.synth.dir, flag=SYNTH_OVERWRITE.format(dir=data.synth.dir))
             except FolderInUseError as e:
                 raise FolderInUseError(f"data.synth.dir: {e}") from None
+        self.check_storage()
+
+    def check_storage(self) -> None:
+        """The object store, before anything else reads it: the remote items of data.shards and
+        eval.shards are listed (a `manifest.json` is read) and one shard per bucket is looked up, each
+        within data.io_timeout_s. Wrong credentials, a missing bucket or manifest, an endpoint that does
+        not answer: a StorageError (one line naming the URL and the endpoint; the launch exits 2)."""
+        from vaemo_dist.data import storage
+        from vaemo_dist.data.shards import ShardError, expand_shards
+
+        storage.configure_from(self.cfg.data)
+        for key, spec in (("data.shards", self.cfg.data.shards), ("eval.shards", self.cfg.eval.shards)):
+            if spec in ("synthetic", "auto"):
+                continue
+            remote = [item.strip() for item in spec.split(",") if storage.is_remote(item.strip())]
+            if not remote:
+                continue
+            try:
+                urls = expand_shards(",".join(remote), key)
+            except ShardError as err:
+                raise ConfigError(str(err)) from None
+            storage.check_shards_reachable(urls)
 
     # -- once per node (local rank 0), the other ranks waiting ----------------------------------
 
