@@ -483,6 +483,19 @@ class Export:
         return int(self.config.get("stage", 1))
 
 
+def check_format(info: dict[str, Any], file: Path, fmt: str = FORMAT,
+                 version: int = FORMAT_VERSION) -> dict[str, Any]:
+    """`info` (an export's config.json, a classifier.json) if its `format` is `fmt`: ExportError for
+    another format; a newer format version than `version` is read with a warning (fields this version
+    does not know are ignored)."""
+    if info.get("format") != fmt:
+        raise ExportError(f"{file}: format {info.get('format')!r}, expected {fmt!r}")
+    if int(info.get("format_version", 1)) > version:
+        log.warning("%s: format version %s is newer than this vaemo_dist reads (%d); fields it does not "
+                    "know are ignored", file, info.get("format_version"), version)
+    return info
+
+
 def read_export(folder: str | Path) -> Export:
     """Read an export folder (vaemo-export output). Safetensors only: nothing is unpickled. Raises
     ExportError for a folder that is not one or whose weights do not fit its config.json."""
@@ -493,12 +506,7 @@ def read_export(folder: str | Path) -> Export:
     if not config_file.is_file() or not weights_file.is_file():
         raise ExportError(f"{folder} is not an exported model (needs {CONFIG} and {WEIGHTS}; see "
                           "vaemo-export)")
-    config = json.loads(config_file.read_text())
-    if config.get("format") != FORMAT:
-        raise ExportError(f"{config_file}: format {config.get('format')!r}, expected {FORMAT!r}")
-    if int(config.get("format_version", 1)) > FORMAT_VERSION:
-        log.warning("%s: format version %s is newer than this vaemo_dist reads (%d); fields it does not "
-                    "know are ignored", config_file, config.get("format_version"), FORMAT_VERSION)
+    config = check_format(json.loads(config_file.read_text()), config_file)
     model = build_model(config)
     weights = load_file(str(weights_file))
     if not any(is_decoder_key(k) for k in weights):

@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from vaemo_dist.checkpoints import CLASSIFIER_CONFIG
+from vaemo_dist.checkpoints import CLASSIFIER_CONFIG, check_format
 from vaemo_dist.export import CONFIG, WEIGHTS, ExportError
 from vaemo_dist.fsutil import claim_output_dir, move_aside
 from vaemo_dist.startup import entry_point, fail
@@ -306,13 +306,7 @@ def _read_info(folder: Path) -> dict[str, Any]:
                               "(<out>/fold_<f>/classifier/); docs/downstream.md")
         raise ExportError(f"{folder} is not a classifier folder (no {CLASSIFIER_CONFIG}); the linear probe "
                           "and fine-tuning save one under their --out (docs/downstream.md)")
-    info = json.loads(file.read_text())
-    if info.get("format") != FORMAT:
-        raise ExportError(f"{file}: format {info.get('format')!r}, expected {FORMAT!r}")
-    if int(info.get("format_version", 1)) > FORMAT_VERSION:
-        log.warning("%s: format version %s is newer than this vaemo_dist reads (%d)", file,
-                    info.get("format_version"), FORMAT_VERSION)
-    return info
+    return check_format(json.loads(file.read_text()), file, FORMAT, FORMAT_VERSION)
 
 
 def _find_export(folder: Path, ref: dict[str, Any], given: str | Path | None) -> Path:
