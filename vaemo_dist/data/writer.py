@@ -16,9 +16,18 @@ Each usable clip becomes three tar members under one key:
   label / class_name / speaker / description where known.
 
 Output goes to a local folder or any fsspec URL (`s3://bucket/prefix`): `shard-000000.tar ...`,
-then `manifest.json` (shard names, samples per shard, total, format, shuffle seed) and `report.json`
-(every skipped input with its reason). Inputs without a video track, without an audio track,
-unreadable, or shorter than `--min-duration` are skipped, counted and listed; never silently dropped.
+then `manifest.json` (shard names, samples per shard, total, format, shuffle seed, class names) and
+`report.json` (every accepted input with its key and shard; every skipped input with its reason and
+kind). Inputs without a video track, without an audio track, cut short (truncated), unreadable
+(corrupt), or shorter than `--min-duration` are skipped, counted and listed; never silently dropped.
+A skip's `kind` is the decoders' name for it (vaemo_dist/data/types.py DECODE_KINDS).
+
+Labels: integer labels are kept as they are; names are numbered 0, 1, ... in sorted order of the
+names of the *accepted* clips, and `manifest.json`'s `class_names` lists them: a name carried only by
+skipped inputs gets no index (clips are numbered over all inputs while converting; if a name lost all
+its clips, the shards' json labels are renumbered before the manifest is written), so every index
+names a class with clips, `class_names[label] == class_name`, and the numbering is the one
+`open_source` gives a CSV of the same clips.
 
 Shards are filled in a shuffled order (`--shuffle-seed`, default 0), so a class- or speaker-sorted
 CSV still gives shards, and first batches, that mix classes and speakers; `--no-shuffle` keeps the
@@ -27,7 +36,9 @@ same inputs and options give the same shards whatever `--workers` is.
 
 `--out` must be a new or empty folder, or one vaemo-shard created and left without shards (an
 interrupted start); anything else is refused before work starts (`--overwrite` moves it aside to
-`<out>.old-<timestamp>`, never deletes). A remote prefix that already holds a manifest is refused.
+`<out>.old-<timestamp>`, never deletes). A remote prefix that already holds a manifest is refused, and
+one that cannot be written (credentials, bucket, endpoint) is found by a probe write (and delete) before
+any clip is converted.
 """
 
 from __future__ import annotations
@@ -35,10 +46,13 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import mmap
 import multiprocessing as mp
 import os
 import re
 import sys
+import tarfile
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -53,6 +67,7 @@ import numpy as np
 from tqdm import tqdm
 
 from vaemo_dist.data import storage
+from vaemo_dist.data.decode_pyav import _bmff_cut_short
 from vaemo_dist.data.shards import MANIFEST_NAME, ShardWriter
 from vaemo_dist.data.sources import MediaInput, media_inputs
 from vaemo_dist.data.synth import BITEXACT, COLOUR_TAGS, tag_colour
@@ -66,7 +81,22 @@ WRITER = "vaemo-shard"  # the owner name of its output folders (vaemo_dist.fsuti
 
 
 class Skip(Exception):
-    """An input that cannot become a clip; the message is the reason shown in the report."""
+    """An input that cannot become a clip; the message is the reason shown in the report, `kind` the
+    decoders' name for it (one of vaemo_dist.data.types.DECODE_KINDS)."""
+
+    def __init__(self, reason: str, kind: str = "other") -> None:
+        super().__init__(reason)
+        self.kind = kind
+
+
+def _cut_short(path: str) -> bool:
+    """Whether the file at `path` is an mp4 whose box structure runs past its end (a truncated file,
+    not garbage): the decoders' test (decode_pyav._bmff_cut_short), on a memory map of the file."""
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            return _bmff_cut_short(data)  # type: ignore[arg-type]  # slices and len() as bytes do
+    except (OSError, ValueError):  # missing, unreadable or empty
+        return False
 
 
 @dataclass(frozen=True)
@@ -93,6 +123,31 @@ def label_table(sources: list[MediaInput]) -> tuple[dict[str, int], list[str]]:
     if all(re.fullmatch(r"-?\d+", n) for n in names):
         return {n: int(n) for n in names}, []
     return {n: i for i, n in enumerate(names)}, names
+
+
+def renumber_labels(urls: list[str], mapping: dict[int, int]) -> None:
+    """Rewrite the `label` of every clip json in the shards at `urls` through `mapping` (old index ->
+    new), each shard replaced whole (local: atomically; remote: re-uploaded). Used when names carried
+    only by skipped inputs leave gaps in the indices given before conversion; the manifest, written
+    after this, is what says the set is complete."""
+    for url in urls:
+        folder = None if storage.is_remote(url) else os.path.dirname(storage.local_path(url))
+        fd, tmp = tempfile.mkstemp(prefix=".vaemo-relabel-", suffix=".tar", dir=folder)
+        with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(url))) as src, os.fdopen(fd, "wb") as f, \
+                tarfile.open(fileobj=f, mode="w", format=src.format) as dst:
+            for info in src:
+                data = src.extractfile(info).read() if info.isfile() else None  # type: ignore[union-attr]
+                if data is not None and info.name.endswith(".json"):
+                    meta = json.loads(data)
+                    if isinstance(meta.get("label"), int) and meta["label"] in mapping:
+                        meta["label"] = mapping[meta["label"]]
+                        data = json.dumps(meta, sort_keys=True).encode()
+                        info.size = len(data)
+                dst.addfile(info, io.BytesIO(data) if data is not None else None)
+            dst.close()
+            f.flush()
+            os.fsync(f.fileno())
+        storage.put_file(tmp, url)
 
 
 # --------------------------------------------------------------------------------------------
@@ -228,28 +283,32 @@ def convert_clip(source: MediaInput, opts: ShardOptions,
     try:
         container = av.open(source.path)
     except (av.FFmpegError, OSError, ValueError) as e:
-        raise Skip(f"unreadable: {type(e).__name__}: {e}") from e
+        if isinstance(e, av.EOFError) or _cut_short(source.path):
+            raise Skip(f"truncated: the file is cut short ({type(e).__name__}: {e})", "truncated") from e
+        raise Skip(f"unreadable: {type(e).__name__}: {e}", "corrupt") from e
     with container:
         if not container.streams.video:
-            raise Skip("no video track")
+            raise Skip("no video track", "no_video")
         if not container.streams.audio:
-            raise Skip("no audio track")
+            raise Skip("no audio track", "no_audio")
         if container.duration is not None and container.duration / 1e6 < opts.min_duration:
-            raise Skip(f"too short: {container.duration / 1e6:.2f}s < {opts.min_duration}s")
+            raise Skip(f"too short: {container.duration / 1e6:.2f}s < {opts.min_duration}s", "too_short")
         copy = _conforms(container.streams.video[0], opts)
     try:
         video, frames, v_start, width, height = (copy_video if copy else encode_video)(source.path, opts)
         if frames == 0:
-            raise Skip("video track has no decodable frames")
+            raise Skip("video track has no decodable frames", "corrupt")
         duration = frames / opts.fps
         if duration < opts.min_duration:
-            raise Skip(f"too short: {duration:.2f}s < {opts.min_duration}s")
+            raise Skip(f"too short: {duration:.2f}s < {opts.min_duration}s", "too_short")
         audio, n_audio = _encode_audio(source.path, v_start, opts)
     except av.FFmpegError as e:
-        raise Skip(f"undecodable: {type(e).__name__}: {e}") from e
-    # The decoders refuse audio shorter than 90% of the clip: say so here, where it can be fixed.
+        cut = isinstance(e, av.EOFError) or _cut_short(source.path)
+        raise Skip(f"undecodable: {type(e).__name__}: {e}", "truncated" if cut else "corrupt") from e
+    # The decoders refuse audio shorter than 90% of the clip (kind truncated): say so here.
     if n_audio < 0.9 * duration * opts.sample_rate:
-        raise Skip(f"audio track too short: {n_audio / opts.sample_rate:.2f}s for {duration:.2f}s of video")
+        raise Skip(f"audio track too short: {n_audio / opts.sample_rate:.2f}s for {duration:.2f}s of video",
+                   "truncated")
 
     meta: dict[str, Any] = {
         "frames": frames, "fps": opts.fps, "duration": duration, "sample_rate": opts.sample_rate,
@@ -272,15 +331,15 @@ def convert_clip(source: MediaInput, opts: ShardOptions,
     }
 
 
-def _job(args: tuple[MediaInput, ShardOptions, dict[str, int]]) -> dict[str, Any] | str:
-    """Worker entry: the sample, or the skip reason as a string (exceptions pickle poorly)."""
+def _job(args: tuple[MediaInput, ShardOptions, dict[str, int]]) -> dict[str, Any] | tuple[str, str]:
+    """Worker entry: the sample, or the skip as (kind, reason) (exceptions pickle poorly)."""
     source, opts, labels = args
     try:
         return convert_clip(source, opts, labels)
     except Skip as e:
-        return str(e)
+        return e.kind, str(e)
     except Exception as e:  # noqa: BLE001 - one odd file must not end a long run; it is reported
-        return f"failed: {type(e).__name__}: {e}"
+        return "other", f"failed: {type(e).__name__}: {e}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,22 +353,31 @@ class Report:
     written: int = 0
     shards: list[str] = field(default_factory=list)
     samples_per_shard: list[int] = field(default_factory=list)
-    skipped: list[dict[str, str]] = field(default_factory=list)  # {"path", "key", "reason"}
+    accepted: list[dict[str, str]] = field(default_factory=list)  # {"path", "key", "shard"}
+    skipped: list[dict[str, str]] = field(default_factory=list)  # {"path", "key", "kind", "reason"}
     stream_copied: int = 0
     seconds: float = 0.0
 
     def by_reason(self) -> dict[str, int]:
         return dict(Counter(s["reason"].split(":")[0] for s in self.skipped))
 
+    def by_kind(self) -> dict[str, int]:
+        return dict(Counter(s["kind"] for s in self.skipped))
+
 
 def _results(jobs: list[tuple[MediaInput, ShardOptions, dict[str, int]]],
-             workers: int) -> Iterator[dict[str, Any] | str]:
+             workers: int) -> Iterator[dict[str, Any] | tuple[str, str]]:
     if workers <= 1:
         yield from map(_job, jobs)
         return
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
         yield from pool.map(_job, jobs)  # in input order: shards do not depend on `workers`
+
+
+def sources_accepted(sources: list[MediaInput], report: Report) -> list[MediaInput]:
+    keys = {a["key"] for a in report.accepted}
+    return [s for s in sources if s.key in keys]
 
 
 def shuffled(sources: list[MediaInput], seed: int | None) -> list[MediaInput]:
@@ -345,6 +413,31 @@ def claim_out(out: str, overwrite: bool = False) -> None:
     claim_output_dir(path, WRITER, overwrite=overwrite)
 
 
+PROBE_NAME = ".vaemo-shard-write-probe"
+
+
+def check_writable(out: str) -> None:
+    """Raise a one-line StorageError unless a remote `out` can be written: a small probe object is
+    written and deleted, so refused credentials, a missing bucket or a dead endpoint are found before
+    any clip is converted (not at the first shard's upload). Local folders: nothing to do here."""
+    if not storage.is_remote(out):
+        return
+    url = f"{out}/{PROBE_NAME}-{os.getpid()}"
+    what = f"cannot write to {storage.redact(out)}"
+    try:
+        storage.write_bytes(url, b"vaemo-shard write probe\n")
+        fs, path = storage.split(url)
+        storage.within_budget(url, lambda: fs.rm_file(path), "deleting the write probe")
+    except storage.StoreUnavailable as e:
+        raise storage.StoreUnavailable(f"{what}: {storage.message(e)}") from None
+    except storage.StorageError as e:
+        if "not found" in str(e):
+            storage.check_bucket(url, what)
+        raise storage.StorageError(f"{what}: {storage.message(e)}") from None
+    except Exception as e:  # noqa: BLE001 - credentials, endpoint, network: all fatal before any work
+        raise storage.StorageError(f"{what}: {storage.describe_error(url, e)}") from None
+
+
 def write_shards(sources: list[MediaInput], out: str, opts: ShardOptions = ShardOptions(), *,
                  workers: int = 1, progress: bool = True, overwrite: bool = False) -> Report:
     """Convert `sources` into shards at `out` (folder or fsspec URL); returns what happened.
@@ -355,10 +448,11 @@ def write_shards(sources: list[MediaInput], out: str, opts: ShardOptions = Shard
     if opts.codec not in CODECS:
         raise ValueError(f"codec {opts.codec!r} not supported; choose one of {sorted(CODECS)}")
     out = out.rstrip("/")
+    check_writable(out)
     claim_out(out, overwrite)
     report = Report(out=storage.redact(out), inputs=len(sources))
     start = time.perf_counter()
-    labels, class_names = label_table(sources)
+    labels, class_names = label_table(sources)  # over all inputs; narrowed to the accepted below
     sources = shuffled(sources, opts.shuffle_seed)
     # Each shard is written under a temporary name and renamed (uploaded) when whole; the manifest last.
     shard_set = ShardWriter(out, opts.clips_per_shard, prefix=opts.prefix)
@@ -366,14 +460,24 @@ def write_shards(sources: list[MediaInput], out: str, opts: ShardOptions = Shard
         jobs = [(s, opts, labels) for s in sources]
         for source, result in zip(sources, _results(jobs, workers)):
             bar.update(1)
-            if isinstance(result, str):
-                report.skipped.append({"path": source.path, "key": source.key, "reason": result})
+            if isinstance(result, tuple):
+                kind, reason = result
+                report.skipped.append({"path": source.path, "key": source.key, "kind": kind,
+                                       "reason": reason})
                 bar.set_postfix(skipped=len(report.skipped))
                 continue
             shard_set.write(result)
+            report.accepted.append({"path": source.path, "key": source.key, "shard": shard_set.shards[-1]})
             report.written += 1
             report.stream_copied += json.loads(result["json"])["stream_copied"]
     report.shards, report.samples_per_shard = list(shard_set.shards), list(shard_set.counts)
+    # Class names (and indices) come only from the accepted clips: a name that only skipped inputs
+    # carried is dropped, and the clips' indices above it move down (their shards are rewritten).
+    used = sorted({s.label for s in sources_accepted(sources, report)} & set(class_names))
+    if used != class_names:
+        mapping = {labels[n]: i for i, n in enumerate(used)}
+        renumber_labels([shard_set.url(n) for n in report.shards], mapping)
+        class_names = used
 
     report.seconds = time.perf_counter() - start
     video_ext = CODECS[opts.codec][1]
@@ -390,8 +494,8 @@ def write_shards(sources: list[MediaInput], out: str, opts: ShardOptions = Shard
         "options": asdict(opts),
     }
     if class_names:
-        manifest["class_names"] = class_names
-    record = {**asdict(report), "skipped_by_reason": report.by_reason()}
+        manifest["class_names"] = class_names  # the accepted clips' names, label i = class_names[i]
+    record = {**asdict(report), "skipped_by_reason": report.by_reason(), "skipped_by_kind": report.by_kind()}
     storage.write_bytes(f"{out}/{REPORT_NAME}", json.dumps(record, indent=2).encode())
     shard_set.write_manifest(manifest, sort_keys=False)  # last: it says the set is complete
     return report
