@@ -13,8 +13,9 @@ The work is split in two, so that DataLoader workers stay cheap and the GPU does
    frames without an error.
 2. `DaliDecoder.decode` (main process): one DALI pipeline fed through `external_source` with the
    bytes and the per-sample arguments; video decode (`mixed` on a GPU, `cpu` without one), crop,
-   antialiased bilinear resize, normalisation to [3, T, S, S]; audio decode (CPU; DALI has no GPU
-   audio decoder), crop/zero-pad to the window, then on the GPU: spectrogram (nfft, window, hop of
+   antialiased bilinear resize (torch's rule at the border: `_resize_like_torch`), normalisation to
+   [3, T, S, S]; audio decode (CPU; DALI has no GPU audio decoder), crop/zero-pad to the window,
+   then on the GPU: spectrogram (nfft, window, hop of
    `audio.mel_spec_params`), Slaney mel filter bank, natural log with a floor, normalisation.
    If DALI raises anyway, the pipeline is dead: it is rebuilt and the batch retried one sample at
    a time, so only the culprit is lost (and then decoded by PyAV as a fallback, under the same
@@ -218,6 +219,37 @@ def default_threads() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
+def resize_margin(side: int, size: int) -> int:
+    """Zero margin (pixels) around a `side` square so that a resize to `size` never reaches past it:
+    the antialiased kernel's radius is side/size source pixels when shrinking, 1 when enlarging."""
+    return math.ceil(max(side / size, 1.0)) + 1
+
+
+def _resize_like_torch(fn: Any, types: Any, frames: Any, crop: tuple[Any, Any], margin: tuple[Any, Any],
+                       roi: tuple[Any, Any], size: int) -> Any:
+    """[F, H, W, 3] uint8 -> the `crop` (start, shape) square resized to size x size, float.
+
+    The same numbers as the PyAV path's `F.interpolate(bilinear, antialias when shrinking)`, border
+    included (issue 18). Inside the image DALI's antialiased linear resize and torch's use the same
+    triangle kernel, but at the border they differ: torch drops the kernel taps that fall outside the
+    image and renormalises the rest, DALI does not (up to 17/255 apart on the outermost row/column
+    of a textured clip, nothing on smooth ones). So the square is given a zero margin as wide as the
+    kernel (`margin`, from `resize_margin`), resized as the roi inside it, and divided by the same
+    resize of a mask that is 1 on the square and 0 on the margin: sum(w * x) / sum(w) over the taps
+    inside the image, which is torch's rule (and, when enlarging, the same clamp to the edge pixel as
+    torch's plain bilinear).
+    """
+    # Float output: no rounding to uint8 between resize and normalisation (as on the PyAV path).
+    resize = lambda x: fn.resize(x, size=[size, size], roi_start=roi[0], roi_end=roi[1],  # noqa: E731
+                                 roi_relative=False, interp_type=types.INTERP_LINEAR, antialias=True,
+                                 dtype=types.FLOAT)
+    square = fn.slice(frames, *crop, axes=[1, 2])  # cropped first: nothing outside it may leak in
+    ones = fn.cast(square[0:1, :, :, 0:1], dtype=types.FLOAT) * 0.0 + 1.0  # [1, side, side, 1]
+    padded = fn.slice(square, *margin, axes=[1, 2], out_of_bounds_policy="pad", fill_values=0)
+    mask = fn.slice(ones, *margin, axes=[1, 2], out_of_bounds_policy="pad", fill_values=0)
+    return resize(padded) / resize(mask)
+
+
 def _build_pipeline(inputs: InputConfig, max_batch: int, device_id: int | None, threads: int) -> Any:
     from nvidia.dali import fn, types
     from nvidia.dali import math as dmath
@@ -233,16 +265,19 @@ def _build_pipeline(inputs: InputConfig, max_batch: int, device_id: int | None, 
         frames_idx = fn.external_source(name="frames", dtype=types.INT32, ndim=1)
         crop_start = fn.external_source(name="crop_start", dtype=types.INT32, ndim=1)  # [top, left]
         crop_shape = fn.external_source(name="crop_shape", dtype=types.INT32, ndim=1)  # [side, side]
+        # The square with a zero margin of m pixels around it, and the square inside that (roi).
+        margin_start = fn.external_source(name="margin_start", dtype=types.INT32, ndim=1)  # [-m, -m]
+        margin_shape = fn.external_source(name="margin_shape", dtype=types.INT32, ndim=1)  # [side + 2m] * 2
+        roi_start = fn.external_source(name="roi_start", dtype=types.FLOAT, ndim=1)  # [m, m]
+        roi_end = fn.external_source(name="roi_end", dtype=types.FLOAT, ndim=1)  # [m + side] * 2
         audio = fn.external_source(name="audio", dtype=types.UINT8, ndim=1)
         audio_start = fn.external_source(name="audio_start", dtype=types.INT32, ndim=1)
 
         # Video: [T, H, W, 3] uint8 -> centre square -> S x S -> normalised float [3, T, S, S].
         frames = fn.decoders.video(video, device="mixed" if gpu else "cpu", frames=frames_idx,
                                    pad_mode="edge")
-        frames = fn.slice(frames, crop_start, crop_shape, axes=[1, 2])
-        # Float output: no rounding to uint8 between resize and normalisation (as on the PyAV path).
-        frames = fn.resize(frames, size=[v.size, v.size], interp_type=types.INTERP_LINEAR, antialias=True,
-                           dtype=types.FLOAT)
+        frames = _resize_like_torch(fn, types, frames, (crop_start, crop_shape),
+                                    (margin_start, margin_shape), (roi_start, roi_end), v.size)
         out_video = fn.crop_mirror_normalize(
             frames, dtype=types.FLOAT, output_layout="CFHW",
             mean=[m * 255.0 for m in v.mean], std=[s * 255.0 for s in v.std])
@@ -313,6 +348,13 @@ class DaliDecoder:
         pipe.feed_input("frames", [i32(it.frame_indices) for it in items])
         pipe.feed_input("crop_start", [i32(it.crop[:2]) for it in items])
         pipe.feed_input("crop_shape", [i32([it.crop[2], it.crop[2]]) for it in items])
+        # The zero margin around the square (see _resize_like_torch) and the square inside it.
+        pads = [resize_margin(it.crop[2], self.inputs.video.size) for it in items]
+        pipe.feed_input("margin_start", [i32([-m, -m]) for m in pads])
+        pipe.feed_input("margin_shape", [i32([it.crop[2] + 2 * m] * 2) for it, m in zip(items, pads)])
+        f32 = lambda values: np.asarray(values, dtype=np.float32)  # noqa: E731
+        pipe.feed_input("roi_start", [f32([m, m]) for m in pads])
+        pipe.feed_input("roi_end", [f32([m + it.crop[2]] * 2) for it, m in zip(items, pads)])
         pipe.feed_input("audio", [np.frombuffer(it.audio, dtype=np.uint8) for it in items])
         pipe.feed_input("audio_start", [i32([it.audio_start]) for it in items])
         out = []
