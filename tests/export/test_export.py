@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from tests.files import tree_hashes
 from vaemo_dist import export
 from vaemo_dist.config import load_config
 from vaemo_dist.export import ExportError, export_checkpoint
@@ -190,11 +191,6 @@ def test_mismatched_weights_are_refused(checkpoints):
 
 
 
-def _tree(root: Path) -> dict:
-    import hashlib
-
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def test_vaemo_export_on_an_export_says_it_is_already_one(exports, tmp_path, capsys):
@@ -218,15 +214,15 @@ def test_export_into_a_users_folder_is_refused_and_left_unchanged(checkpoints, t
     mine.mkdir()
     (mine / "notes.md").write_text("my notes")
     (mine / "model.safetensors").write_bytes(b"my own weights")
-    before = _tree(mine)
+    before = tree_hashes(mine)
     args = [str(checkpoints["root"] / "zero2"), "--out", str(mine)]
     assert export.main(args) == 2
     err = capsys.readouterr().err
     assert f"refusing to write into {mine}" in err and "Nothing was changed" in err and "--overwrite" in err
-    assert _tree(mine) == before
+    assert tree_hashes(mine) == before
     assert export.main([*args, "--overwrite"]) == 0
     aside = [p for p in tmp_path.iterdir() if p.name.startswith("mine.old-")]
-    assert len(aside) == 1 and _tree(aside[0]) == before  # moved aside whole, never deleted
+    assert len(aside) == 1 and tree_hashes(aside[0]) == before  # moved aside whole, never deleted
     assert folder_owner(mine) == export.WRITER and export.is_export(mine)
     # vaemo-export's own folder (and an older, unmarked export) takes a new export.
     assert export.main(args) == 0

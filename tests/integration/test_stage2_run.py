@@ -7,7 +7,6 @@ file of that set unchanged."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.files import tree_hashes
 from vaemo_dist.dist import free_port
 from vaemo_dist.text.encode import EMBEDDINGS, read_metadata
 
@@ -121,10 +121,6 @@ def test_heldout_text_to_va_retrieval_rises_above_stage1(root, stage1, stage2):
     assert after["zero_shot"] > before["zero_shot"]
 
 
-def tree_hashes(folder: Path) -> dict[str, str]:
-    """Every file under `folder` (hidden ones included) -> sha256 of its bytes."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_a_users_described_set_is_only_read_and_an_export_seeds_stage2(root, stage1):

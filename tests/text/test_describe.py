@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
+from tests.files import tree_hashes
 from vaemo_dist.data.decode_pyav import decode_sample
 from vaemo_dist.data.shards import expand_shards
 from vaemo_dist.text import describe
@@ -218,11 +219,6 @@ def test_options_come_from_cli_then_env_then_config_file(tmp_path, monkeypatch):
         describe._options(args)
 
 
-def _tree(root):
-    import hashlib
-
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def test_a_folder_vaemo_describe_did_not_create_is_refused_unchanged(tiny_corpus, tmp_path, capsys):
@@ -232,16 +228,16 @@ def test_a_folder_vaemo_describe_did_not_create_is_refused_unchanged(tiny_corpus
     mine.mkdir()
     (mine / "notes.txt").write_text("my notes")
     (mine / "shard-000000.tar").write_bytes(b"my own shard")
-    before = _tree(mine)
+    before = tree_hashes(mine)
     args = [str(tiny_corpus), "--out", str(mine), "--synthetic", "--no-progress"]
     assert describe.main(args) == 2
     err = capsys.readouterr().err
     assert f"refusing to write into {mine}" in err and "Nothing was changed" in err and "--overwrite" in err
-    assert _tree(mine) == before
+    assert tree_hashes(mine) == before
     # --overwrite moves it aside (never deleted) and describes into a fresh folder.
     assert describe.main([*args, "--overwrite"]) == 0
     aside = [p for p in tmp_path.iterdir() if p.name.startswith("mine.old-")]
-    assert len(aside) == 1 and _tree(aside[0]) == before
+    assert len(aside) == 1 and tree_hashes(aside[0]) == before
     assert folder_owner(mine) == describe.WRITER and len(read_cache(mine / CACHE)) == 12
     # Its own folder: a re-run resumes there (nothing to do); so does an older, unmarked output.
     assert describe.main(args) == 0 and "12 from the cache" in capsys.readouterr().err

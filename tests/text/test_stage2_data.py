@@ -4,7 +4,6 @@ folder of its own; embeddings a user's set lacks are computed into stage 2's own
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.files import tree_hashes
 from tests.text.test_encode import FakeEncoder
 from vaemo_dist.config import ConfigError, load_config
 from vaemo_dist.data.shards import expand_shards
@@ -30,10 +30,6 @@ from vaemo_dist.text.encode import EMBEDDINGS, TextEmbeddingTable, ensure_embedd
 REPO = Path(__file__).resolve().parents[2]
 
 
-def tree_hashes(root: Path) -> dict[str, str]:
-    """Every file under `root` (hidden ones included) -> sha256 of its bytes."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture
