@@ -4,6 +4,10 @@
 # corpus, its step-2 checkpoint, the export of that checkpoint, the export's embeddings of fixed
 # inputs, and the losses of steps 3-4 of the uninterrupted run. Kept as data; rerunning this script
 # with later code makes a new-format copy, not the old one.
+# losses_steps_3_4.jsonl was remade once, when issue 18 changed the synthetic corpus's chroma-siting tag
+# (left -> centre: the decoded pixels, and so the losses, moved in the 4th decimal): by the same old code
+# (a worktree of 7a042f5), resuming this checkpoint on a corpus built by the new synthetic-corpus code
+# (the launcher line below with --resume latest and that corpus in data.synth.dir).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd); repo=$(cd "$here/../.." && pwd)
 work=$(mktemp -d); cd "$work"

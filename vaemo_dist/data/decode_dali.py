@@ -12,7 +12,9 @@ The work is split in two, so that DataLoader workers stay cheap and the GPU does
    DALI itself cannot be trusted to refuse bad input: a truncated VP9 stream decodes to padded
    frames without an error.
 2. `DaliDecoder.decode` (main process): one DALI pipeline fed through `external_source` with the
-   bytes and the per-sample arguments; video decode (`mixed` on a GPU, `cpu` without one), crop,
+   bytes and the per-sample arguments; video decode (`mixed` on a GPU, `cpu` without one), on a GPU
+   the chroma of left-sited clips moved from DALI's centre siting to left siting (`_left_site_chroma`),
+   crop,
    antialiased bilinear resize (torch's rule at the border: `_resize_like_torch`), normalisation to
    [3, T, S, S]; audio decode (CPU; DALI has no GPU audio decoder), crop/zero-pad to the window,
    then on the GPU: spectrogram (nfft, window, hop of
@@ -90,6 +92,8 @@ class Prepared:
     label: int
     meta: dict[str, Any] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict)  # the sample's fields, for the PyAV fallback
+    width: int = 0  # decoded frame width in pixels (the column parity of the chroma fix-up)
+    left_sited: bool = False  # 4:2:0 chroma sited left (`chroma_siting`): DALI reads it as centre
 
 
 def prepare_sample(sample: dict[str, Any], inputs: InputConfig, gpu: bool,
@@ -153,7 +157,20 @@ def _prepare(key: str, sample: dict[str, Any], inputs: InputConfig, gpu: bool,
         meta={"fps": fps, "frames": total, "duration": float(duration or total / fps),
               "frame_indices": indices, "codec": codec},
         raw={name: value for name, value in sample.items() if name in FALLBACK_FIELDS},
+        width=width,
+        left_sited=chroma_siting(meta, codec) == "left",
     )
+
+
+def chroma_siting(meta: dict[str, Any], codec: str) -> str:
+    """The 4:2:0 chroma siting of a clip: its json's `chroma_siting` (vaemo-shard records it), else
+    the codec's default: left for H.264 (the standard's, and what stream-copied sources mostly are),
+    centre for VP9 (every VP9 stream vaemo-shard and the synthetic corpus wrote came from swscale,
+    which sites chroma at the centre)."""
+    siting = meta.get("chroma_siting")
+    if isinstance(siting, str) and siting in ("left", "center"):
+        return siting
+    return "left" if codec == "h264" else "center"
 
 
 def _probe_video(key: str, data: bytes, promised: int | None,
@@ -250,7 +267,48 @@ def _resize_like_torch(fn: Any, types: Any, frames: Any, crop: tuple[Any, Any], 
     return resize(padded) / resize(mask)
 
 
-def _build_pipeline(inputs: InputConfig, max_batch: int, device_id: int | None, threads: int) -> Any:
+# BT.601 luma weights: RGB = Y * (1, 1, 1) + (chroma terms), Y = LUMA . RGB.
+LUMA_601 = (0.299, 0.587, 0.114)
+
+
+def even_columns(width: int) -> np.ndarray:
+    """[1, 1, width, 1] float: 1 on even columns, 0 on odd ones (input of `_left_site_chroma`)."""
+    return (np.arange(width) % 2 == 0).astype(np.float32).reshape(1, 1, width, 1)
+
+
+def _left_site_chroma(fn: Any, types: Any, dmath: Any, frames: Any, even: Any, amount: Any) -> Any:
+    """[F, H, W, 3] uint8 RGB converted with centre-sited 4:2:0 chroma -> the same frames as if the
+    chroma had been read left-sited (issue 18), uint8, for the samples whose `amount` is 1 (0: as
+    decoded; both [1, 1, 1, 1] float per sample).
+
+    DALI's video decoders (CPU: swscale; GPU: its NV12 kernel) upsample chroma bilinearly from the
+    centre-sited position, column x sampling chroma at x/2 - 1/4, and have no option to change it;
+    left siting samples at x/2. With c_k the chroma samples and C(x) what DALI interpolated,
+    C(2k) - C(2k-1) = (c_k - c_{k-1}) / 2 and the left-sited value differs from C by a quarter of the
+    step to the nearest chroma neighbour, so per column
+        even x: C_left(x) = C(x) + (C(x) - C(x-1)) / 2,    odd x: C_left(x) = C(x) + (C(x+1) - C(x)) / 2
+    (edge columns unchanged, as both sitings clamp there). Rows need nothing (both read chroma
+    between rows). Chroma is linear in RGB: its part of a pixel is RGB - Y * (1, 1, 1) with BT.601
+    luma weights, so the fix is applied to the horizontal RGB differences with their luma removed.
+    Exact (to rounding) where DALI's RGB was not clipped to 0..255; where a saturated colour edge
+    was clipped the chroma there is lost, and the result is off by up to a few tens of 1/255 at
+    such edges (test_colour.py).
+    """
+    x = fn.cast(frames, dtype=types.FLOAT)
+    step = np.array([[-1.0, 1.0]], dtype=np.float32)  # correlation along W (axis 2 of FHWC)
+    back = fn.filter(x, step, anchor=[0, 1], border="clamp")  # C(x) - C(x-1)
+    fwd = fn.filter(x, step, anchor=[0, 0], border="clamp")  # C(x+1) - C(x)
+    d = fwd + even * (back - fwd)
+    # Half the chroma part of d in one 3x3 matrix op: 0.5 * (I - (1, 1, 1)^T LUMA_601).
+    chroma_half = 0.5 * (np.eye(3) - np.outer(np.ones(3), LUMA_601))
+    out = x + amount * fn.coord_transform(d, M=chroma_half.astype(np.float32).reshape(-1).tolist(),
+                                          dtype=types.FLOAT)
+    # Round to uint8 as a decoder's RGB is (the PyAV path and the reference round after the conversion).
+    return fn.cast(dmath.clamp(out, 0.0, 255.0), dtype=types.UINT8)
+
+
+def _build_pipeline(inputs: InputConfig, max_batch: int, device_id: int | None, threads: int,
+                    siting_fix: bool) -> Any:
     from nvidia.dali import fn, types
     from nvidia.dali import math as dmath
     from nvidia.dali.pipeline import Pipeline
@@ -270,12 +328,18 @@ def _build_pipeline(inputs: InputConfig, max_batch: int, device_id: int | None, 
         margin_shape = fn.external_source(name="margin_shape", dtype=types.INT32, ndim=1)  # [side + 2m] * 2
         roi_start = fn.external_source(name="roi_start", dtype=types.FLOAT, ndim=1)  # [m, m]
         roi_end = fn.external_source(name="roi_end", dtype=types.FLOAT, ndim=1)  # [m + side] * 2
+        if siting_fix:
+            even = fn.external_source(name="even", dtype=types.FLOAT, ndim=4)  # even_columns(width)
+            amount = fn.external_source(name="left_sited", dtype=types.FLOAT, ndim=4)  # [1, 1, 1, 1]
         audio = fn.external_source(name="audio", dtype=types.UINT8, ndim=1)
         audio_start = fn.external_source(name="audio_start", dtype=types.INT32, ndim=1)
 
         # Video: [T, H, W, 3] uint8 -> centre square -> S x S -> normalised float [3, T, S, S].
         frames = fn.decoders.video(video, device="mixed" if gpu else "cpu", frames=frames_idx,
                                    pad_mode="edge")
+        if siting_fix:
+            frames = _left_site_chroma(fn, types, dmath, frames, even.gpu() if gpu else even,
+                                       amount.gpu() if gpu else amount)
         frames = _resize_like_torch(fn, types, frames, (crop_start, crop_shape),
                                     (margin_start, margin_shape), (roi_start, roi_end), v.size)
         out_video = fn.crop_mirror_normalize(
@@ -320,8 +384,14 @@ class DaliDecoder:
     """Owns the DALI pipeline of this process and turns lists of `Prepared` into tensors."""
 
     def __init__(self, inputs: InputConfig, max_batch: int, device_id: int | None = None,
-                 threads: int = 0, limits: DecodeLimits | None = None) -> None:
+                 threads: int = 0, limits: DecodeLimits | None = None,
+                 siting_fix: bool | None = None) -> None:
         self.inputs, self.max_batch, self.device_id = inputs, max_batch, device_id
+        # Move left-sited clips' chroma to left siting (`_left_site_chroma`): default on a GPU, where
+        # stream-copied H.264 is left-sited; the CPU backend decodes VP9 only, which vaemo-shard and the
+        # synthetic corpus write centre-sited (what DALI assumes), so it skips the step (~1.85x the
+        # decode time on CPU).
+        self.siting_fix = device_id is not None if siting_fix is None else siting_fix
         self.limits = limits or NO_LIMITS  # for the PyAV fallback
         self.threads = threads or default_threads()
         self.device = torch.device("cuda", device_id) if device_id is not None else torch.device("cpu")
@@ -331,7 +401,8 @@ class DaliDecoder:
     @property
     def pipe(self) -> Any:
         if self._pipe is None:
-            self._pipe = _build_pipeline(self.inputs, self.max_batch, self.device_id, self.threads)
+            self._pipe = _build_pipeline(self.inputs, self.max_batch, self.device_id, self.threads,
+                                         self.siting_fix)
         return self._pipe
 
     def _rebuild(self) -> None:
@@ -355,6 +426,10 @@ class DaliDecoder:
         f32 = lambda values: np.asarray(values, dtype=np.float32)  # noqa: E731
         pipe.feed_input("roi_start", [f32([m, m]) for m in pads])
         pipe.feed_input("roi_end", [f32([m + it.crop[2]] * 2) for it, m in zip(items, pads)])
+        if self.siting_fix:
+            pipe.feed_input("even", [even_columns(it.width) for it in items])
+            pipe.feed_input("left_sited", [np.full((1, 1, 1, 1), float(it.left_sited), np.float32)
+                                           for it in items])
         pipe.feed_input("audio", [np.frombuffer(it.audio, dtype=np.uint8) for it in items])
         pipe.feed_input("audio_start", [i32([it.audio_start]) for it in items])
         out = []

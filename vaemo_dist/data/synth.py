@@ -64,12 +64,15 @@ _LATER_FIELDS = {"cues": "all"}
 CUES = ("all", "dynamics")
 BITEXACT = {"fflags": "+bitexact"}
 # Colour tags every video stream we write carries (issue 18): BT.601 matrix, limited ("tv") range and
-# left-sited 4:2:0 chroma (the MPEG-2/H.264 convention, which swscale's yuv420p output follows). Without
-# them a WebM records no chroma siting and decoders read VP9 chroma as centre-sited: fringes at colour
+# centre-sited 4:2:0 chroma. Centre is what swscale makes when it converts to yuv420p (PyAV's reformat,
+# FFmpeg's scale filter; tests/data/test_colour.py measures it against the source pixels), and what
+# DALI's decoders assume (they have no siting option and read no tag), so the tag states the truth and
+# every decode path reads our streams alike. Without a tag a WebM records no siting, an H.264 stream
+# means left (the MPEG-2/H.264 default), and decoders guess: a half-pixel chroma shift, fringes at colour
 # edges (mean ~4/255, max ~76/255 on colour bars).
 COLOUR_TAGS = {"color_range": av.video.reformatter.ColorRange.MPEG,
                "colorspace": av.video.reformatter.Colorspace.ITU601}
-CHROMA_SITING = {"chroma_sample_location": "left"}  # an AVCodecContext option: PyAV has no attribute
+CHROMA_SITING = "center"  # recorded in the container: H.264 VUI chroma_loc_type 1, Matroska ChromaSiting
 
 
 def tag_colour(stream: av.video.stream.VideoStream) -> None:
@@ -77,7 +80,19 @@ def tag_colour(stream: av.video.stream.VideoStream) -> None:
     ctx = stream.codec_context
     for name, value in COLOUR_TAGS.items():
         setattr(ctx, name, value)
-    stream.options = {**dict(stream.options or {}), **CHROMA_SITING}
+    # An AVCodecContext option: PyAV has no attribute for it.
+    stream.options = {**dict(stream.options or {}), "chroma_sample_location": CHROMA_SITING}
+
+
+def to_yuv420(frame: av.VideoFrame, width: int, height: int) -> av.VideoFrame:
+    """A frame of any format and size -> what every writer here encodes: yuv420p at `width` x `height`
+    (area resampling), BT.601 limited range, chroma centre-sited (swscale's conversion; tag_colour
+    records it). The one conversion point of the synthetic corpus and vaemo-shard."""
+    return frame.reformat(width=width, height=height, format="yuv420p", interpolation="AREA",
+                          dst_colorspace=COLOUR_TAGS["colorspace"],
+                          dst_color_range=COLOUR_TAGS["color_range"])
+
+
 WRITER = "synthetic corpus"  # the owner recorded in the folder (fsutil.claim_output_dir)
 CLASS_NAMES = ["neutral", "happy", "sad", "angry", "fearful", "surprised", "disgusted", "calm"]
 
@@ -133,7 +148,7 @@ def encode_video(frames: np.ndarray, fps: int = FPS, codec: str = "h264",
         # single thread keeps the bitstream reproducible.
         stream.codec_context.thread_count = 1
         for rgb in frames:
-            out.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+            out.mux(stream.encode(to_yuv420(av.VideoFrame.from_ndarray(rgb, format="rgb24"), width, height)))
         out.mux(stream.encode())
     return buf.getvalue()
 
