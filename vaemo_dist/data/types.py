@@ -26,6 +26,7 @@ DECODE_KINDS = (
     "too_short",  # shorter than data.min_clip_s
     "too_long",  # longer than data.max_clip_s
     "timeout",  # decoding took longer than data.decode_timeout_s
+    "no_face",  # vaemo-shard --face-crop found no face on most checked frames (or --boxes has none)
     "other",  # anything else
 )
 

@@ -2,18 +2,32 @@
 
 Input: a folder of video files (searched recursively) or a CSV manifest with a `path` column and
 optional `label`, `speaker` (or `id`), `description` columns; relative paths are relative to the
-CSV. Any other non-empty column is copied into the clip's json. Which files are videos:
-vaemo_dist/data/media.py; the listing: vaemo_dist/data/sources.py (`media_inputs`).
+CSV. An `audio` column names a separate audio file (relative to the CSV too), an `fps` column the
+rate of a frame-folder `path` (a folder of .jpg/.png frames, data/frames.py; default 25). Any other
+non-empty column is copied into the clip's json. Which files are videos: vaemo_dist/data/media.py;
+the listing: vaemo_dist/data/datasets (`csv`, over sources.py `media_inputs`).
+
+`--dataset NAME ROOT` reads a corpus in its distributed layout instead (vaemo_dist/data/datasets:
+voxceleb2, cremad, ravdess, mafw, dfew, hicmae-csv; `--dataset-option KEY=VALUE` for its options):
+the clips' json carries label, class_name, speaker, fold and the dataset's ids; the clips the adapter
+refuses (known broken, no audio, missing, unlabelled, ...) are listed in report.json with the
+converter's skips and counted by reason on stderr; manifest.json records `dataset` (name, class
+names, folds, protocol) and keeps the adapter's label order in `class_names` (all its classes, so
+indices are the dataset's own); `<out>/folds.csv` (key,fold) lists the accepted clips' test folds.
 
 Each usable clip becomes three tar members under one key:
-* `<key>.mp4`: H.264, video only, `--fps` frames per second, short side `--size` (yuv420p). A source
-  that already conforms is stream-copied (no quality loss, no encode time); anything else is
+* `<key>.mp4`: H.264, video only, `--fps` frames per second, short side `--size` (yuv420p). An H.264
+  source that already conforms is stream-copied (no quality loss, no encode time); anything else is
   re-encoded, with frame-rate conversion by repeating/dropping frames on the source timestamps.
   `--codec vp9` writes `<key>.webm` (VP9) instead: what DALI can decode without a GPU.
 * `<key>.flac`: the first audio track resampled to 16 kHz mono (PyAV's AudioResampler), aligned to
   the first video frame.
-* `<key>.json`: frames, fps, duration, sample_rate, width, height, codec, source, stream_copied, and
-  label / class_name / speaker / description where known.
+* `<key>.json`: frames, fps, duration, sample_rate, width, height, codec, source, stream_copied,
+  chroma_siting, and label / class_name / speaker / description where known.
+
+Colour: a re-encoded clip is BT.601, limited range, with centre-sited 4:2:0 chroma, and its stream
+records all three (vaemo_dist/data/synth.py `tag_colour`, `to_yuv420`); a stream-copied one keeps the
+source's (`chroma_siting` in its json says left, the H.264 default).
 
 Output goes to a local folder or any fsspec URL (`s3://bucket/prefix`): `shard-000000.tar ...`,
 then `manifest.json` (shard names, samples per shard, total, format, shuffle seed, class names) and
@@ -44,6 +58,7 @@ any clip is converted.
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import mmap
@@ -66,15 +81,18 @@ import av
 import numpy as np
 from tqdm import tqdm
 
-from vaemo_dist.data import storage
+from vaemo_dist.data import faces, storage
+from vaemo_dist.data.datasets import dataset_names, get_dataset
 from vaemo_dist.data.decode_pyav import _bmff_cut_short
+from vaemo_dist.data.frames import frame_files, open_frames
 from vaemo_dist.data.shards import MANIFEST_NAME, ShardWriter
-from vaemo_dist.data.sources import MediaInput, media_inputs
-from vaemo_dist.data.synth import BITEXACT, COLOUR_TAGS, tag_colour
+from vaemo_dist.data.sources import MediaInput
+from vaemo_dist.data.synth import BITEXACT, CHROMA_SITING, tag_colour, to_yuv420
 from vaemo_dist.fsutil import FolderInUseError, claim_output_dir, folder_owner, move_aside, refusal
 from vaemo_dist.startup import entry_point, fail
 
 REPORT_NAME = "report.json"
+FOLDS_NAME = "folds.csv"  # key,fold of a dataset's clips (the clip's standard test fold)
 FORMAT_VERSION = 1
 CODECS = {"h264": ("libx264", "mp4", "h264"), "vp9": ("libvpx-vp9", "webm", "vp9")}  # encoder, ext, name
 WRITER = "vaemo-shard"  # the owner name of its output folders (vaemo_dist.fsutil.claim_output_dir)
@@ -111,14 +129,27 @@ class ShardOptions:
     clips_per_shard: int = 256
     prefix: str = "shard"
     shuffle_seed: int | None = 0  # the order clips are shuffled into before sharding; None keeps input order
+    # Face-centred crop (vaemo_dist/data/faces.py): square `size` x `size` output around the speaker's face.
+    face_crop: bool = False
+    face_margin: float = 0.4  # crop side = (1 + margin) * face size
+    face_stride: int = 5  # detect on every n-th output frame; interpolated and smoothed between
+    face_detector: str = "opencv-haar"  # a name in faces.DETECTORS
+    boxes: str = ""  # user boxes (faces.load_boxes) instead of the detector
 
 
 # --------------------------------------------------------------------------------------------
 # Labels of the inputs (a folder or a CSV manifest, listed by vaemo_dist/data/sources.py: media_inputs)
 
 
-def label_table(sources: list[MediaInput]) -> tuple[dict[str, int], list[str]]:
-    """Label text -> integer. Integer labels stay as they are; names get indices in sorted order."""
+def label_table(sources: list[MediaInput],
+                class_names: list[str] | tuple[str, ...] | None = None) -> tuple[dict[str, int], list[str]]:
+    """Label text -> integer. Integer labels stay as they are; names get indices in sorted order, or in
+    the order of `class_names` where given (a dataset adapter's label order; every label must be one)."""
+    if class_names:
+        unknown = sorted({s.label for s in sources if s.label} - set(class_names))
+        if unknown:
+            raise ValueError(f"labels {unknown} are not among the class names {list(class_names)}")
+        return {n: i for i, n in enumerate(class_names)}, list(class_names)
     names = sorted({s.label for s in sources if s.label})
     if all(re.fullmatch(r"-?\d+", n) for n in names):
         return {n: int(n) for n in names}, []
@@ -167,7 +198,11 @@ def _conforms(stream: av.video.stream.VideoStream, opts: ShardOptions) -> bool:
     ctx = stream.codec_context
     rate = stream.average_rate
     return (
-        stream.codec.canonical_name == CODECS[opts.codec][2]
+        not opts.face_crop  # a face crop is always re-encoded
+        # VP9 shards are what DALI decodes on CPU, which reads chroma centre-sited; a VP9 source's siting
+        # cannot be read here, so it is re-encoded (centre-sited, tagged) rather than copied.
+        and opts.codec == "h264"
+        and stream.codec.canonical_name == CODECS[opts.codec][2]
         and ctx.pix_fmt == "yuv420p"
         and rate is not None and Fraction(rate) == opts.fps
         and (ctx.width, ctx.height) == _target_size(ctx.width, ctx.height, opts.size)
@@ -194,15 +229,24 @@ def copy_video(path: str, opts: ShardOptions) -> tuple[bytes, int, float, int, i
     return buf.getvalue(), frames, start or 0.0, width, height
 
 
-def encode_video(path: str, opts: ShardOptions) -> tuple[bytes, int, float, int, int]:
-    """Decode, convert to `opts.fps` on the source timestamps, scale, encode. Same returns as copy_video."""
+def encode_video(path: str, opts: ShardOptions, fps: float = 0.0, *, key: str = "",
+                 info: dict[str, Any] | None = None) -> tuple[bytes, int, float, int, int]:
+    """Decode, convert to `opts.fps` on the source timestamps, scale, encode. Same returns as copy_video.
+    `path` is a video file or a frame folder (data/frames.py; `fps` its rate, 0 = 25).
+
+    With `opts.face_crop` every output frame is the square around the speaker's face (`_face_track`:
+    the detector, or `opts.boxes` looked up by `key` / `path`), scaled to `opts.size` x `opts.size`; the
+    track's summary goes into `info["face_track"]`. The output frames are held in memory (as decoded)
+    until the track is known. Raises Skip (kind no_face) when no face is found on most frames."""
     encoder, fmt, _ = CODECS[opts.codec]
     buf = io.BytesIO()
     written, start = 0, None
-    with av.open(path) as src, av.open(buf, "w", format=fmt, options=BITEXACT) as dst:
-        ins = src.streams.video[0]
-        src_rate = float(ins.average_rate or ins.guessed_rate or opts.fps)
-        width, height = _target_size(ins.codec_context.width, ins.codec_context.height, opts.size)
+    with open_frames(path, fps, fallback=opts.fps) as src, \
+            av.open(buf, "w", format=fmt, options=BITEXACT) as dst:
+        src_rate = src.rate
+        width, height = _target_size(src.width, src.height, opts.size)
+        if opts.face_crop:
+            width = height = opts.size
         outs = dst.add_stream(encoder, rate=opts.fps)
         outs.width, outs.height, outs.pix_fmt = width, height, "yuv420p"
         outs.codec_context.thread_count = 1  # parallelism comes from worker processes
@@ -210,14 +254,18 @@ def encode_video(path: str, opts: ShardOptions) -> tuple[bytes, int, float, int,
             outs.options = {"preset": opts.preset, "crf": str(opts.crf)}
         else:
             outs.options = {"deadline": "good", "cpu-used": "4", "b": "0", "crf": str(opts.crf)}
-        tag_colour(outs)  # BT.601, tv range, left-sited chroma: what the yuv420p frames below hold
+        tag_colour(outs)  # BT.601, tv range, centre-sited chroma: what to_yuv420 makes below
+
+        shown: list[av.VideoFrame] = []  # face crop: output frame n shows shown[n], cropped once tracked
 
         def emit(frame: av.VideoFrame) -> None:
             nonlocal written
-            # Into the tagged matrix and range whatever the source's (a BT.709 or full-range source).
-            out = frame.reformat(width=width, height=height, format="yuv420p", interpolation="AREA",
-                                 dst_colorspace=COLOUR_TAGS["colorspace"],
-                                 dst_color_range=COLOUR_TAGS["color_range"])
+            if opts.face_crop:  # cropped after the loop, once the whole track is known
+                shown.append(frame)
+                written += 1
+                return
+            # Into the tagged matrix, range and siting whatever the source's (a BT.709 or full-range source).
+            out = to_yuv420(frame, width, height)
             out.pts, out.time_base = written, Fraction(1, opts.fps)  # our own clock, not the source's
             dst.mux(outs.encode(out))
             written += 1
@@ -225,7 +273,7 @@ def encode_video(path: str, opts: ShardOptions) -> tuple[bytes, int, float, int,
         # Output frame n shows the newest source frame that started at or before n / fps.
         held: av.VideoFrame | None = None
         last_t = 0.0
-        for i, frame in enumerate(src.decode(ins)):
+        for i, frame in enumerate(src.frames):
             t = frame.time if frame.time is not None else i / src_rate
             start = t if start is None else start
             t -= start
@@ -238,16 +286,71 @@ def encode_video(path: str, opts: ShardOptions) -> tuple[bytes, int, float, int,
             end = last_t + 1.0 / src_rate
             while written < round(end * opts.fps):
                 emit(held)
+        if opts.face_crop and shown:
+            track = _face_track(shown, opts, key, path)
+            if info is not None:
+                info["face_track"] = track.summary()
+            for n, frame in enumerate(shown):
+                crop = faces.crop_square(frame.to_ndarray(format="rgb24"), track.boxes[n])
+                out = to_yuv420(av.VideoFrame.from_ndarray(crop, format="rgb24"), width, height)
+                out.pts, out.time_base = n, Fraction(1, opts.fps)
+                dst.mux(outs.encode(out))
         dst.mux(outs.encode())
     return buf.getvalue(), written, start or 0.0, width, height
 
 
+@functools.lru_cache(maxsize=4)
+def _detector(name: str) -> faces.FaceDetector:
+    return faces.get_detector(name)  # one per process (a worker converts many clips)
+
+
+@functools.lru_cache(maxsize=4)
+def _user_boxes(path: str) -> dict[str, faces.UserBoxes]:
+    return faces.load_boxes(path)
+
+
+def _face_track(shown: list[av.VideoFrame], opts: ShardOptions, key: str, path: str) -> faces.Track:
+    """The face track over the output frames `shown`: from `opts.boxes` when given (no detector; a
+    clip the file has no boxes for is skipped as no_face), else from `opts.face_detector`."""
+    w, h = shown[0].width, shown[0].height
+    try:
+        if opts.boxes:
+            boxes = faces.boxes_for(_user_boxes(opts.boxes), key, path)
+            if boxes is None:
+                raise faces.NoFace(f"no face: --boxes {opts.boxes} has no boxes for {key or path}")
+            return faces.track_from_boxes(boxes.per_frame(len(shown), w, h), w, h, margin=opts.face_margin,
+                                    sigma=1.0, detector="boxes")
+        # Detection runs on every `stride`-th frame only: convert just those to RGB.
+        rgb = _LazyRGB(shown)
+        return faces.track_faces(rgb, _detector(opts.face_detector), opts.face_stride,
+                                 margin=opts.face_margin)
+    except faces.NoFace as e:
+        raise Skip(str(e), "no_face") from None
+
+
+class _LazyRGB:
+    """A sequence of frames as RGB arrays, converted when read."""
+
+    def __init__(self, frames: list[av.VideoFrame]) -> None:
+        self.frames = frames
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.frames[i].to_ndarray(format="rgb24")
+
+
 def _encode_audio(path: str, video_start: float, opts: ShardOptions) -> tuple[bytes, int]:
-    """First audio track -> 16-bit mono FLAC at opts.sample_rate, starting with the first video frame."""
+    """First audio track of `path` (the video file, or a separate audio file: wav, m4a, flac, ...) ->
+    16-bit mono FLAC at opts.sample_rate, starting with the first video frame (`video_start`, seconds
+    on the audio file's clock: 0 for a separate file, which is taken to start with the video)."""
     chunks: list[np.ndarray] = []
     start: float | None = None
     resampler = av.AudioResampler(format="s16", layout="mono", rate=opts.sample_rate)
     with av.open(path) as src:
+        if not src.streams.audio:
+            raise Skip(f"no audio track in {path}", "no_audio")
         ins = src.streams.audio[0]
         for frame in src.decode(ins):
             if start is None and frame.time is not None:
@@ -279,29 +382,54 @@ def encode_flac(pcm: np.ndarray, sample_rate: int) -> bytes:
 
 def convert_clip(source: MediaInput, opts: ShardOptions,
                  labels: dict[str, int] | None = None) -> dict[str, Any]:
-    """One WebDataset sample (bytes values) for `source`; raises Skip with the reason."""
+    """One WebDataset sample (bytes values) for `source`; raises Skip with the reason.
+
+    `source.path` is a video file or a frame folder (data/frames.py, at `source.fps`, 0 = 25); the audio
+    comes from `source.audio` when set (checked before any encoding), else from the video file's own
+    track (a frame folder without `audio` is skipped as no_audio)."""
+    if os.path.isdir(source.path):
+        n_frames = len(frame_files(source.path))
+        if not n_frames:
+            raise Skip("no frame images in the folder", "no_video")
+        folder_s = n_frames / (source.fps or 25.0)
+        if folder_s < opts.min_duration:
+            raise Skip(f"too short: {folder_s:.2f}s < {opts.min_duration}s", "too_short")
+        copy = False
+    else:
+        try:
+            container = av.open(source.path)
+        except (av.FFmpegError, OSError, ValueError) as e:
+            if isinstance(e, av.EOFError) or _cut_short(source.path):
+                raise Skip(f"truncated: the file is cut short ({type(e).__name__}: {e})", "truncated") from e
+            raise Skip(f"unreadable: {type(e).__name__}: {e}", "corrupt") from e
+        with container:
+            if not container.streams.video:
+                raise Skip("no video track", "no_video")
+            if not container.streams.audio and not source.audio:
+                raise Skip("no audio track", "no_audio")
+            if container.duration is not None and container.duration / 1e6 < opts.min_duration:
+                raise Skip(f"too short: {container.duration / 1e6:.2f}s < {opts.min_duration}s", "too_short")
+            copy = _conforms(container.streams.video[0], opts)
+    if source.audio:
+        if not os.path.isfile(source.audio):
+            raise Skip(f"no audio: the audio file is missing ({source.audio})", "no_audio")
+        if os.path.getsize(source.audio) == 0:
+            raise Skip(f"no audio: the audio file is empty ({source.audio})", "empty")
+    elif os.path.isdir(source.path):
+        raise Skip("no audio: a frame folder needs a separate audio file", "no_audio")
+    extra: dict[str, Any] = {}  # what encode_video adds to the json (face_track)
     try:
-        container = av.open(source.path)
-    except (av.FFmpegError, OSError, ValueError) as e:
-        if isinstance(e, av.EOFError) or _cut_short(source.path):
-            raise Skip(f"truncated: the file is cut short ({type(e).__name__}: {e})", "truncated") from e
-        raise Skip(f"unreadable: {type(e).__name__}: {e}", "corrupt") from e
-    with container:
-        if not container.streams.video:
-            raise Skip("no video track", "no_video")
-        if not container.streams.audio:
-            raise Skip("no audio track", "no_audio")
-        if container.duration is not None and container.duration / 1e6 < opts.min_duration:
-            raise Skip(f"too short: {container.duration / 1e6:.2f}s < {opts.min_duration}s", "too_short")
-        copy = _conforms(container.streams.video[0], opts)
-    try:
-        video, frames, v_start, width, height = (copy_video if copy else encode_video)(source.path, opts)
+        if copy:
+            video, frames, v_start, width, height = copy_video(source.path, opts)
+        else:
+            video, frames, v_start, width, height = encode_video(source.path, opts, source.fps,
+                                                                 key=source.key, info=extra)
         if frames == 0:
             raise Skip("video track has no decodable frames", "corrupt")
         duration = frames / opts.fps
         if duration < opts.min_duration:
             raise Skip(f"too short: {duration:.2f}s < {opts.min_duration}s", "too_short")
-        audio, n_audio = _encode_audio(source.path, v_start, opts)
+        audio, n_audio = _encode_audio(source.audio or source.path, 0.0 if source.audio else v_start, opts)
     except av.FFmpegError as e:
         cut = isinstance(e, av.EOFError) or _cut_short(source.path)
         raise Skip(f"undecodable: {type(e).__name__}: {e}", "truncated" if cut else "corrupt") from e
@@ -314,7 +442,12 @@ def convert_clip(source: MediaInput, opts: ShardOptions,
         "frames": frames, "fps": opts.fps, "duration": duration, "sample_rate": opts.sample_rate,
         "audio_samples": n_audio, "width": width, "height": height, "codec": opts.codec,
         "source": source.path, "stream_copied": copy,
+        # Re-encoded: what to_yuv420 makes (and the stream's tag says); stream-copied: the source's own,
+        # taken as the H.264 default (left) since PyAV cannot read it (DALI's GPU path corrects it).
+        "chroma_siting": "left" if copy else CHROMA_SITING,
     }
+    if source.audio:
+        meta["audio_source"] = source.audio
     if source.label:
         meta["label"] = (labels or {}).get(source.label, source.label)
         if not re.fullmatch(r"-?\d+", source.label):
@@ -323,6 +456,7 @@ def convert_clip(source: MediaInput, opts: ShardOptions,
         if getattr(source, name):
             meta[name] = getattr(source, name)
     meta.update(source.extra)
+    meta.update(extra)
     return {
         "__key__": source.key,
         CODECS[opts.codec][1]: video,
@@ -439,20 +573,32 @@ def check_writable(out: str) -> None:
 
 
 def write_shards(sources: list[MediaInput], out: str, opts: ShardOptions = ShardOptions(), *,
-                 workers: int = 1, progress: bool = True, overwrite: bool = False) -> Report:
+                 workers: int = 1, progress: bool = True, overwrite: bool = False,
+                 class_names: list[str] | tuple[str, ...] | None = None,
+                 skipped: list[dict[str, str]] | None = None,
+                 dataset: dict[str, Any] | None = None) -> Report:
     """Convert `sources` into shards at `out` (folder or fsspec URL); returns what happened.
 
     Clips are sharded in the order `shuffled(sources, opts.shuffle_seed)`. `out` is claimed first
     (claim_out): a folder that is not vaemo-shard's to fill raises FolderInUseError, unless
-    `overwrite` (moved aside, never deleted)."""
+    `overwrite` (moved aside, never deleted).
+
+    From a dataset adapter (vaemo_dist/data/datasets): `class_names` fixes the label order (kept whole
+    in the manifest, classes without accepted clips included, so indices are the dataset's own);
+    `skipped` (dicts with path, reason, kind) are the inputs the adapter refused, listed in the report
+    with the converter's skips (key ""); `dataset` (name, class_names, protocol, ...) goes into
+    manifest.json as "dataset", and the accepted clips' `fold` values into `<out>/folds.csv` (key,fold)."""
     if opts.codec not in CODECS:
         raise ValueError(f"codec {opts.codec!r} not supported; choose one of {sorted(CODECS)}")
     out = out.rstrip("/")
+    labels, fixed_names = label_table(sources, class_names)  # before any work: unknown labels are refused
     check_writable(out)
     claim_out(out, overwrite)
-    report = Report(out=storage.redact(out), inputs=len(sources))
+    pre_skipped = [{"path": s["path"], "key": "", "kind": s["kind"], "reason": s["reason"]}
+                   for s in skipped or []]
+    report = Report(out=storage.redact(out), inputs=len(sources) + len(pre_skipped), skipped=pre_skipped)
     start = time.perf_counter()
-    labels, class_names = label_table(sources)  # over all inputs; narrowed to the accepted below
+    class_names = fixed_names  # over all inputs; narrowed to the accepted below (unless fixed)
     sources = shuffled(sources, opts.shuffle_seed)
     # Each shard is written under a temporary name and renamed (uploaded) when whole; the manifest last.
     shard_set = ShardWriter(out, opts.clips_per_shard, prefix=opts.prefix)
@@ -474,7 +620,7 @@ def write_shards(sources: list[MediaInput], out: str, opts: ShardOptions = Shard
     # Class names (and indices) come only from the accepted clips: a name that only skipped inputs
     # carried is dropped, and the clips' indices above it move down (their shards are rewritten).
     used = sorted({s.label for s in sources_accepted(sources, report)} & set(class_names))
-    if used != class_names:
+    if used != class_names and not dataset:
         mapping = {labels[n]: i for i, n in enumerate(used)}
         renumber_labels([shard_set.url(n) for n in report.shards], mapping)
         class_names = used
@@ -495,6 +641,13 @@ def write_shards(sources: list[MediaInput], out: str, opts: ShardOptions = Shard
     }
     if class_names:
         manifest["class_names"] = class_names  # the accepted clips' names, label i = class_names[i]
+    if dataset:
+        manifest["dataset"] = dataset
+        folds = [(s.key, s.extra["fold"]) for s in sources_accepted(sources, report) if s.extra.get("fold")]
+        if folds:
+            text = "key,fold\n" + "".join(f"{k},{f}\n" for k, f in sorted(folds))
+            storage.write_bytes(f"{out}/{FOLDS_NAME}", text.encode())
+            manifest["dataset"] = {**dataset, "folds_file": FOLDS_NAME}
     record = {**asdict(report), "skipped_by_reason": report.by_reason(), "skipped_by_kind": report.by_kind()}
     storage.write_bytes(f"{out}/{REPORT_NAME}", json.dumps(record, indent=2).encode())
     shard_set.write_manifest(manifest, sort_keys=False)  # last: it says the set is complete
@@ -520,7 +673,12 @@ def main(argv: list[str] | None = None) -> int:
     d = ShardOptions()
     p = argparse.ArgumentParser(prog="vaemo-shard", description=__doc__.splitlines()[0],
                                 formatter_class=HelpWithDefaults)
-    p.add_argument("input", help="a folder of videos, or a CSV with columns path[,label,speaker,description]")
+    p.add_argument("input", help="a folder of videos, or a CSV with columns path[,label,speaker,description,"
+                                 "audio,fps]; with --dataset: the corpus root")
+    p.add_argument("--dataset", default="", choices=[""] + dataset_names(), metavar="NAME",
+                   help=f"read INPUT as this corpus in its distributed layout: {', '.join(dataset_names())}")
+    p.add_argument("--dataset-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the dataset adapter (e.g. audio=aac for voxceleb2); repeatable")
     p.add_argument("--out", required=True,
                    help="output folder or fsspec URL (s3://bucket/prefix); a new or empty folder")
     p.add_argument("--overwrite", action="store_true",
@@ -539,17 +697,56 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="encoding processes")
     p.add_argument("--s3-endpoint", default="", help="S3 endpoint URL (default: AWS_ENDPOINT_URL)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--face-crop", action="store_true",
+                   help="crop every frame to a square around the speaker's face, --size x --size; clips with "
+                        "no face on most checked frames are skipped (no_face)")
+    p.add_argument("--face-margin", type=float, default=d.face_margin,
+                   help="face crop side = (1 + margin) * face size")
+    p.add_argument("--face-stride", type=int, default=d.face_stride,
+                   help="detect faces on every n-th output frame (interpolated and smoothed between)")
+    p.add_argument("--face-detector", default=d.face_detector, choices=sorted(faces.DETECTORS),
+                   help="face detector of --face-crop")
+    p.add_argument("--boxes", default="",
+                   help="face boxes per clip instead of the detector: CSV key,[frame,]x,y,w,h, JSON, or "
+                        "VoxCeleb txt tracks (a file or folder; see vaemo_dist/data/faces.py load_boxes); "
+                        "needs --face-crop")
     args = p.parse_args(argv)
     if args.clips_per_shard < 1 or args.fps < 1 or args.size < 0:
         p.error("--clips-per-shard and --fps must be >= 1, --size >= 0")
+    if args.face_crop and (args.size < 2 or args.face_stride < 1 or args.face_margin < 0):
+        p.error("--face-crop needs --size >= 2, --face-stride >= 1 and --face-margin >= 0")
+    if args.boxes and not args.face_crop:
+        p.error("--boxes needs --face-crop")
+    if args.face_crop:  # a missing detector or an unreadable boxes file is said before any work
+        try:
+            _user_boxes(args.boxes) if args.boxes else _detector(args.face_detector)
+        except (ImportError, ValueError, OSError, KeyError) as e:
+            return fail(f"vaemo-shard: {e}")
     opts = ShardOptions(size=args.size, fps=args.fps, codec=args.codec, crf=args.crf,
                         min_duration=args.min_duration, clips_per_shard=args.clips_per_shard,
-                        prefix=args.prefix, shuffle_seed=None if args.no_shuffle else args.shuffle_seed)
+                        prefix=args.prefix, shuffle_seed=None if args.no_shuffle else args.shuffle_seed,
+                        face_crop=args.face_crop, face_margin=args.face_margin, face_stride=args.face_stride,
+                        face_detector=args.face_detector, boxes=args.boxes)
     storage.configure(endpoint=args.s3_endpoint)
+    options = {}
+    for item in args.dataset_option:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            p.error(f"--dataset-option takes KEY=VALUE, got {item!r}")
+        options[key.strip()] = value.strip()
+    if options and not args.dataset:
+        p.error("--dataset-option needs --dataset")
     try:
-        sources = media_inputs(args.input)
-        report = write_shards(sources, args.out, opts, workers=args.workers, progress=not args.no_progress,
-                              overwrite=args.overwrite)
+        adapter = get_dataset(args.dataset or "csv")
+        listing = adapter.inputs(args.input, **options)
+        info = adapter.manifest_entry() if args.dataset else None
+        if listing.skipped:
+            counts = Counter(s["reason"].split(":")[0] for s in listing.skipped)
+            print(f"{adapter.name}: {len(listing.inputs)} clips listed, {len(listing.skipped)} refused: "
+                  f"{dict(counts)}", file=sys.stderr)
+        report = write_shards(listing.inputs, args.out, opts, workers=args.workers,
+                              progress=not args.no_progress, overwrite=args.overwrite,
+                              class_names=adapter.class_names or None, skipped=listing.skipped, dataset=info)
     except (ValueError, OSError, FolderInUseError) as e:
         return fail(f"vaemo-shard: {e}")
     out = report.out
