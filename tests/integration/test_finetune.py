@@ -190,3 +190,37 @@ def test_finetune_speaker_folds_clips_at_training_size_and_no_silent_rerun(expor
     assert "finished fine-tuning result" in again.stderr and "--overwrite" in again.stderr
     assert again.stderr.count("refusing to write into") == 1
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_finetune_official_protocol_with_test_views_writes_the_peer_table(export, tiny_corpus, tmp_path):
+    """Shards whose clips say their dataset, speaker and official fold (as vaemo-shard --dataset writes
+    them): --protocol official takes those folds, each test clip is evaluated as 2 x 2 views (the
+    fine-tuning default), and results.md puts the run beside the peers' published CREMA-D numbers."""
+    from vaemo_dist.data.shards import ShardWriter
+
+    shards = tmp_path / "shards"
+    with ShardWriter(shards, 6, prefix="cremad") as writer:
+        for url in expand_shards(str(tiny_corpus)):
+            for sample in read_shard(url):
+                meta = json.loads(sample["json"])
+                speaker = f"10{int(sample['__key__'][-2:]) % 4:02d}"
+                fold = "1" if speaker in ("1000", "1001") else "2"
+                meta.update(speaker=speaker, dataset="cremad", fold=fold)
+                writer.write({**{k: v for k, v in sample.items() if k != "__url__"},
+                              "json": json.dumps(meta).encode()})
+    out = tmp_path / "ft"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "launchers/finetune.py", "--mode", "finetune", "--pretrained", str(export),
+           "--data", str(shards), "--protocol", "official", "--folds", "1", "--out", str(out), *TRAIN,
+           "train.steps=2"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["protocol"] == "official" and report["dataset"] == "cremad"
+    assert report["test_views"] == [2, 2] and report["group_independent"] is True
+    assert report["folds"]["1"]["n"] == 6 and report["folds"]["1"]["skipped_test"] == 0
+    assert "protocol: official" in proc.stderr and "2 temporal window(s) x 2 spatial crop(s)" in proc.stderr
+    text = (out / "results.md").read_text()
+    assert "| this run (VAEmo, finetune) | 1 fold(s) |" in text
+    assert "| HiCMAE | base | 84.91 | 84.89 |" in text
+    assert "2 temporal x 2 spatial" in text and "not reproduced" in text

@@ -6,8 +6,16 @@ reports that fine-tuning (vaemo_dist/stages/finetune.py) uses.
         --splits folds.csv --folds 1,2 --out runs/ft [--epochs 20] [train.zero_stage=2 optim.lr=5e-4 ...]
 
 Both write to `--out`: `metrics.json` (per fold UAR / WAR / per-class recall / confusion matrix, and
-their mean ± std over folds), `predictions.csv` (fold, key, label, prediction), `confusion.png`
-(summed over folds), `confusion_fold_<f>.png` and `folds.csv` (the folds used, with each clip's group).
+their mean ± std over folds), `results.md` (the run's UAR / WAR beside the peers' published numbers
+for its benchmark, vaemo_dist/eval/peers.py), `predictions.csv` (fold, key, label, prediction),
+`confusion.png` (summed over folds), `confusion_fold_<f>.png` and `folds.csv` (the folds used, with
+each clip's group).
+
+Protocols (`--protocol`): official takes a benchmark's standard folds from the clips' `fold` fields
+(refused when there are none, the clips are of several datasets or a speaker leaks between a fold's
+train and test split); kfold makes the folds below; auto picks official when the clips carry folds
+and a dataset name. Fine-tuning evaluates each test clip as `--test-views T,S` (default 2,2: T
+evenly spaced temporal windows x S crops along the long side, logits averaged); the probe uses one.
 
 Before anything is embedded or trained, the data's metadata is read (manifest rows, or only the json
 members of local shards): no labelled clips, a single class, a missing `--group-by` field or folds
@@ -64,6 +72,7 @@ from vaemo_dist.eval.metrics import (
 from vaemo_dist.eval.splits import (
     Fold,
     check_keys,
+    folds_from_assignment,
     folds_from_columns,
     group_overlap,
     grouped_folds,
@@ -79,12 +88,14 @@ from vaemo_dist.fsutil import (
     folder_owner,
     move_aside,
     refusal,
+    write_atomic,
 )
 
 log = logging.getLogger("vaemo.downstream")
 
 DEFAULT_CONFIG = "configs/finetune/tiny.yaml"
 FOLDS_FILE = "folds.csv"  # the folds used, next to the results
+RESULTS_FILE = "results.md"  # this run beside the peers' published numbers
 CLIPS_DIR = "train_clips"  # fine-tuning: every training clip once, at the training resolution
 # Bump when what write_training_clips stores changes: stored clips of another version are rewritten.
 CLIPS_FORMAT = 1
@@ -107,6 +118,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kfold", type=int, default=5,
                    help="without split information: seeded stratified k folds")
     p.add_argument("--seed", type=int, default=0, help="seed of --kfold folds")
+    p.add_argument("--protocol", choices=["auto", "official", "kfold"], default="auto",
+                   help="official: the benchmark's standard folds, from the clips' 'fold' fields (as the "
+                        "dataset adapters of vaemo-shard --dataset write them); kfold: seeded --kfold folds "
+                        "grouped by --group-by, ignoring any fold fields; auto (default): official when "
+                        "the clips carry folds and a 'dataset' field (or --dataset), else a split file, "
+                        "the data's fold / split fields or k folds")
+    p.add_argument("--dataset", default=None,
+                   help="the benchmark the data is (cremad, ravdess, mafw, dfew, or any name) when its "
+                        "clips have no 'dataset' field: names the protocol and the peers in results.md")
+    p.add_argument("--test-views", default=None,
+                   help="T,S: each test clip is evaluated as T temporal windows (evenly spaced) x S "
+                        "spatial crops (along the long side), logits averaged. Default 2,2 for "
+                        "finetune; the probe uses 1,1 (one view) only")
     p.add_argument("--group-by", default="auto",
                    help="--kfold folds keep each value of this field (manifest column or shard json key) "
                         "in one fold: speaker-independent folds. auto (default): 'speaker' when the "
@@ -138,6 +162,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="trainer config overrides (finetune), e.g. train.steps=200")
     args = p.parse_intermixed_args(argv)
+    if args.test_views is None:
+        args.test_views = "2,2" if args.mode == "finetune" else "1,1"
     if args.out is None:
         args.out = f"runs/{args.mode}-{Path(args.pretrained).resolve().name}"
     return args
@@ -192,10 +218,14 @@ class FoldPlan:
     group_by: str | None  # the grouping field, None for clip-level folds
     group_of: dict[str, str]  # labelled key -> its group (speaker)
     overlap: dict[str, list[str]]  # fold -> groups in both its train and test split (given splits)
+    protocol: str = "kfold"  # "official", "kfold" or "given" (a split file / the data's fold fields)
+    protocol_why: str = ""  # why this protocol, in words (--protocol, or what auto found)
+    dataset: str | None = None  # the benchmark's name (the clips' 'dataset' field or --dataset)
 
     def info(self) -> dict[str, Any]:
         """For metrics.json."""
-        return {"folds_from": self.origin, "group_by": self.group_by,
+        return {"protocol": self.protocol, "protocol_why": self.protocol_why, "dataset": self.dataset,
+                "folds_from": self.origin, "group_by": self.group_by,
                 "groups": len(set(self.group_of.values())) if self.group_by else None,
                 "group_independent": (not self.overlap) if self.group_by else None,
                 "folds_file": FOLDS_FILE}
@@ -222,35 +252,115 @@ def group_column(requested: str, labelled: list[Any]) -> str | None:
     return column
 
 
+def data_dataset(labelled: list[Any], requested: str | None) -> str | None:
+    """The one dataset the labelled clips are: their 'dataset' field, else `requested` (--dataset);
+    StartupError for clips of several datasets or a --dataset the clips contradict."""
+    named = sorted({str(r.fields["dataset"]) for r in labelled if r.fields.get("dataset")})
+    if len(named) > 1:
+        counts = {n: sum(r.fields.get("dataset") == n for r in labelled) for n in named}
+        raise StartupError(f"the labelled clips are of several datasets {counts}: a benchmark's protocol "
+                           "needs one; evaluate each dataset on its own")
+    if named and requested and requested.lower() != named[0].lower():
+        raise StartupError(f"--dataset {requested}, but the clips say they are {named[0]!r} (their json "
+                           "'dataset' field)")
+    return named[0] if named else requested
+
+
 def plan_folds(args: argparse.Namespace, clips: Clips) -> FoldPlan:
-    """The folds: a split file, else the data's fold / split fields, else seeded k folds grouped by
-    `--group-by` (speaker by default) and stratified by class; StartupError / SplitError if unusable."""
+    """The folds of `--protocol`: official (the clips' fold fields, checked subject-independent by
+    speaker), kfold (seeded k folds grouped by `--group-by`, speaker by default, stratified by class),
+    or for auto official when the clips carry a dataset's folds, else a split file, the data's fold /
+    split fields or k folds. StartupError / SplitError if unusable."""
     labelled = clips.labelled
     keys = [r.key for r in labelled]
     labels = [r.label for r in labelled]
+    protocol = getattr(args, "protocol", "auto")
+    dataset = data_dataset(labelled, getattr(args, "dataset", None))
+    has_folds = any(r.fold is not None for r in labelled)
+    if protocol != "auto" and args.splits:
+        raise StartupError(f"--splits {args.splits} and --protocol {protocol} both say where the folds come "
+                           "from: give one (--protocol auto uses the split file)")
+    if protocol == "auto":
+        if args.splits:
+            protocol, why = "given", "--protocol auto: a split file was given"
+        elif has_folds and dataset:
+            protocol, why = "official", f"--protocol auto: the clips carry {dataset}'s folds"
+        elif has_folds or any(r.split is not None for r in labelled):
+            protocol, why = "given", ("--protocol auto: the clips carry fold / split fields but no dataset "
+                                      "name")
+        else:
+            protocol, why = "kfold", "--protocol auto: the clips carry no folds"
+    else:
+        why = f"--protocol {protocol}"
     column = group_column(args.group_by, labelled)
     group_of = {r.key: str(r.group(column)) for r in labelled} if column else {}
-    if args.splits:
+    if protocol == "official":
+        folds, origin, column, group_of = official_folds(labelled, dataset)
+    elif protocol == "given" and args.splits:
         folds, origin = read_split_file(args.splits), f"the split file {args.splits}"
-    else:
+    elif protocol == "given":
         folds = folds_from_columns(keys, [r.fold for r in labelled], [r.split for r in labelled])
+        assert folds is not None
         origin = "the data's fold / split fields"
-        if folds is None and column:
-            folds = grouped_folds(keys, labels, [group_of[k] for k in keys], args.kfold, args.seed, column)
-            origin = (f"{args.kfold} folds by {column} ({len(set(group_of.values()))} values, each in one "
-                      f"fold), stratified by class, seed {args.seed}")
-        elif folds is None:
-            folds = stratified_folds(keys, labels, args.kfold, args.seed)
-            origin = f"{args.kfold} clip-level folds, stratified by class, seed {args.seed}"
+    elif column:
+        folds = grouped_folds(keys, labels, [group_of[k] for k in keys], args.kfold, args.seed, column)
+        origin = (f"{args.kfold} folds by {column} ({len(set(group_of.values()))} values, each in one "
+                  f"fold), stratified by class, seed {args.seed}")
+    else:
+        folds = stratified_folds(keys, labels, args.kfold, args.seed)
+        origin = f"{args.kfold} clip-level folds, stratified by class, seed {args.seed}"
     selected = select_folds(folds, args.folds)
     missing = check_keys(selected, keys)
     if any(missing.values()):
         log.warning("keys named by the split but absent from the labelled data: %s", missing)
     overlap = group_overlap(selected, group_of) if column else {}
-    return FoldPlan(selected, folds, origin, column, group_of, overlap)
+    return FoldPlan(selected, folds, origin, column, group_of, overlap, protocol, why, dataset)
+
+
+def official_folds(labelled: list[Any], dataset: str | None) -> tuple[dict[str, Fold], str, str | None,
+                                                                        dict[str, str]]:
+    """A benchmark's standard folds from the clips' `fold` fields: (folds, origin, grouping field,
+    key -> speaker). StartupError when no clip has a fold, some lack one, or a speaker is in a fold's
+    train and test split (the folds are not subject-independent); clips without speakers are not
+    checked (said in the log)."""
+    from vaemo_dist.eval.peers import PROTOCOLS, benchmark
+
+    name = dataset or "the data"
+    with_fold = [r for r in labelled if r.fold is not None]
+    if not with_fold:
+        raise StartupError(f"--protocol official: no labelled clip of {name} has a 'fold' field (vaemo-shard "
+                           "--dataset NAME writes each clip's official test fold); use --protocol kfold for "
+                           "speaker-grouped k folds, or --splits FILE")
+    if len(with_fold) < len(labelled):
+        lacking = [r.key for r in labelled if r.fold is None]
+        raise StartupError(f"--protocol official: {len(lacking)} of {len(labelled)} labelled clips have no "
+                           f"'fold' field (e.g. {lacking[:3]})")
+    folds = folds_from_assignment((r.key, str(r.fold)) for r in labelled)
+    speakers = {r.key: str(r.speaker) for r in labelled if r.speaker}
+    what = PROTOCOLS.get(benchmark(dataset) or "", "the data's own folds")
+    origin = f"the official folds of {name} ({what}; {len(folds)} folds from the clips' 'fold' fields)"
+    if not speakers:
+        log.warning("--protocol official: the clips of %s have no speaker field: the folds cannot be "
+                    "checked subject-independent", name)
+        return folds, origin, None, {}
+    if len(speakers) < len(labelled):
+        raise StartupError(f"--protocol official: {len(labelled) - len(speakers)} of {len(labelled)} "
+                           "labelled clips have no speaker: the folds cannot be checked subject-independent")
+    leaks = group_overlap(folds, speakers)
+    if leaks:
+        said = "; ".join(f"fold {f}: {', '.join(g[:8])}{' ...' if len(g) > 8 else ''}"
+                         for f, g in leaks.items())
+        raise StartupError(f"--protocol official: the folds of {name} are not subject-independent: these "
+                           f"speakers are in both the train and the test split of a fold ({said})")
+    return folds, origin, "speaker", speakers
 
 
 def log_plan(plan: FoldPlan, args: argparse.Namespace, where: Path) -> None:
+    from vaemo_dist.eval.peers import benchmark
+
+    known = benchmark(plan.dataset)
+    log.info("protocol: %s (%s); dataset: %s%s", plan.protocol, plan.protocol_why, plan.dataset or "unnamed",
+             f" (benchmark {known})" if known else " (no known benchmark: results.md has no peers)")
     if plan.group_by is None:
         why = ("--group-by none" if args.group_by.lower() == "none"
                else "the clips have no speaker field; --group-by <column> groups by another")
@@ -356,8 +466,55 @@ def write_report(out: Path, results: dict[str, FoldResult], class_names: list[st
                            f"{info['mode']}: fold {name}")
     save_confusion_png(total, class_names, out / "confusion.png",
                        f"{info['mode']}: {len(results)} folds summed")
+    write_atomic(out / RESULTS_FILE, results_markdown(report))
     log.info("%s on %s: %s", info["mode"], info["data"], format_summary(summary))
     return report
+
+
+def results_markdown(report: dict[str, Any]) -> str:
+    """`results.md`: this run's UAR / WAR (mean ± std over folds, and per fold) beside the peers'
+    published numbers for its benchmark (vaemo_dist/eval/peers.py), with the data it used; a table
+    without peers for data that is no known benchmark."""
+    from vaemo_dist.eval.peers import PROTOCOLS, benchmark, peers_of
+
+    summary, folds = report["summary"], report["folds"]
+    dataset = report.get("dataset")
+    known = benchmark(dataset)
+    views = report.get("test_views") or [1, 1]
+    tested = sum(int(f.get("n", 0)) for f in folds.values())
+
+    def pct(mean: Any, std: Any = None) -> str:
+        if mean is None or (isinstance(mean, float) and np.isnan(mean)):
+            return "n/a"
+        return f"{100 * mean:.2f}" + (f" ± {100 * std:.2f}" if std is not None else "")
+
+    title = f"{dataset} ({known})" if known and dataset != known else (dataset or "unnamed data")
+    named = dataset or "not named (no dataset field, no --dataset)"
+    lines = [f"# {report['mode']} on {title}", "",
+             f"- data: `{report.get('data')}`; dataset: {named}"
+             f"{'' if known else ' (no known benchmark: no peers to compare with)'}",
+             f"- clips: {report.get('clips', 'n/a')} labelled, {tested} tested over {len(folds)} fold(s) "
+             f"({', '.join(folds)}); skipped: {len(report.get('skipped') or [])}",
+             f"- protocol: {report.get('protocol')} ({report.get('protocol_why', '')}); folds: "
+             f"{report.get('folds_from')}",
+             f"- test views: {views[0]} temporal x {views[1]} spatial, logits averaged per clip",
+             f"- modality: {report.get('modality')}; pretrained: `{report.get('pretrained')}`", "",
+             "| method | variant | UAR (%) | WAR (%) | source |", "| --- | --- | --- | --- | --- |",
+             f"| this run (VAEmo, {report['mode']}) | {len(folds)} fold(s) | "
+             f"{pct(summary.get('uar_mean'), summary.get('uar_std'))} | "
+             f"{pct(summary.get('war_mean'), summary.get('war_std'))} | measured here (metrics.json) |"]
+    peers = peers_of(dataset)
+    for peer in peers:
+        lines.append(f"| {peer.method} | {peer.variant} | {peer.uar:.2f} | {peer.war:.2f} | "
+                     f"[{peer.source}]({peer.url}) |")
+    lines += ["", "Mean ± population standard deviation over the folds run."]
+    if peers:
+        lines.append(f"The peers' numbers are quoted from their papers ({PROTOCOLS[known]}), not reproduced "
+                     "here; a run on fewer folds, other views or another modality is not the same measure.")
+    lines += ["", "| fold | test clips | UAR (%) | WAR (%) |", "| --- | --- | --- | --- |"]
+    lines += [f"| {name} | {f.get('n', 0)} | {pct(f.get('uar'))} | {pct(f.get('war'))} |"
+              for name, f in folds.items()]
+    return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------------------------
@@ -377,6 +534,9 @@ def run_probe(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     # Everything that can be wrong with the data, the folds or --out is found before any embedding.
     source = open_source(args.data, args.classes.split(",") if args.classes else None)
+    if parse_views(args.test_views) != (1, 1):
+        raise StartupError(f"--test-views {args.test_views}: the probe embeds each clip once (one view, "
+                           "1,1); test views are for --mode finetune")
     clips = scan_clips(source, args.data)
     plan = plan_folds(args, clips)
     problem = out_folder_problem(out, "probe", args)
@@ -413,7 +573,7 @@ def run_probe(args: argparse.Namespace) -> dict[str, Any]:
         results[name] = FoldResult(m, keys, [int(emb.labels[index[k]]) for k in keys], preds)
     info = {"mode": "probe", "pretrained": args.pretrained, "data": args.data, "modality": args.modality,
             "features": features_name, "feature_dim": int(features.shape[1]), "clips": len(emb),
-            "skipped": emb.meta.get("skipped", []), **plan.info()}
+            "skipped": emb.meta.get("skipped", []), "test_views": [1, 1], **plan.info()}
     report = write_report(out, results, class_names, info)
     from vaemo_dist.eval.predict import save_probe_classifiers  # for vaemo-predict: per fold, and all clips
 
@@ -487,7 +647,13 @@ def at_training_size(sample: dict[str, Any], size: int) -> dict[str, Any]:
         return sample
     fps = max(1, round(float(rate))) if rate else 25
     opts = ShardOptions(size=size, fps=fps)
-    video, frames, _, new_width, new_height = encode_video(io.BytesIO(data), opts)  # type: ignore[arg-type]
+    import tempfile
+
+    # The writer's encoder reads a file (its declared input): the bytes go through a temporary one.
+    with tempfile.NamedTemporaryFile(suffix=f".{field}") as tmp:
+        tmp.write(data)
+        tmp.flush()
+        video, frames, _, new_width, new_height = encode_video(tmp.name, opts)
     meta = json.loads(bytes(sample.get("json") or b"{}").decode("utf-8"))
     meta.update(frames=frames, fps=fps, duration=frames / fps, width=new_width, height=new_height,
                 resized_from=[width, height])
@@ -636,42 +802,220 @@ def write_fold_shards(samples: Iterable[dict[str, Any]], keys: set[str], out_dir
     return sorted(str(p) for p in out_dir.glob("train-*.tar"))
 
 
-def evaluate(model: Any, source: Any, test_keys: list[str], inputs: Any, modality: str, batch_size: int,
-             rank: int, world: int, device: torch.device) -> tuple[np.ndarray, list[str]]:
-    """Predictions for `test_keys` (-1 where a clip could not be decoded), work split over ranks."""
+# --------------------------------------------------------------------------------------------
+# Test-time views
+
+
+def parse_views(text: str) -> tuple[int, int]:
+    """`--test-views` "T,S" -> (T, S): T temporal windows x S spatial crops, both 1 or more."""
+    parts = [p.strip() for p in str(text).split(",")]
+    if len(parts) != 2 or not all(p.isdigit() and int(p) >= 1 for p in parts):
+        raise StartupError(f"--test-views {text!r}: give T,S (temporal windows, spatial crops), two whole "
+                           "numbers of 1 or more, e.g. 2,2")
+    return int(parts[0]), int(parts[1])
+
+
+def window_starts(total: int, span: int, segments: int) -> list[int]:
+    """First frame of each of `segments` windows of `span` frames over a clip of `total` frames. One
+    window: centred, as the training decoder samples it (data/decode_pyav.sample_indices). Several:
+    evenly spaced from the clip's first frame to a window ending on its last, the step rounded down,
+    as the peers' test code places its segments; a clip shorter than a window gives the same window
+    (from frame 0, its end padded with the last frame) every time."""
+    if segments == 1:
+        return [max(0, (total - span) // 2)]
+    step = max((total - span) / (segments - 1), 0.0)
+    return [int(i * step) for i in range(segments)]
+
+
+def crop_offsets(long: int, side: int, crops: int) -> list[int]:
+    """Offsets along a frame's long side of `crops` squares of `side` pixels (the short side): one
+    is centred (the training decoder's crop); several are evenly spaced from one end to the other,
+    the step rounded down (two crops: the two ends, left and right of a landscape frame)."""
+    if crops == 1:
+        return [(long - side) // 2]
+    step = (long - side) / (crops - 1)
+    return [int(i * step) for i in range(crops)]
+
+
+def decode_views(record: Any, inputs: Any, modality: str, views: tuple[int, int]) -> tuple[
+        torch.Tensor | None, torch.Tensor | None]:
+    """The test views of one record: video [V, 3, T, size, size] and audio [V, 1, F, M] (None for the
+    modality not used), V = segments x crops, segment-major. Views (1, 1): exactly what the training
+    decoder gives (data/sources.decode_record), with a leading axis of 1. Otherwise every frame is
+    decoded (data/decode_pyav.decode_video_frames with a window as long as the clip), then each window
+    (`window_starts`, the model's frames `inputs.video.stride` apart) is cut into `crop_offsets`
+    squares of the short side, resized and normalised as in training (decode_pyav.video_tensor), and
+    paired with the audio window centred on it (decode_pyav.audio_tensor). Audio alone: the crops are
+    the same, so V = segments windows of the recording. Raises DecodeError."""
+    from vaemo_dist.data.decode_pyav import NO_LIMITS, guarded
+    from vaemo_dist.data.sources import decode_record
+
+    if views == (1, 1):
+        video, audio = decode_record(record, inputs, modality)
+        return (None if video is None else video[None]), (None if audio is None else audio[None])
+    return guarded(record.key, NO_LIMITS, lambda: _view_tensors(record, inputs, modality, *views))
+
+
+def _record_media(record: Any, want_video: bool, want_audio: bool) -> tuple[
+        bytes | None, int | None, tuple[bytes, Any, bool] | None]:
+    """(video bytes, promised frames, (audio bytes, promised duration, from a file)) of a record."""
+    from vaemo_dist.data.media import AUDIO_FIELDS, VIDEO_FIELDS, audio_source, is_audio, sidecar_meta
+    from vaemo_dist.data.types import DecodeError
+
+    if record.sample is not None:
+        sample = record.sample
+        meta = json.loads(bytes(sample.get("json") or b"{}").decode("utf-8"))
+        video = next((bytes(sample[f]) for f in VIDEO_FIELDS if sample.get(f) is not None), None)
+        audio = next((bytes(sample[f]) for f in AUDIO_FIELDS if sample.get(f) is not None), None)
+        if want_video and video is None:
+            raise DecodeError(record.key, "no video field in the sample", kind="no_video")
+        if want_audio and audio is None:
+            raise DecodeError(record.key, "no audio field in the sample", kind="no_audio")
+        frames = meta.get("frames") if isinstance(meta.get("frames"), int) else None
+        return (video if want_video else None), frames, \
+            ((audio, meta.get("duration"), False) if want_audio and audio is not None else None)
+    path = Path(record.path)
+    if want_video and is_audio(path):
+        raise DecodeError(record.key, f"{path.name} is an audio file: use modality 'audio'")
+    video = frames = None
+    if want_video:
+        video = path.read_bytes()
+        meta = sidecar_meta(path)
+        frames = meta.get("frames") if isinstance(meta.get("frames"), int) else None
+    audio = None
+    if want_audio:
+        source = audio_source(record.audio_path or path)
+        audio = (source.read_bytes(), sidecar_meta(source).get("duration"), True)
+    return video, frames, audio
+
+
+def _frame_count(data: bytes) -> int:
+    import av
+
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            return int(container.streams.video[0].frames) if container.streams.video else 0
+    except (av.FFmpegError, OSError, ValueError):
+        return 0  # the decoder below says what is wrong
+
+
+def _view_tensors(record: Any, inputs: Any, modality: str, segments: int, crops: int) -> tuple[
+        torch.Tensor | None, torch.Tensor | None]:
+    import dataclasses
+
+    from vaemo_dist.data.audio import mel_spec_params
+    from vaemo_dist.data.decode_files import decode_audio
+    from vaemo_dist.data.decode_pyav import (
+        audio_tensor,
+        decode_audio_wave,
+        decode_video_frames,
+        video_tensor,
+    )
+
+    want_video, want_audio = modality in ("av", "video"), modality in ("av", "audio")
+    video_data, promised, audio = _record_media(record, want_video, want_audio)
+    wave = None
+    if audio is not None:
+        data, duration, from_file = audio
+        wave = (decode_audio(record.key, data, inputs.audio, duration) if from_file
+                else decode_audio_wave(record.key, data, inputs.audio, duration))
+    cfg = inputs.video
+    if video_data is None:  # audio alone: windows of the recording
+        assert wave is not None
+        n = mel_spec_params(inputs.audio).num_samples
+        rate = inputs.audio.sample_rate
+        if segments == 1:
+            centres = [wave.size / rate / 2.0]  # as decode_media centres audio alone
+        else:
+            centres = [(s + n / 2) / rate for s in window_starts(wave.size, n, segments)]
+        return None, torch.stack([audio_tensor(wave, inputs.audio, c) for c in centres])
+    total = promised or _frame_count(video_data)
+    if not total:  # no frame count anywhere: one pass to count them
+        total = decode_video_frames(record.key, video_data, dataclasses.replace(cfg, frames=1, stride=1),
+                                    None)[3]
+    every = dataclasses.replace(cfg, frames=total, stride=1)
+    frames, _, fps, total = decode_video_frames(record.key, video_data, every, promised)
+    span = (cfg.frames - 1) * cfg.stride + 1
+    videos, audios = [], []
+    for start in window_starts(total, span, segments):
+        index = [min(start + i * cfg.stride, len(frames) - 1) for i in range(cfg.frames)]
+        window = np.stack([frames[i] for i in index])  # [T, H, W, 3] uint8
+        height, width = window.shape[1:3]
+        side = min(height, width)
+        for offset in crop_offsets(max(height, width), side, crops):
+            square = (window[:, offset:offset + side] if height > width
+                      else window[:, :, offset:offset + side])
+            videos.append(video_tensor(list(square), cfg))
+            if wave is not None:
+                centre_s = (index[0] + index[-1] + 1) / 2.0 / fps  # as the training decoder centres it
+                audios.append(audio_tensor(wave, inputs.audio, centre_s))
+    return torch.stack(videos), (torch.stack(audios) if audios else None)
+
+
+def evaluate_logits(model: Any, source: Any, test_keys: list[str], inputs: Any, modality: str,
+                    batch_size: int, rank: int, world: int, device: torch.device,
+                    views: tuple[int, int] = (1, 1)) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Logits [N, C] of `test_keys`, each clip's the mean of its `views` (decode_views) logits, a mask
+    of the clips evaluated (False where a clip could not be decoded, its row 0) and the skipped
+    clips' reasons; the work split over ranks (clip i on rank i % world), batches of `batch_size`
+    clips (all their views in one call)."""
     import torch.distributed as dist
 
-    from vaemo_dist.data.sources import decode_record
     from vaemo_dist.data.types import DecodeError
 
     index = {k: i for i, k in enumerate(test_keys)}
-    preds = torch.zeros(len(test_keys), dtype=torch.long, device=device)  # prediction + 1; 0 = none
+    classes = getattr(model, "num_classes", None)
+    logits_all: torch.Tensor | None = None
+    done = torch.zeros(len(test_keys), dtype=torch.float32, device=device)
     skipped: list[str] = []
-    batch: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+    batch: list[tuple[int, torch.Tensor | None, torch.Tensor | None]] = []
 
     def flush() -> None:
+        nonlocal logits_all
         if not batch:
             return
-        video = torch.stack([b[1] for b in batch]).to(device)
-        audio = torch.stack([b[2] for b in batch]).to(device)
+        per_clip = [(b[1] if b[1] is not None else b[2]).shape[0] for b in batch]  # type: ignore[union-attr]
+        video = torch.cat([b[1] for b in batch]).to(device) if batch[0][1] is not None else None
+        audio = torch.cat([b[2] for b in batch]).to(device) if batch[0][2] is not None else None
         with torch.no_grad():
-            logits = model(video if modality != "audio" else None, audio if modality != "video" else None)
-        preds[torch.tensor([b[0] for b in batch], device=device)] = logits.argmax(dim=1) + 1
+            out = model(video if modality != "audio" else None, audio if modality != "video" else None)
+        out = out.float()
+        if logits_all is None:
+            logits_all = torch.zeros(len(test_keys), out.shape[1], dtype=torch.float32, device=device)
+        rows = torch.tensor([b[0] for b in batch], device=device)
+        logits_all[rows] = torch.stack([chunk.mean(dim=0) for chunk in out.split(per_clip)])
+        done[rows] = 1.0
         batch.clear()
 
     mine = (r for r in source.records() if r.key in index and index[r.key] % world == rank)
     for record in mine:
         try:
-            video, audio = decode_record(record, inputs, "av" if modality == "av" else modality)
+            video, audio = decode_views(record, inputs, "av" if modality == "av" else modality, views)
         except DecodeError as e:
             skipped.append(f"{record.key}: {e.reason}")
             continue
-        empty = torch.zeros(0)  # stands in for the modality not used
-        batch.append((index[record.key], empty if video is None else video,
-                      empty if audio is None else audio))
+        batch.append((index[record.key], video, audio))
         if len(batch) == batch_size:
             flush()
     flush()
+    if logits_all is None:
+        if classes is None and world > 1:
+            raise ValueError("evaluate over several ranks needs model.num_classes")
+        logits_all = torch.zeros(len(test_keys), classes or 0, dtype=torch.float32, device=device)
     if dist.is_initialized() and world > 1:
-        dist.all_reduce(preds)
-    return (preds - 1).cpu().numpy(), skipped
+        dist.all_reduce(logits_all)  # each row is non-zero on one rank only: the sum is that rank's row
+        dist.all_reduce(done)
+    return logits_all.cpu().numpy(), done.cpu().numpy() > 0, skipped
+
+
+def evaluate(model: Any, source: Any, test_keys: list[str], inputs: Any, modality: str, batch_size: int,
+             rank: int, world: int, device: torch.device,
+             views: tuple[int, int] = (1, 1)) -> tuple[np.ndarray, list[str]]:
+    """Predictions for `test_keys` (-1 where a clip could not be decoded) from the view-averaged
+    logits of evaluate_logits; work split over ranks."""
+    logits, done, skipped = evaluate_logits(model, source, test_keys, inputs, modality, batch_size, rank,
+                                            world, device, views)
+    preds = np.full(len(test_keys), -1, dtype=np.int64)
+    if logits.shape[1]:
+        preds[done] = logits[done].argmax(axis=1)
+    return preds, skipped

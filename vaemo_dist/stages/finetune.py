@@ -42,6 +42,7 @@ from vaemo_dist.eval.downstream import (
     log_plan,
     out_folder_problem,
     parse_args,
+    parse_views,
     plan_folds,
     run_probe,
     scan_clips,
@@ -160,6 +161,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     # group or work starts; one rank says what is wrong.
     try:
         source = open_source(args.data, args.classes.split(",") if args.classes else None)
+        views = parse_views(args.test_views)
         clips = scan_clips(source, args.data)
         plan = plan_folds(args, clips)
         problem = out_folder_problem(Path(args.out), "finetune", args)
@@ -170,7 +172,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     exit_code = 0
     try:
         info = dist.init_distributed(cfg.train.dist_timeout_s, cfg.parallel.tensor)
-        exit_code = finetune_folds(args, cfg, info, source, clips, plan)
+        exit_code = finetune_folds(args, cfg, info, source, clips, plan, views)
     except Exception:  # noqa: BLE001 - report and leave with a non-zero code instead of hanging peers
         log.error("finetune failed on rank %d:\n%s", rank, traceback.format_exc())
         exit_code = 1
@@ -179,8 +181,9 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 
 def finetune_folds(args: argparse.Namespace, cfg: Any, info: Any, source: Any, clips: Clips,
-                   plan: FoldPlan) -> int:
-    """Every fold of `plan`: its Finetune stage trained, then evaluated on its test clips; the report."""
+                   plan: FoldPlan, views: tuple[int, int] = (2, 2)) -> int:
+    """Every fold of `plan`: its Finetune stage trained, then evaluated on its test clips (each clip's
+    logits averaged over `views`: temporal windows x spatial crops); the report."""
     from safetensors.torch import load_file, save_file
 
     from vaemo_dist import dist
@@ -193,6 +196,8 @@ def finetune_folds(args: argparse.Namespace, cfg: Any, info: Any, source: Any, c
         claim_out(out, "finetune", args)
         write_fold_file(out / FOLDS_FILE, plan.all_folds, plan.group_of)
         log_plan(plan, args, out / FOLDS_FILE)
+        log.info("test views: %d temporal window(s) x %d spatial crop(s) per test clip, logits averaged "
+                 "(--test-views)", *views)
         claim_output_dir(out / CLIPS_DIR, "finetune", adopt=any((out / CLIPS_DIR).glob("_SUCCESS*")))
     dist.barrier()
     # Every training clip once at the training resolution, the ranks sharing the work.
@@ -236,7 +241,7 @@ def finetune_folds(args: argparse.Namespace, cfg: Any, info: Any, source: Any, c
         model.to(info.device).eval()
         test_keys = [k for k in fold.test if label_of.get(k, -1) >= 0]
         preds, skipped = evaluate(model, source, test_keys, cfg.inputs, args.modality, args.batch_size,
-                                  info.rank, info.world_size, info.device)
+                                  info.rank, info.world_size, info.device, views)
         ok = preds >= 0
         kept = [k for k, good in zip(test_keys, ok) if good]
         y = np.array([label_of[k] for k in kept], dtype=np.int64)
@@ -255,7 +260,8 @@ def finetune_folds(args: argparse.Namespace, cfg: Any, info: Any, source: Any, c
     if info.is_main:
         info_dict = {"mode": "finetune", "pretrained": args.pretrained, "data": args.data,
                      "modality": args.modality, "layer_decay": args.layer_decay, "mixup": args.mixup,
-                     **plan.info(), "config": cfg.to_dict()}
+                     "clips": len(clips.labelled), "test_views": list(views), **plan.info(),
+                     "config": cfg.to_dict()}
         write_report(out, results, class_names, info_dict)
     return 0
 
