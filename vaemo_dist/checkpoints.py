@@ -33,7 +33,9 @@ import importlib
 import io
 import json
 import logging
+import os
 import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -397,6 +399,97 @@ def consolidate(folder: str | Path) -> dict[str, torch.Tensor]:
     layout = read_layout(folder)
     return merge_tensor_parallel([_consolidate_data_parallel(folder, layout, r)
                                   for r in range(layout.tp_world_size)])
+
+
+# --------------------------------------------------------------------------------------------
+# A universal checkpoint re-cut for another tensor-parallel degree
+
+# The per-parameter files of a universal checkpoint (DeepSpeed's ds_to_universal, in <copy>/zero/<name>/):
+# the fp32 master weight and Adam's two moments, each a dict {"param": tensor, "cat_dim": axis}.
+UNIVERSAL_STATES = ("fp32", "exp_avg", "exp_avg_sq")
+
+
+def tp_split_axis(name: str) -> tuple[int, int] | None:
+    """(axis, groups) along which state-dict entry `name` is split over the tensor-parallel ranks by
+    TP_PLAN (vaemo_dist/model/parallelize.py), or None where every rank holds it whole."""
+    from vaemo_dist.model.parallelize import TP_PLAN
+
+    module, _, param = name.rpartition(".")
+    split = next((s for path, s in TP_PLAN.items() if module == path or module.endswith("." + path)), None)
+    if split is None or param not in ("weight", "bias") or (split.style == "row" and param == "bias"):
+        return None
+    return (0 if split.style == "column" else 1), split.groups
+
+
+def shard(name: str, full: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
+    """Rank `rank`'s part of the full value of entry `name` under `tp`-way tensor parallelism, cut as
+    apply_tensor_parallel cuts it (the inverse of `unshard`); a replicated entry whole."""
+    from vaemo_dist.model.parallelize import shard_indices
+
+    how = tp_split_axis(name)
+    if how is None or tp == 1:
+        return full
+    axis, groups = how
+    width = full.shape[axis]
+    if width % (groups * tp):
+        raise CheckpointError(f"{name}: axis {axis} of size {width} ({groups} block(s)) cannot be split "
+                              f"{tp} ways")
+    return full.index_select(axis, shard_indices(width, tp, rank, groups))
+
+
+def link_or_copy(src: str, dst: str) -> None:
+    """A hard link `dst` to `src`, a copy where links fail (another file system)."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def reshard_universal(source: Path, out: Path, old_tp: int, new_tp: int) -> int:
+    """Write `out`: the universal checkpoint `source` (converted from a run with `old_tp`-way tensor
+    parallelism) re-cut for `new_tp`-way. Returns how many per-parameter files were rewritten.
+
+    ds_to_universal, told nothing of our layers, joins the TP ranks' pieces of every parameter along
+    axis 0 (replicated ones too), and DeepSpeed's universal loader cuts them again with
+    chunk(tp, cat_dim)[tp_rank] (a parameter whose stored shape is already the rank's is taken whole).
+    So each piece is split off again, the full value made by `unshard` (TP_PLAN), and stored as the
+    new ranks' pieces in rank order, cat_dim the split axis (q|k|v regrouped per rank); a replicated
+    parameter is stored whole. Everything else is hard-linked (copied where links fail). Written
+    under a temporary name and renamed into place, so an `out` that exists is complete."""
+    tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp, copy_function=link_or_copy)
+    try:
+        rewritten = _reshard_states(tmp / "zero", old_tp, new_tp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    os.replace(tmp, out)
+    return rewritten
+
+
+def _reshard_states(zero: Path, old_tp: int, new_tp: int) -> int:
+    rewritten = 0
+    for param_dir in sorted(p for p in zero.iterdir() if p.is_dir()):
+        name = param_dir.name
+        for state in UNIVERSAL_STATES:
+            file = param_dir / f"{state}.pt"
+            if not file.is_file():
+                continue
+            saved = safe_torch_load(file)
+            param = saved["param"]
+            axis = int(saved.get("cat_dim", 0))
+            pieces = [param] if param.dim() == 0 else list(param.chunk(old_tp, dim=axis))
+            full = unshard(name, pieces)
+            how = tp_split_axis(name)
+            entry: dict[str, Any] = {"param": full}
+            if how is not None and new_tp > 1:
+                pieces = [shard(name, full, new_tp, r) for r in range(new_tp)]
+                entry = {"param": torch.cat(pieces, dim=how[0]), "cat_dim": how[0]}
+            file.unlink()  # a hard link to the source's file: never written through
+            torch.save(entry, file)
+            rewritten += 1
+    return rewritten
 
 
 # --------------------------------------------------------------------------------------------

@@ -212,6 +212,9 @@ class TrainConfig:
     out_dir: str = "runs"
     run_name: str = "stage1-tiny"
     resume: str = ""  # "", "latest", or a checkpoint folder
+    # Resuming onto a corpus other than the checkpoint's (its shard list's fingerprint differs): "keep"
+    # refuses it; "reset" carries weights, optimizer and step and starts the data at the new corpus's start.
+    resume_data: Literal["keep", "reset"] = "keep"
     # An existing run folder (out_dir/run_name) is refused without resume; overwrite moves it aside to
     # <run>.old-<timestamp> (never deleted) and starts a fresh run.
     overwrite: bool = False
@@ -526,6 +529,10 @@ def check_deepspeed_extra(extra: dict[str, Any], where: str = "train.deepspeed")
 
 def validate(cfg: Config) -> None:
     v, a, m = cfg.inputs.video, cfg.inputs.audio, cfg.model
+    _check(bool(cfg.data.shards.strip()), "data.shards",
+           "is empty: set data.shards=<your shards> (vaemo-shard's output: OUT/manifest.json, a folder of "
+           ".tar, a brace pattern or s3:// URLs), or data.shards=synthetic for the built-in corpus. The "
+           "recipes in configs/recipes/ leave it for you to set")
     _check(v.frames % v.tubelet == 0, "inputs.video.frames",
            f"{v.frames} must be a multiple of inputs.video.tubelet ({v.tubelet})")
     _check(v.size % v.patch == 0, "inputs.video.size",

@@ -24,6 +24,7 @@ from vaemo_dist.stages.base import Stage, run_folder, train
 from vaemo_dist.stages.base import prepare_synthetic as prepare_synthetic  # noqa: F401 - re-exported
 from vaemo_dist.stages.base import shard_urls as shard_urls  # noqa: F401 - re-exported
 from vaemo_dist.startup import refuse, say, setup_logging
+from vaemo_dist.train.checkpoint import ResumeError
 
 log = logging.getLogger("vaemo")
 
@@ -104,6 +105,25 @@ def _resume_hint(cfg: Config) -> str:
     return "No complete checkpoint yet"
 
 
+def _check_corpus(cfg: Config, urls: list[str], rank: int) -> None:
+    """Collective: compare the corpus with the resumed checkpoint's (`checkpoint.check_corpus`: another
+    one is refused, or with train.resume_data=reset resumed from a copy whose data position is a fresh
+    start), then record it in the run folder for the checkpoints to come."""
+    from vaemo_dist import dist
+    from vaemo_dist.data.shards import shard_manifest
+    from vaemo_dist.train.checkpoint import check_corpus, corpus_fingerprint, record_corpus
+
+    spec = cfg.data.synth.dir if cfg.data.shards == "synthetic" else cfg.data.shards
+    fingerprint = corpus_fingerprint(urls, shard_manifest(spec))
+    if cfg.train.resume:
+        reset = check_corpus(cfg, fingerprint, rank)  # the same answer on every rank
+        if reset is not None:
+            dist.barrier()  # rank 0 has written the copy
+            cfg.train.resume = str(reset)
+    if rank == 0:
+        record_corpus(run_folder(cfg), fingerprint)
+
+
 def run_stage(stage: type[Stage], argv: list[str] | None = None) -> NoReturn:
     """Launch one run of `stage` (a Stage class) from the command line `argv` (default sys.argv):
 
@@ -128,9 +148,11 @@ def run_stage(stage: type[Stage], argv: list[str] | None = None) -> NoReturn:
         from vaemo_dist.train.checkpoint import CheckpointError, plan_resume
 
         try:
-            plan_resume(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+            plan = plan_resume(cfg, int(os.environ.get("WORLD_SIZE", "1")))
         except CheckpointError as e:
             refuse(f"resume error: {e}")
+        if plan is not None and rank == 0:  # old and new layout, what is re-cut, what the data does
+            log.info("%s (%s)", plan.describe(), plan.folder)
     problem = check_run_folder(cfg)  # an earlier run is never written over: every rank checks, now
     if problem:
         refuse(problem)
@@ -161,10 +183,14 @@ def run_stage(stage: type[Stage], argv: list[str] | None = None) -> NoReturn:
         configure_from(cfg.data)  # endpoint and retries for s3:// shards
         urls = job.shards()
         check_shards_reachable(urls)  # wrong credentials or endpoint: a clear error now, not mid-run
+        _check_corpus(cfg, urls, info.rank)  # another corpus than the checkpoint's: refused, or reset
         training = True
         final = train(job, info, urls, watch=watch)
         if info.is_main:
             log.info("%s finished: %s", stage.name, {k: round(v, 5) for k, v in final.items()})
+    except ResumeError as e:  # found once the shards are listed (another corpus): said once, exit 2
+        say(f"resume error: {e}")
+        exit_code = 2
     except dist.PortInUseError as e:  # another run on this machine holds the rendezvous port
         say(f"{stage.name}: {e}")
         exit_code = 2

@@ -20,13 +20,19 @@ and only then named in `latest` (itself replaced atomically). A process killed m
 Loading never unpickles arbitrary objects: DeepSpeed's files are read with torch.load(weights_only=True)
 and our own state is JSON and safetensors.
 
-Resuming on another data-parallel size (`plan_resume`, checked by the launcher before any process
-group starts): ZeRO-0 keeps everything whole in the model-states file and loads as is; for ZeRO 1-3,
-whose optimizer partitions depend on the data-parallel size, global rank 0 converts the checkpoint
-once with DeepSpeed's `ds_to_universal` into `step_.../universal/` (per-parameter fp32 weights and
-Adam moments) and every rank loads it with DeepSpeed's `checkpoint.load_universal`, re-partitioned
-for the new size. Tensor parallelism must stay the same; ZeRO-3 under tensor parallelism and NVMe
-optimizer offload cannot be resized (refused at start-up, with the ways out).
+Resuming on another layout (`plan_resume`, checked by the launcher before any process group starts;
+`ResumePlan.describe` is its log line): ZeRO-0 keeps everything whole in the model-states file and
+loads on another data-parallel size as is; for ZeRO 1-3, whose optimizer partitions depend on the
+data-parallel size, global rank 0 converts the checkpoint once with DeepSpeed's `ds_to_universal` into
+`step_.../universal/` (per-parameter fp32 weights and Adam moments) and every rank loads it with
+DeepSpeed's `checkpoint.load_universal`, re-partitioned for the new size. The same copy serves a ZeRO
+stage change (1/2 -> 3, 1 <-> 2) and a tensor-parallel degree change (ZeRO 1-2), for which rank 0
+re-cuts it into `step_.../universal-tp<N>/` by the model's TP plan (`prepare_universal`,
+`checkpoints.reshard_universal`). Refused at start-up, with the ways out: another architecture, ZeRO-0
+on either side of a stage or TP change, ZeRO-3 -> 1/2, ZeRO-3 under tensor parallelism when anything
+changes, NVMe optimizer offload. Once the shards are listed, the launcher compares the corpus with the
+checkpoint's fingerprint (`check_corpus`: refused, or with train.resume_data=reset resumed from a copy
+whose data position is a fresh start).
 """
 
 from __future__ import annotations
@@ -39,8 +45,10 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -54,6 +62,7 @@ from safetensors.torch import load_file, save_file
 from vaemo_dist.checkpoints import LATEST as LATEST
 from vaemo_dist.checkpoints import CheckpointError as CheckpointError
 from vaemo_dist.checkpoints import CheckpointMeta as CheckpointMeta
+from vaemo_dist.checkpoints import link_or_copy, read_rank_states
 from vaemo_dist.checkpoints import read_meta as read_meta
 from vaemo_dist.checkpoints import resolve as resolve
 from vaemo_dist.checkpoints import safe_torch_load as safe_torch_load
@@ -65,6 +74,8 @@ log = logging.getLogger(__name__)
 
 TMP_PREFIX = ".tmp-"
 UNIVERSAL = "universal"  # the converted copy inside a step folder, for resuming on another DP size
+CORPUS_FILE = "corpus.json"  # the fingerprint of the shard list trained on (run folder, each checkpoint)
+DATA_RESET = "data-reset"  # <run>/data-reset/<step>: a checkpoint's copy with its data position reset
 # How long the other ranks wait for rank 0's conversion: it reads and writes the whole optimizer
 # state once, which on a large model takes far longer than an ordinary collective may.
 CONVERT_TIMEOUT_S = 3 * 3600
@@ -188,6 +199,9 @@ def save_checkpoint(
     write_atomic(rank_state_file(tmp, rank), json.dumps(state, indent=1))
     if rank == 0:
         write_atomic(tmp / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+        corpus = ckpt_root.parent / CORPUS_FILE  # written by the launcher (record_corpus)
+        if corpus.is_file():
+            shutil.copy2(corpus, tmp / CORPUS_FILE)
     barrier()
     if rank == 0:
         if final.exists():  # the same step written again after a resume: replace it
@@ -241,6 +255,9 @@ def load_model_state(engine: Any, folder: Path, universal: Path | None = None) -
     (the engine's config then has checkpoint.load_universal)."""
     engine.checkpoint_engine.load = safe_torch_load  # DeepSpeed's own loader unpickles freely
     source = universal or folder
+    if universal is not None:
+        source = prepare_universal(folder, universal, int(getattr(engine, "mp_world_size", 1) or 1),
+                                   zero3=bool(engine.zero_optimization_partition_weights()))
     with weights_only_torch(*_UNIVERSAL_LOADER_MODULES):
         path, _ = engine.load_checkpoint(str(source.parent), tag=source.name, load_optimizer_states=True,
                                          load_lr_scheduler_states=True)
@@ -275,20 +292,41 @@ def _undo_zero3_universal_slips(engine: Any, universal: Path) -> None:
 
 @dataclass(frozen=True)
 class ResumePlan:
-    """How this run resumes from `old`: as is, or onto another data-parallel size or worker count."""
+    """How this run resumes from `old`: as is, or onto another data-parallel size, worker count,
+    tensor-parallel degree or ZeRO stage."""
 
     old: CheckpointMeta
     dp_size: int
     num_workers: int
+    tp_size: int = 0  # 0: the checkpoint's (older callers)
+    zero_stage: int = -1  # -1: the checkpoint's
 
     @property
     def folder(self) -> Path:
         return self.old.folder
 
     @property
+    def new_tp(self) -> int:
+        return self.tp_size or self.old.tp_size
+
+    @property
+    def new_stage(self) -> int:
+        return self.old.zero_stage if self.zero_stage < 0 else self.zero_stage
+
+    @property
+    def reshard_tp(self) -> bool:
+        """The tensor-parallel degree changes: every split weight and its moments are cut anew."""
+        return self.new_tp != self.old.tp_size
+
+    @property
+    def change_stage(self) -> bool:
+        return self.new_stage != self.old.zero_stage
+
+    @property
     def resize_model(self) -> bool:
-        """The data-parallel size changes: optimizer partitions (ZeRO 1-3) and RNG states do not fit."""
-        return self.old.dp_size != self.dp_size
+        """The data-parallel size or the tensor-parallel degree changes: optimizer partitions (ZeRO 1-3),
+        per-rank files and RNG states do not fit the new ranks."""
+        return self.old.dp_size != self.dp_size or self.reshard_tp
 
     @property
     def resize_data(self) -> bool:
@@ -297,8 +335,57 @@ class ResumePlan:
 
     @property
     def universal(self) -> bool:
-        """Loading needs the universal conversion (ZeRO 1-3 onto another data-parallel size)."""
-        return self.resize_model and self.old.zero_stage > 0
+        """Loading needs the universal conversion: ZeRO 1-3 onto another data-parallel size, tensor-parallel
+        degree or ZeRO stage."""
+        return self.old.zero_stage > 0 and (self.resize_model or self.change_stage)
+
+    def layouts(self) -> tuple[str, str]:
+        """The old and the new layout, as the start-up log says them."""
+        old = self.old
+        return (f"DP {old.dp_size} x TP {old.tp_size} x ZeRO-{old.zero_stage} x {old.num_workers} workers",
+                f"DP {self.dp_size} x TP {self.new_tp} x ZeRO-{self.new_stage} x {self.num_workers} workers")
+
+    def describe(self) -> str:
+        """One line for the start-up log: old -> new layout, what is resharded, what the data does."""
+        was, now = self.layouts()
+        if not (self.resize_model or self.resize_data or self.change_stage):
+            return f"resume plan: {was}, the same layout: everything loaded as saved"
+        model = []
+        if self.universal:
+            model.append("optimizer state re-partitioned from the universal checkpoint")
+        elif self.resize_model:
+            model.append("ZeRO-0 states loaded whole")
+        if self.reshard_tp:
+            model.append(f"tensor-parallel shards and their Adam moments re-cut from TP {self.old.tp_size} "
+                         f"to TP {self.new_tp}")
+        if self.change_stage:
+            model.append(f"ZeRO-{self.old.zero_stage} -> ZeRO-{self.new_stage}")
+        data = ("the rest of the epoch dealt anew to the new data slots; batch composition differs from an "
+                "un-resized run (every sample still once per epoch)" if self.resize_data
+                else "data slots unchanged")
+        rng = "RNG reseeded per data-parallel rank" if self.resize_model else "RNG restored per rank"
+        return f"resume plan: {was} -> {now}: {'; '.join(model) or 'model as saved'}; {data}; {rng}"
+
+
+def architecture_differences(cfg: Any, raw: dict[str, Any]) -> list[str]:
+    """The shape-determining config keys (model sizes, patch and input sizes) where `cfg` differs from
+    a checkpoint's config.yaml (`raw`), as `key: checkpoint -> this run`. A key the checkpoint lacks had
+    its default when it was written."""
+    from vaemo_dist.checkpoints import _SHAPE_KEYS
+
+    sections = {"model": cfg.model, "inputs.video": cfg.inputs.video, "inputs.audio": cfg.inputs.audio}
+    found = []
+    for section, keys in _SHAPE_KEYS.items():
+        ours = sections[section]
+        theirs: Any = raw
+        for part in section.split("."):
+            theirs = (theirs or {}).get(part) or {}
+        default = type(ours)()
+        for key in keys:
+            before, now = theirs.get(key, getattr(default, key)), getattr(ours, key)
+            if before != now:
+                found.append(f"{section}.{key}: {before!r} in the checkpoint, {now!r} here")
+    return found
 
 
 def plan_resume(cfg: Any, world_size: int) -> ResumePlan | None:
@@ -312,28 +399,46 @@ def plan_resume(cfg: Any, world_size: int) -> ResumePlan | None:
         return None
     old = read_meta(folder)
     tp, stage = cfg.parallel.tensor, cfg.train.zero_stage
-    plan = ResumePlan(old, world_size // tp, cfg.data.num_workers)
-    if old.tp_size != tp:
-        raise ResumeError(
-            f"cannot resume from {folder}: it was written with parallel.tensor={old.tp_size} and this run "
-            f"has parallel.tensor={tp}. Tensor parallelism must stay the same across a resume (every weight "
-            f"is sharded by it); set parallel.tensor={old.tp_size}. The data-parallel size may change.")
-    if not plan.resize_model:
+    raw = yaml.safe_load((folder / "config.yaml").read_text()) or {}
+    differs = architecture_differences(cfg, raw)
+    if differs:
+        raise ResumeError(f"cannot resume from {folder}: the model's architecture differs from the "
+                          f"checkpoint's ({'; '.join(differs)}); resume with the checkpoint's values, or "
+                          f"start a new run (stage-2 runs: stage2.init_from={folder})")
+    if cfg.model.heads % tp:
+        raise ResumeError(f"cannot resume from {folder} with parallel.tensor={tp}: it must divide "
+                          f"model.heads={cfg.model.heads}")
+    plan = ResumePlan(old, world_size // tp, cfg.data.num_workers, tp, stage)
+    if not (plan.resize_model or plan.change_stage):
         return plan
-    where = (f"from {folder} ({old.dp_size} data-parallel ranks x TP {old.tp_size}) onto {plan.dp_size} "
-             f"data-parallel ranks")
-    way_out = (f"Resume on {old.dp_size} data-parallel ranks (world size {old.dp_size * tp}), or keep the "
-               f"weights only: `vaemo-export {folder} --out DIR` and start a fresh run from them (for a "
-               f"stage-2 run: stage2.init_from={folder}); the optimizer state and the data position are "
-               "lost that way.")
-    if stage != old.zero_stage:
+    was, now = plan.layouts()
+    where = f"from {folder} ({was}) onto {now} ({plan.dp_size} data-parallel ranks)"
+    way_out = (f"Resume on {old.dp_size} data-parallel ranks (world size {old.dp_size * old.tp_size}) with "
+               f"parallel.tensor={old.tp_size} and train.zero_stage={old.zero_stage}, or keep the weights "
+               f"only: `vaemo-export {folder} --out DIR` and start a fresh run from them (for a stage-2 run: "
+               f"stage2.init_from={folder}); the optimizer state and the data position are lost that way.")
+    if plan.change_stage and 0 in (stage, old.zero_stage):
         raise ResumeError(f"cannot resume {where}: the checkpoint is ZeRO-{old.zero_stage} and this run asks "
-                          f"for train.zero_stage={stage}; a resize keeps the ZeRO stage (set "
+                          f"for train.zero_stage={stage}; a stage change goes through DeepSpeed's universal "
+                          "checkpoint, which exists for ZeRO 1-3 only (set "
                           f"train.zero_stage={old.zero_stage}). {way_out}")
-    if old.zero_stage == 3 and tp > 1:
+    if plan.change_stage and old.zero_stage == 3:
+        raise ResumeError(f"cannot resume {where}: the checkpoint is ZeRO-3 and this run asks for "
+                          f"train.zero_stage={stage}; DeepSpeed's universal copy of a ZeRO-3 checkpoint "
+                          "keeps Adam's step only in the ZeRO-3 form, so a ZeRO-3 checkpoint resumes as "
+                          f"ZeRO-3 (set train.zero_stage=3; ZeRO-1/2 -> 3 is supported). {way_out}")
+    if plan.reshard_tp and 0 in (stage, old.zero_stage):
+        raise ResumeError(f"cannot resume {where}: a parallel.tensor change ({old.tp_size} -> {tp}) goes "
+                          "through DeepSpeed's universal checkpoint, which exists for ZeRO 1-3 only; the "
+                          f"checkpoint is ZeRO-{old.zero_stage} and this run asks for "
+                          f"train.zero_stage={stage} "
+                          f"(resume with parallel.tensor={old.tp_size}, or from a ZeRO-1/2 checkpoint). "
+                          f"{way_out}")
+    if 3 in (old.zero_stage, stage) and max(tp, old.tp_size) > 1:
         raise ResumeError(f"cannot resume {where}: DeepSpeed's ZeRO-3 universal-checkpoint loader does not "
                           "cut tensor-parallel shards (it stops on the merged weights), so ZeRO-3 under "
-                          f"parallel.tensor={tp} keeps its data-parallel size. {way_out}")
+                          "parallel.tensor>1 keeps its data-parallel size, tensor-parallel degree and stage. "
+                          f"{way_out}")
     if old.nvme_offload:
         raise ResumeError(f"cannot resume {where}: ZeRO-{old.zero_stage} with NVMe optimizer offload keeps "
                           "its optimizer state per rank in swap files (offloaded_tensors/), which DeepSpeed "
@@ -363,6 +468,86 @@ def ensure_universal(folder: Path, rank: int, world_size: int) -> tuple[Path, fl
     if error:
         raise CheckpointError(f"converting {folder} to a universal checkpoint failed: {error}")
     return out, took
+
+
+def resharded_name(tp: int) -> str:
+    return f"{UNIVERSAL}-tp{tp}"
+
+
+def prepare_universal(folder: Path, universal: Path, tp: int, zero3: bool) -> Path:
+    """Collective over all ranks: the universal copy of checkpoint `folder` to load for `tp`-way tensor
+    parallelism, fitted to the loading ZeRO stage (`zero3`). Global rank 0 does the work, the others
+    wait: a TP degree other than the checkpoint's gets `folder/universal-tp<tp>`, re-cut from `universal`
+    (`checkpoints.reshard_universal`) if not there yet; then `_fit_to_stage`."""
+    old_tp = read_meta(folder).tp_size
+    out = universal if old_tp == tp else folder / resharded_name(tp)
+    dist_on = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank = torch.distributed.get_rank() if dist_on else 0
+    error = ""
+    if rank == 0:
+        start = time.perf_counter()
+        try:
+            if not out.is_dir():
+                from vaemo_dist.checkpoints import reshard_universal
+
+                n = reshard_universal(universal, out, old_tp, tp)
+                log.info("re-cut the universal checkpoint from tensor parallel %d to %d: %d per-parameter "
+                         "files rewritten into %s in %.1f s", old_tp, tp, n, out, time.perf_counter() - start)
+            _fit_to_stage(out, zero3)
+        except Exception as e:  # noqa: BLE001 - told to the other ranks, then raised here
+            error = f"{type(e).__name__}: {e}"
+    if dist_on and torch.distributed.get_world_size() > 1:
+        timeout = datetime.timedelta(seconds=CONVERT_TIMEOUT_S)
+        group = torch.distributed.new_group(backend="gloo", timeout=timeout)
+        verdict = torch.tensor([1 if error else 0])
+        torch.distributed.broadcast(verdict, src=0, group=group)
+        torch.distributed.destroy_process_group(group)
+        if verdict[0] and not error:
+            error = "rank 0 could not prepare it (its log says why)"
+    if error:
+        raise CheckpointError(f"preparing {universal} for parallel.tensor={tp}"
+                              f"{' under ZeRO-3' if zero3 else ''} failed: {error}")
+    return out
+
+
+_ZERO3_PREFIX = "zero_pp_rank_0_"  # the model-states name ZeRO-3 looks for in a universal folder
+_MODEL_STATES = re.compile(r"(zero_pp_rank_0_)?mp_rank_\d+_model_states\.pt")
+_BASE_STATE = "optimizer_state_dict"  # DeepSpeed's OPTIMIZER_STATE_DICT
+
+
+def _fit_to_stage(universal: Path, zero3: bool) -> None:
+    """Let the universal copy load into either ZeRO family, whichever stage converted it (idempotent).
+
+    The model-states file (step, scheduler; no weights) is looked for under the name the loading stage
+    writes: mp_rank_XX_model_states.pt for ZeRO 1-2, zero_pp_rank_0_mp_rank_XX_... for ZeRO-3; each gets
+    the other name too (a hard link, a copy where links fail). ZeRO-3 also reads Adam's step and the
+    parameter groups from the base optimizer's state dict in zero/optimizer_state.pt, which a ZeRO-1/2
+    conversion does not write: it is added from the per-parameter step.pt and the groups there."""
+    for f in [f for f in universal.iterdir() if _MODEL_STATES.fullmatch(f.name)]:
+        zero3_name = f.name.startswith(_ZERO3_PREFIX)
+        other = f.name.removeprefix(_ZERO3_PREFIX) if zero3_name else _ZERO3_PREFIX + f.name
+        if not (universal / other).exists():
+            tmp = universal / f".tmp-{other}"
+            tmp.unlink(missing_ok=True)
+            try:
+                os.link(f, tmp)
+            except OSError:
+                shutil.copy2(f, tmp)
+            os.replace(tmp, universal / other)
+    if not zero3:
+        return
+    state_file = universal / "zero" / "optimizer_state.pt"
+    state = safe_torch_load(state_file)
+    if _BASE_STATE in state:
+        return
+    steps = sorted((universal / "zero").glob("*/step.pt"))
+    if not steps:
+        raise CheckpointError(f"{universal}: no per-parameter step.pt to take Adam's step from")
+    step = torch.as_tensor(safe_torch_load(steps[0]), dtype=torch.float32)
+    state[_BASE_STATE] = {"state": {0: {"step": step}}, "param_groups": state["param_groups"]}
+    tmp = state_file.with_name(".tmp-optimizer_state.pt")
+    torch.save(state, tmp)
+    os.replace(tmp, state_file)  # the file may be a hard link into the source copy: replaced, not written
 
 
 def convert_to_universal(folder: Path) -> float:
@@ -396,3 +581,82 @@ def resized_seed(seed: int, dp_rank: int, step: int) -> int:
     the ranks of a tensor-parallel group the same ones."""
     digest = hashlib.sha256(f"vaemo-resize:{seed}:{dp_rank}:{step}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+# --------------------------------------------------------------------------------------------
+# The corpus a checkpoint was trained on
+
+
+def corpus_fingerprint(urls: Sequence[str], manifest: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What identifies a corpus: its shard names in order (not their folder or bucket, so a corpus moved
+    elsewhere stays the same one) and, when data.shards names a vaemo-shard set, its manifest (seed,
+    counts, how it was made). Returns {"shards": count, "sha256": hex digest}."""
+    names = [u.rstrip("/").rsplit("/", 1)[-1] for u in urls]
+    body = json.dumps({"shards": names, "manifest": manifest}, sort_keys=True, default=str)
+    return {"shards": len(names), "sha256": hashlib.sha256(body.encode()).hexdigest()}
+
+
+def record_corpus(run_dir: Path, fingerprint: dict[str, Any]) -> None:
+    """<run>/corpus.json, copied into every checkpoint the run saves (global rank 0 calls it)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(run_dir / CORPUS_FILE, json.dumps(fingerprint))
+
+
+def check_corpus(cfg: Any, fingerprint: dict[str, Any], rank: int) -> Path | None:
+    """Compare this run's corpus with that of the checkpoint `cfg.train.resume` names. The same corpus,
+    no checkpoint, or a checkpoint that records none (written before fingerprints; a warning): None.
+    Another corpus: a ResumeError naming data.shards and train.resume_data, unless
+    train.resume_data=reset, which returns `<run>/data-reset/<step>`: a copy of the checkpoint (its
+    files hard-linked) whose data positions are those of a fresh start, to resume from instead; global
+    rank 0 writes it (`rank`), the others must wait for it (a barrier) before reading it."""
+    run_dir = Path(cfg.train.out_dir) / cfg.train.run_name
+    folder = resolve(cfg.train.resume, run_dir / "checkpoints")
+    if folder is None:
+        return None
+    recorded = folder / CORPUS_FILE
+    if not recorded.is_file():
+        if rank == 0:
+            log.warning("%s records no corpus fingerprint (%s, written before they were): the corpus is not "
+                        "compared with the checkpoint's", folder, CORPUS_FILE)
+        return None
+    old = json.loads(recorded.read_text())
+    if old.get("sha256") == fingerprint["sha256"]:
+        return None
+    if cfg.train.resume_data != "reset":
+        raise ResumeError(
+            f"cannot resume from {folder}: data.shards={cfg.data.shards} is another corpus than the "
+            f"checkpoint's ({fingerprint['shards']} shards, fingerprint {fingerprint['sha256'][:12]}; the "
+            f"checkpoint's: {old.get('shards')} shards, {str(old.get('sha256'))[:12]}). Resume with the "
+            "checkpoint's data.shards, or set train.resume_data=reset to carry the weights, optimizer state "
+            "and step onto this corpus and start its data from the beginning.")
+    out = run_dir / DATA_RESET / folder.name
+    if rank == 0:
+        _data_reset_copy(folder, out, fingerprint)
+        log.info("train.resume_data=reset: weights, optimizer state and step %d carried from %s onto another "
+                 "corpus (%d shards); the data position restarts at its start (resuming from %s)",
+                 read_meta(folder).step, folder, fingerprint["shards"], out)
+    return out
+
+
+def _data_reset_copy(folder: Path, out: Path, fingerprint: dict[str, Any]) -> None:
+    """`out`: `folder` with its files hard-linked (copied where links fail) but every rank's data state
+    that of a fresh start in the same layout (its key log kept: counting goes on after its lines) and
+    the new corpus's fingerprint. Replaces an earlier copy; renamed into place when complete."""
+    from vaemo_dist.data.loader import DATA_STATE_VERSION, DataState
+
+    tmp = out.with_name(TMP_PREFIX + out.name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(folder, tmp, copy_function=link_or_copy,
+                    ignore=shutil.ignore_patterns(UNIVERSAL, f"{UNIVERSAL}-*", TMP_PREFIX + "*"))
+    for rank, state in enumerate(read_rank_states(folder)):
+        old = DataState.from_dict(state["data"])
+        fresh = DataState(old.num_workers, old.world_size, key_log_base=old.key_log_base + old.batches)
+        state["data"] = {"version": DATA_STATE_VERSION, **fresh.to_dict()}
+        target = rank_state_file(tmp, rank)
+        target.unlink()  # a link to the checkpoint's own file: replaced, never written through
+        target.write_text(json.dumps(state, indent=1))
+    (tmp / CORPUS_FILE).unlink(missing_ok=True)
+    (tmp / CORPUS_FILE).write_text(json.dumps(fingerprint))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)

@@ -313,10 +313,13 @@ class Trainer:
                          f"checkpoint {universal} ({how})")
             else:
                 model = f"ZeRO-{old.zero_stage} states loaded as saved (same data-parallel size)"
+            tp_note = "" if max(d.tp_size, old.tp_size) == 1 else (
+                f"; data-parallel ranks, tensor parallel {d.tp_size} kept" if old.tp_size == d.tp_size
+                else f"; tensor parallel {old.tp_size} -> {d.tp_size}")
             log.info("resumed from %d ranks x %d workers onto %d x %d: step %d (%s%s); data: %s; model: %s; "
                      "RNG: %s; skip counts carried (the old ranks' sum); %.1f s", old.dp_size,
                      old.num_workers, d.dp_size, cfg.data.num_workers, old.step, plan.folder,
-                     f"; data-parallel ranks, tensor parallel {d.tp_size} kept" if d.tp_size > 1 else "",
+                     tp_note,
                      data, model,
                      "seeded per data-parallel rank from (train.seed, rank, step)" if plan.resize_model
                      else "restored per rank", time.perf_counter() - started + convert_s)
