@@ -4,6 +4,8 @@
     python benchmarks/bench_step.py --device cuda --presets small,base,large --batch 32 --json step.json
     python benchmarks/bench_step.py --presets base --zero 2 train.grad_accum=2    # extra config overrides
     python benchmarks/bench_step.py --compile                          # parallel.compile=true (per block)
+    python benchmarks/bench_step.py --presets base --decoder full,cross --precision fp32 --device cpu
+                                                     # the two reconstruction decoders side by side
 
 What runs is the trainer's own inner step on random tensors of the configured input shapes: the model
 and loss of stage 1 (`vaemo_dist.stages.Stage1`), `parallelize`, the optimizer and schedule of
@@ -105,8 +107,10 @@ def measure(preset: str, args: argparse.Namespace) -> dict:
     peak = peak_tflops(cfg.parallel.peak_tflops, info.device)
     mem = (torch.cuda.max_memory_allocated() if cuda else _max_rss_bytes() - rss_before) / 2**30
     q = torch.empty(1, 1, 1, 1, device=info.device, dtype=dtype)
+    decoder = cfg.model.decoder + (f" {cfg.model.decode_fraction:g}" if cfg.model.decoder == "cross" else "")
     return {
-        "preset": preset, "params_m": round(cost.params / 1e6, 1), "batch": b,
+        "preset": preset, "decoder": decoder, "train_gflop_per_sample": cost.train_flops / 1e9,
+        "params_m": round(cost.params / 1e6, 1), "batch": b,
         "grad_accum": cfg.train.grad_accum, "precision": "bf16" if bf16 else "fp32",
         "zero": cfg.train.zero_stage,
         "activation_checkpointing": cfg.parallel.activation_checkpointing, "compile": cfg.parallel.compile,
@@ -120,16 +124,18 @@ def measure(preset: str, args: argparse.Namespace) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| preset | params (M) | batch | precision | ZeRO | attention | step (median) | first step | "
-            "samples/s | TFLOP/s | MFU | peak memory |")
-    lines = [head, "| --- | ---: | ---: | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    head = ("| preset | decoder | train GFLOP/sample | params (M) | batch | precision | ZeRO | attention | "
+            "step (median) | first step | samples/s | TFLOP/s | MFU | peak memory |")
+    lines = [head, "| --- | --- | ---: | ---: | ---: | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: "
+                   "| ---: |"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['preset']} | failed: {r['error']} |")
+            lines.append(f"| {r['preset']} | {r.get('decoder', '')} | failed: {r['error']} |")
             continue
         mfu = f"{100 * r['mfu']:.1f} %" if r["mfu"] is not None else "-"
         attention = r["attention"] + (", compiled" if r.get("compile") else "")
-        lines.append(f"| {r['preset']} | {r['params_m']} | {r['batch']}x{r['grad_accum']} | "
+        lines.append(f"| {r['preset']} | {r['decoder']} | {r['train_gflop_per_sample']:.1f} | "
+                     f"{r['params_m']} | {r['batch']}x{r['grad_accum']} | "
                      f"{r['precision']} | {r['zero']} | {attention} | {1000 * r['step_s']:.1f} ms | "
                      f"{r['first_step_s']:.1f} s | {r['samples_per_s']:.1f} | {r['tflops']:.3f} | {mfu} | "
                      f"{r['peak_mem_gib']:.2f} GiB |")
@@ -146,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--zero", type=int, default=1)
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--compile", action="store_true", help="parallel.compile=true: torch.compile per block")
+    p.add_argument("--decoder", default="",
+                   help="comma-separated model.decoder values (full,cross) to run side by side per preset "
+                        "(default: the config's); model.decode_fraction=... goes with the overrides")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
@@ -165,14 +174,20 @@ def main(argv: list[str] | None = None) -> int:
              "--zero", str(args.zero), "--warmup", str(args.warmup), "--steps", str(args.steps),
              *(["--activation-checkpointing"] if args.activation_checkpointing else []),
              *(["--compile"] if args.compile else []), *args.overrides]
+    decoders = [d.strip() for d in args.decoder.split(",") if d.strip()] or [None]
+    bad = [d for d in decoders if d not in (None, "full", "cross")]
+    if bad:
+        p.error(f"--decoder {','.join(bad)}: choose from full, cross")
     rows = []
-    for preset in args.presets.split(","):
-        proc = subprocess.run([sys.executable, __file__, "--one", preset, *child], env=env,
+    for preset, decoder in [(p_, d) for p_ in args.presets.split(",") for d in decoders]:
+        extra = [] if decoder is None else [f"model.decoder={decoder}"]
+        proc = subprocess.run([sys.executable, __file__, "--one", preset, *child, *extra], env=env,
                               capture_output=True, text=True)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_STEP ")), None)
         if proc.returncode != 0 or line is None:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-            rows.append({"preset": preset, "error": f"exit {proc.returncode}: {tail[0][:200]}"})
+            rows.append({"preset": preset, "decoder": decoder or "",
+                         "error": f"exit {proc.returncode}: {tail[0][:200]}"})
         else:
             rows.append(json.loads(line[len("BENCH_STEP "):]))
         print(table(rows[-1:]).splitlines()[-1], flush=True)

@@ -140,6 +140,12 @@ class ModelConfig:
     # floor, high bins) into unit-variance noise, which no model predicts (BENCHMARKS.md, stage 1).
     norm_pix_loss: bool = True
     norm_pix_loss_audio: bool | None = None
+    # The reconstruction decoder. "full": self-attention blocks over every token of both modalities
+    # (visible ones and mask tokens). "cross" (CrossMAE-style): only a sampled `decode_fraction` of each
+    # modality's masked patches is reconstructed, by query tokens that cross-attend to the visible
+    # tokens of both modalities (no self-attention among the queries); the loss is on those patches.
+    decoder: Literal["full", "cross"] = "full"
+    decode_fraction: float = 0.25  # "cross" only: share of each modality's masked patches decoded
 
     @property
     def norm_pix_video(self) -> bool:
@@ -545,6 +551,8 @@ def validate(cfg: Config) -> None:
     for key in ("mask_ratio_video", "mask_ratio_audio"):
         r = getattr(m, key)
         _check(0.0 <= r < 1.0, f"model.{key}", f"{r} must be in [0, 1)")
+    _check(0.0 < m.decode_fraction <= 1.0, "model.decode_fraction",
+           f"{m.decode_fraction} must be in (0, 1] (the share of masked patches the cross decoder predicts)")
     _check(m.dim % m.heads == 0, "model.heads", f"model.dim ({m.dim}) must be divisible by {m.heads}")
     _check(m.decoder_dim % m.decoder_heads == 0, "model.decoder_heads",
            f"model.decoder_dim ({m.decoder_dim}) must be divisible by {m.decoder_heads}")

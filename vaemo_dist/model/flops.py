@@ -2,7 +2,8 @@
 
 FLOPs count matrix multiplies (2 per multiply-add) as the model runs them: patch embedding of all
 tokens, the encoder on the visible tokens only (per modality under `fusion: separate`), the decoder
-on all tokens of both modalities, the heads. Training = 3x forward (backward is twice the forward).
+on all tokens of both modalities ("full") or, "cross", its queries (the decoded share of the masked
+patches) attending to the visible tokens, the heads. Training = 3x forward (backward is twice the forward).
 Element-wise work (norms, softmax, GELU) is left out, as usual for MFU.
 
     vaemo-flops [--config configs/stage1/base.yaml] [key=value ...]
@@ -39,6 +40,14 @@ def _block(n: int, d: int, hidden: int) -> int:
     """Forward FLOPs of one transformer block over n tokens of width d."""
     projections = n * (3 * d * d + d * d + 2 * d * hidden)
     attention = 2 * n * n * d  # scores and the weighted sum
+    return 2 * (projections + attention)
+
+
+def _cross_block(nq: int, nk: int, d: int, hidden: int) -> int:
+    """Forward FLOPs of one cross-decoder block: nq queries of width d attending to nk memory tokens
+    (query and output projections and the MLP on the queries, key/value projection on the memory)."""
+    projections = nq * (2 * d * d + 2 * d * hidden) + nk * 2 * d * d
+    attention = 2 * nq * nk * d  # scores and the weighted sum
     return 2 * (projections + attention)
 
 
@@ -82,8 +91,15 @@ def account(model: ModelConfig, inputs: InputConfig) -> Accounting:
         flops += model.depth * _block(kv + ka, d, hidden)
     flops += 2 * 3 * d * model.embed_dim  # projection heads on pooled tokens
     flops += 2 * (kv + ka) * d * dd  # decoder embedding
-    flops += model.decoder_depth * _block(nv + na, dd, dec_hidden)
-    flops += 2 * (nv * dd * pv + na * dd * pa)  # reconstruction heads
+    if model.decoder == "cross":
+        from vaemo_dist.model.vaemo import decoded_count
+
+        qv, qa = decoded_count(nv, kv, model.decode_fraction), decoded_count(na, ka, model.decode_fraction)
+        flops += model.decoder_depth * _cross_block(qv + qa, kv + ka, dd, dec_hidden)
+        flops += 2 * (qv * dd * pv + qa * dd * pa)  # reconstruction heads on the decoded patches
+    else:
+        flops += model.decoder_depth * _block(nv + na, dd, dec_hidden)
+        flops += 2 * (nv * dd * pv + na * dd * pa)  # reconstruction heads
     return Accounting(count_params(model, inputs), nv, na, kv + ka, flops)
 
 
@@ -108,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     v, a = cfg.inputs.video, cfg.inputs.audio
     print(f"inputs: video {v.frames}x{v.size}x{v.size} (tubelet {v.tubelet}x{v.patch}x{v.patch}, mask "
           f"{cfg.model.mask_ratio_video}), audio {a.frames}x{a.n_mels} (patch {a.patch}, mask "
-          f"{cfg.model.mask_ratio_audio}), fusion {cfg.model.fusion}\n")
+          f"{cfg.model.mask_ratio_audio}), fusion {cfg.model.fusion}, decoder {cfg.model.decoder}"
+          + (f" (decode_fraction {cfg.model.decode_fraction})" if cfg.model.decoder == "cross" else "")
+          + "\n")
     print(table(cfg))
     return 0
 

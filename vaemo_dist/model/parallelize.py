@@ -45,6 +45,9 @@ class Split:
 
 # THE tensor-parallel plan: the Linear layers of a Block (paths inside the block) and their split.
 # apply_tensor_parallel shards by it, unshard joins by it; everything else is replicated.
+# Not sharded: the blocks of the cross decoder (model.decoder: cross, vaemo.CrossBlock, a few hundred
+# query tokens at decoder width) are replicated on every TP rank; their layers are named `cross_attn.*`
+# and `ffn.*`, which no path here matches, so unshard keeps them whole.
 TP_PLAN: dict[str, Split] = {
     "attn.qkv": Split("column", groups=3),  # its output is laid out (q|k|v, head, head_dim)
     "attn.proj": Split("row"),

@@ -1,5 +1,11 @@
 """VAEmo stage-1 model: one shared transformer encoder over video tubelet tokens and audio log-mel
-patch tokens, MAE masking, a light joint decoder for reconstruction, and contrastive heads."""
+patch tokens, MAE masking, a light joint decoder for reconstruction, and contrastive heads.
+
+Two reconstruction decoders (`model.decoder`): "full" runs self-attention blocks over the joint
+sequence of every token (visible tokens and mask tokens, both modalities); "cross" (CrossMAE-style,
+Fu et al. 2024) predicts only a sampled `model.decode_fraction` of each modality's masked patches, from
+query tokens (mask token + position + modality) that cross-attend to the visible tokens of both
+modalities and do not attend to each other."""
 
 from __future__ import annotations
 
@@ -55,6 +61,11 @@ class ModelOutput:
     logit_scale: torch.Tensor  # scalar, exp(log_logit_scale) clamped at max_logit_scale
     video_keep: torch.Tensor  # [B, Kv] long, indices of the visible video tokens (sorted)
     audio_keep: torch.Tensor  # [B, Ka] long
+    # Which patch each row of video_pred / audio_pred predicts: [B, Dv] long (sorted). The "full"
+    # decoder predicts every patch (an expanded arange); "cross" a sampled subset of the masked ones,
+    # and then video_pred is [B, Dv, Pv]. None (hand-built outputs): every patch, in order.
+    video_decoded: torch.Tensor | None = None
+    audio_decoded: torch.Tensor | None = None
 
 
 @dataclass
@@ -100,6 +111,66 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, segments: Sequence[int] | None = None) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), segments)
         return x + self.mlp(self.norm2(x))
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of queries [B, Lq, dim] to a memory [B, Lk, dim] (through `attention`, so
+    flash-attn or SDPA as for self-attention)."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.head_dim = dim // heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)  # output laid out as (k|v, head, head_dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        m = memory.shape[1]
+        q = self.q(x).reshape(b, n, self.heads, self.head_dim).transpose(1, 2)
+        kv = self.kv(memory).reshape(b, m, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        out = attention(q, kv[0], kv[1])  # [B, heads, Lq, hd]
+        return self.proj(out.transpose(1, 2).reshape(b, n, self.heads * self.head_dim))
+
+
+class CrossBlock(nn.Module):
+    """Pre-LN decoder block of the "cross" decoder: cross-attention of the queries to the (normalised)
+    memory, then an MLP. The queries do not self-attend (as in CrossMAE), so each patch's prediction
+    depends on the visible tokens only, never on which other patches were sampled. Not tensor-parallel
+    (replicated on every rank, see parallelize.py); its layer names (`cross_attn`, `ffn`) differ from
+    Block's so that TP_PLAN's paths never match them."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        hidden = int(dim * mlp_ratio)
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm_memory = nn.LayerNorm(dim, eps=1e-6)
+        self.cross_attn = CrossAttention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.ffn = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        x = x + self.cross_attn(self.norm1(x), self.norm_memory(memory))
+        return x + self.ffn(self.norm2(x))
+
+
+def decoded_count(n: int, keep: int, fraction: float) -> int:
+    """How many of the n - keep masked patches the cross decoder predicts: round(fraction * masked),
+    at least 1 while any patch is masked, the same for every sample so tensors stay dense."""
+    masked = n - keep
+    return 0 if masked <= 0 else min(masked, max(1, round(fraction * masked)))
+
+
+def sample_decoded(
+    keep: torch.Tensor, n: int, fraction: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Indices [B, D] (sorted) of the masked patches to reconstruct: D = decoded_count of them, drawn
+    uniformly per sample from the patches not in `keep` [B, K]."""
+    d = decoded_count(n, keep.shape[1], fraction)
+    noise = torch.rand(keep.shape[0], n, device=keep.device, generator=generator)
+    noise = noise.scatter(1, keep, 2.0)  # visible patches sort after every masked one (noise < 1)
+    return noise.argsort(dim=1)[:, :d].sort(dim=1).values
 
 
 def random_keep(
@@ -169,8 +240,9 @@ class VAEmoModel(nn.Module):
         self.dec_audio_modality = nn.Parameter(torch.zeros(dd))
         self.register_buffer("dec_video_pos", sincos_pos_embed(vgrid, dd), persistent=False)
         self.register_buffer("dec_audio_pos", sincos_pos_embed(agrid, dd), persistent=False)
+        dec_block = CrossBlock if model.decoder == "cross" else Block
         self.decoder_blocks = nn.ModuleList(
-            [Block(dd, model.decoder_heads, model.mlp_ratio) for _ in range(model.decoder_depth)]
+            [dec_block(dd, model.decoder_heads, model.mlp_ratio) for _ in range(model.decoder_depth)]
         )
         self.decoder_norm = nn.LayerNorm(dd, eps=1e-6)
         self.video_pred = nn.Linear(dd, video_patch_dim)
@@ -265,21 +337,19 @@ class VAEmoModel(nn.Module):
         video_emb, audio_emb, joint_emb = self.project(*self.pool(v_enc, a_enc))
         logit_scale = self.log_logit_scale.exp().clamp(max=self.max_logit_scale).squeeze(0)
 
-        # Decoder: back to full sequences with mask tokens, then one joint sequence.
-        v_full = dispatch.masked_scatter(self.decoder_embed(v_enc), v_keep, self.mask_token,
-                                         self.dec_video_pos, nv) + self.dec_video_modality
-        a_full = dispatch.masked_scatter(self.decoder_embed(a_enc), a_keep, self.mask_token,
-                                         self.dec_audio_pos, na) + self.dec_audio_modality
-        x = torch.cat([v_full, a_full], dim=1)
-        for blk in self.decoder_blocks:
-            x = blk(x)
-        x = self.decoder_norm(x)
+        if cfg.decoder == "cross":
+            v_dec, a_dec, x = self._decode_cross(v_enc, a_enc, v_keep, a_keep, generator)
+            split = v_dec.shape[1]
+        else:
+            v_dec = torch.arange(nv, device=video.device).expand(b, -1)
+            a_dec = torch.arange(na, device=audio.device).expand(b, -1)
+            x, split = self._decode_full(v_enc, a_enc, v_keep, a_keep), nv
 
         return ModelOutput(
-            video_pred=self.video_pred(x[:, :nv]),
+            video_pred=self.video_pred(x[:, :split]),
             video_target=patch_targets(v_patches, cfg.norm_pix_video).detach(),
             video_mask=keep_to_mask(v_keep, nv),
-            audio_pred=self.audio_pred(x[:, nv:]),
+            audio_pred=self.audio_pred(x[:, split:]),
             audio_target=patch_targets(a_patches, cfg.norm_pix_audio).detach(),
             audio_mask=keep_to_mask(a_keep, na),
             video_emb=video_emb,
@@ -288,7 +358,44 @@ class VAEmoModel(nn.Module):
             logit_scale=logit_scale,
             video_keep=v_keep,
             audio_keep=a_keep,
+            video_decoded=v_dec,
+            audio_decoded=a_dec,
         )
+
+    def _decode_full(self, v_enc: torch.Tensor, a_enc: torch.Tensor, v_keep: torch.Tensor,
+                     a_keep: torch.Tensor) -> torch.Tensor:
+        """"full" decoder: back to full sequences with mask tokens, then one joint sequence.
+        Returns the normalised decoder output [B, Nv + Na, dd]."""
+        nv, na = self.num_video, self.num_audio
+        v_full = dispatch.masked_scatter(self.decoder_embed(v_enc), v_keep, self.mask_token,
+                                         self.dec_video_pos, nv) + self.dec_video_modality
+        a_full = dispatch.masked_scatter(self.decoder_embed(a_enc), a_keep, self.mask_token,
+                                         self.dec_audio_pos, na) + self.dec_audio_modality
+        x = torch.cat([v_full, a_full], dim=1)
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        return self.decoder_norm(x)
+
+    def _decode_cross(
+        self, v_enc: torch.Tensor, a_enc: torch.Tensor, v_keep: torch.Tensor, a_keep: torch.Tensor,
+        generator: torch.Generator | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """"cross" decoder: (video decoded indices [B, Dv], audio [B, Da], normalised output
+        [B, Dv + Da, dd]). The memory is the visible tokens of both modalities through decoder_embed
+        plus their decoder position and modality embeddings (what the full decoder gives them); a query
+        is the mask token plus the position and modality embeddings of a sampled masked patch."""
+        frac = self.cfg.decode_fraction
+        v_dec = sample_decoded(v_keep, self.num_video, frac, generator)
+        a_dec = sample_decoded(a_keep, self.num_audio, frac, generator)
+        v_mem, a_mem = self.decoder_embed(v_enc), self.decoder_embed(a_enc)
+        v_pos, a_pos = self.dec_video_pos.to(v_mem.dtype), self.dec_audio_pos.to(a_mem.dtype)
+        memory = torch.cat([v_mem + v_pos[v_keep] + self.dec_video_modality,
+                            a_mem + a_pos[a_keep] + self.dec_audio_modality], dim=1)
+        x = torch.cat([self.mask_token + v_pos[v_dec] + self.dec_video_modality,
+                       self.mask_token + a_pos[a_dec] + self.dec_audio_modality], dim=1)
+        for blk in self.decoder_blocks:
+            x = blk(x, memory)
+        return v_dec, a_dec, self.decoder_norm(x)
 
 
 def strip_decoder(model: VAEmoModel) -> VAEmoModel:

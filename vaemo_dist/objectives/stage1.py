@@ -1,4 +1,6 @@
-"""Stage-1 objective: masked reconstruction of both modalities + audio-visual InfoNCE."""
+"""Stage-1 objective: masked reconstruction of both modalities + audio-visual InfoNCE. With the cross
+decoder (`model.decoder: cross`) the reconstruction terms are over the decoded subset of the masked
+patches only (`decoded_mse`)."""
 
 from __future__ import annotations
 
@@ -18,6 +20,22 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
     return (per_patch * mask).sum() / mask.sum().clamp(min=1.0)
 
 
+def decoded_mse(
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, decoded: torch.Tensor | None = None
+) -> torch.Tensor:
+    """masked_mse for a decoder that predicts some patches only: pred [B, D, P] holds the predictions of
+    patches `decoded` [B, D] (ModelOutput.video_decoded / audio_decoded); the MSE is over those of them
+    that are masked (the cross decoder samples masked ones only). When pred covers every patch
+    (pred [B, N, P], the full decoder, or `decoded` None) it is masked_mse itself."""
+    if decoded is None or pred.shape[1] == target.shape[1]:
+        return masked_mse(pred, target, mask)
+    if decoded.shape != pred.shape[:2]:
+        raise ValueError(f"decoded indices {tuple(decoded.shape)} do not match the predictions "
+                         f"{tuple(pred.shape)}")
+    idx = decoded.unsqueeze(-1).expand(-1, -1, target.shape[-1])
+    return masked_mse(pred, target.gather(1, idx), mask.gather(1, decoded))
+
+
 class Stage1Objective:
     """`group`: the data-parallel process group the contrastive loss gathers over (None: all ranks;
     under tensor parallelism, the ranks of one TP group hold the same samples and must not be counted
@@ -29,8 +47,8 @@ class Stage1Objective:
 
     def __call__(self, out: ModelOutput) -> tuple[torch.Tensor, dict[str, float]]:
         c = self.cfg
-        rec_video = masked_mse(out.video_pred, out.video_target, out.video_mask)
-        rec_audio = masked_mse(out.audio_pred, out.audio_target, out.audio_mask)
+        rec_video = decoded_mse(out.video_pred, out.video_target, out.video_mask, out.video_decoded)
+        rec_audio = decoded_mse(out.audio_pred, out.audio_target, out.audio_mask, out.audio_decoded)
         a, v = out.audio_emb.float(), out.video_emb.float()
         contrastive = dispatch.contrastive_loss(a, v, out.logit_scale.float(), self.group)
         total = c.video_weight * rec_video + c.audio_weight * rec_audio + c.contrastive_weight * contrastive
