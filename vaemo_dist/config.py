@@ -115,6 +115,11 @@ class DataConfig:
     # this) repeats its last frame.
     min_clip_s: float = 0.5
     max_clip_s: float = 3600.0  # clips longer than this are skipped before decoding
+    # Training samples per decoded clip (issue 19): repeat r samples the centred window moved by whole
+    # strides (0, +1, -1, +2, ...) where the clip is long enough (masks differ per sample; DALI repeats
+    # the same window). The R repeats of a batch of clips go to R consecutive
+    # micro-batches, never two into one, so no contrastive denominator holds two repeats of a clip.
+    repeats: int = 1
 
 
 @dataclass
@@ -573,6 +578,7 @@ def validate(cfg: Config) -> None:
     _check(t.ckpt_every >= 1, "train.ckpt_every", "must be >= 1")
     _check(cfg.data.batch_size >= 1, "data.batch_size", "must be >= 1")
     _check(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _check(cfg.data.repeats >= 1, "data.repeats", "must be >= 1 (training samples per decoded clip)")
     _check(cfg.data.dali_threads >= 0, "data.dali_threads", "must be >= 0")
     _check(cfg.data.io_retries >= 1, "data.io_retries", "must be >= 1")
     _check(cfg.data.io_timeout_s > 0, "data.io_timeout_s", "must be > 0")

@@ -144,15 +144,22 @@ def power_spectrogram(waveform: torch.Tensor, win_length: int, hop_length: int, 
     """|STFT|^2 of a 1-D float waveform, [n_fft // 2 + 1, n // hop + 1] (DALI's centred framing)."""
     if waveform.dim() != 1:
         raise ValueError(f"expected a 1-D waveform, got shape {tuple(waveform.shape)}")
+    return power_spectrograms(waveform[None], win_length, hop_length, n_fft)[0]
+
+
+def power_spectrograms(waves: torch.Tensor, win_length: int, hop_length: int, n_fft: int) -> torch.Tensor:
+    """`power_spectrogram` of each row of `waves` [N, n] (one FFT call): [N, n_fft // 2 + 1, n // hop + 1]."""
+    if waves.dim() != 2:
+        raise ValueError(f"expected waveforms [N, samples], got shape {tuple(waves.shape)}")
     half = win_length // 2
     # Reflect padding needs more samples than the pad; shorter input is zero-extended first.
-    if waveform.numel() <= win_length - half:
-        waveform = F.pad(waveform, (0, win_length - half + 1 - waveform.numel()))
-    n_frames = waveform.numel() // hop_length + 1
-    padded = F.pad(waveform[None, None], (half, win_length - half), mode="reflect")[0, 0]
-    frames = padded.unfold(0, win_length, hop_length)[:n_frames]  # [T, win]
+    if waves.shape[1] <= win_length - half:
+        waves = F.pad(waves, (0, win_length - half + 1 - waves.shape[1]))
+    n_frames = waves.shape[1] // hop_length + 1
+    padded = F.pad(waves[:, None], (half, win_length - half), mode="reflect")[:, 0]
+    frames = padded.unfold(1, win_length, hop_length)[:, :n_frames]  # [N, T, win]
     spec = torch.fft.rfft(frames * hann_window(win_length), n=n_fft)  # window zero-padded to n_fft
-    return (spec.real.square() + spec.imag.square()).T.contiguous()
+    return (spec.real.square() + spec.imag.square()).transpose(1, 2).contiguous()
 
 
 def log_mel(waveform: torch.Tensor, cfg: AudioInput) -> torch.Tensor:
@@ -162,11 +169,23 @@ def log_mel(waveform: torch.Tensor, cfg: AudioInput) -> torch.Tensor:
     exact length that gives cfg.frames frames; pick the window first with `fit_length` if needed.
     """
     p = mel_spec_params(cfg)
-    wave = fit_length(waveform.reshape(-1).float(), p.num_samples)
-    power = power_spectrogram(wave, p.win_length, p.hop_length, p.n_fft)  # [freq, time]
+    return log_mels(fit_length(waveform.reshape(-1).float(), p.num_samples)[None], cfg)[0]
+
+
+def log_mels(waves: torch.Tensor, cfg: AudioInput) -> torch.Tensor:
+    """`log_mel` of a batch: waveforms [N, n] (each cropped or zero-padded as `log_mel` does) ->
+    [N, 1, cfg.frames, cfg.n_mels], with one FFT and one filter-bank product for the whole batch."""
+    p = mel_spec_params(cfg)
+    if waves.dim() != 2:
+        raise ValueError(f"expected waveforms [N, samples], got shape {tuple(waves.shape)}")
+    waves = waves.float()
+    if waves.shape[1] != p.num_samples:
+        waves = waves[:, : p.num_samples]
+        waves = F.pad(waves, (0, p.num_samples - waves.shape[1]))
+    power = power_spectrograms(waves, p.win_length, p.hop_length, p.n_fft)  # [N, freq, time]
     fb = mel_filterbank(p.n_mels, p.n_fft, p.sample_rate, p.f_min, p.f_max, p.mel_formula, p.mel_normalize)
-    mel = fb @ power  # [n_mels, frames]
-    return torch.log(torch.clamp(mel, min=p.log_floor)).T[None].contiguous()
+    mel = torch.matmul(fb, power)  # [N, n_mels, frames]
+    return torch.log(torch.clamp(mel, min=p.log_floor)).transpose(1, 2)[:, None].contiguous()
 
 
 def normalise_log_mel(x: torch.Tensor, cfg: AudioInput) -> torch.Tensor:

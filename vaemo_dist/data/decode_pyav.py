@@ -1,9 +1,14 @@
 """CPU decoding of one WebDataset sample (video + audio + json) into a `Clip`, with PyAV.
 
 Video: `inputs.video.frames` frames `inputs.video.stride` apart, the window centred in the clip
-(deterministic); frames past the end repeat the last frame. Each frame is centre-cropped to a
-square and resized with torch's bilinear interpolation (antialias on, which matters when
-shrinking), then scaled to [0, 1] and normalised with `inputs.video.mean/std`.
+(deterministic); frames past the end repeat the last frame. Decoding stops after the window's last
+frame and only the window's frames are converted to RGB. Each frame is centre-cropped to a square
+and resized with torch's bilinear interpolation (antialias on, which matters when shrinking), then
+scaled to [0, 1] and normalised with `inputs.video.mean/std` (`video_tensor`).
+
+Repeats (`data.repeats`, `decode_repeats`): one decode gives R samples whose windows are the centred
+one moved by whole strides (`window_indices`), sharing decoded, converted and resized frames; their
+audio windows go through one batched log-mel (`audio.log_mels`).
 
 Audio: decoded to float32, channels averaged to mono, and the `log_mel` window (the number of
 samples that gives `inputs.audio.frames` frames) is centred on the sampled video window so the
@@ -20,6 +25,7 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Callable
+from functools import lru_cache
 from typing import Any, TypeVar
 
 import av
@@ -28,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from vaemo_dist.config import AudioInput, InputConfig, VideoInput
-from vaemo_dist.data.audio import fit_length, log_mel, mel_spec_params, normalise_log_mel
+from vaemo_dist.data.audio import fit_length, log_mels, mel_spec_params, normalise_log_mel
 from vaemo_dist.data.media import AUDIO_FIELDS, VIDEO_FIELDS
 from vaemo_dist.data.timeout import DeadlineExceeded, deadline
 from vaemo_dist.data.types import Clip, DecodeError, DecodeLimits
@@ -68,9 +74,35 @@ def decode_sample(sample: dict[str, Any], inputs: InputConfig, limits: DecodeLim
 
     `limits` (default: none) bounds clip length and decode time; the loader passes the data config's.
     """
+    return decode_repeats(sample, inputs, limits, 1)[0]
+
+
+def decode_repeats(sample: dict[str, Any], inputs: InputConfig, limits: DecodeLimits | None = None,
+                   repeats: int = 1) -> list[Clip]:
+    """`repeats` training samples of one decoded clip (`data.repeats`); raises only DecodeError.
+
+    Repeat 0 is `decode_sample`'s clip (the centred window); repeat r samples the window shifted by
+    whole strides (`window_indices`) where the clip is long enough, else the same window again (its
+    masks still differ: they are drawn per sample). The video is decoded once up to the last frame
+    any window needs, and each distinct frame is converted and resized once; the audio of every
+    window goes through one batched log-mel. Repeat r > 0 has the key `<key>~r<r>` (`repeat_key`).
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
     key = str(sample.get("__key__", "<no key>"))
     limits = limits or NO_LIMITS
-    return guarded(key, limits, lambda: _decode(key, sample, inputs, limits))
+    return guarded(key, limits, lambda: _decode(key, sample, inputs, limits, repeats))
+
+
+def repeat_key(key: str, repeat: int) -> str:
+    """The key of repeat `repeat` of clip `key` in batches and key logs (repeat 0: the key itself)."""
+    return key if repeat == 0 else f"{key}~r{repeat}"
+
+
+def clip_of_key(key: str) -> str:
+    """The clip a batch key belongs to (`repeat_key` undone)."""
+    head, sep, tail = key.rpartition("~r")
+    return head if sep and tail.isdigit() else key
 
 
 def guarded(key: str, limits: DecodeLimits, work: Callable[[], T]) -> T:
@@ -93,34 +125,55 @@ def sample_indices(total: int, frames: int, stride: int) -> list[int]:
 
     Indices past the end are clamped to the last frame (edge padding for short clips).
     """
+    return window_indices(total, frames, stride, 0)
+
+
+def window_shift(repeat: int) -> int:
+    """Strides by which repeat `repeat`'s window moves from the centred one: 0, +1, -1, +2, -2, ..."""
+    return (repeat + 1) // 2 * (1 if repeat % 2 else -1)
+
+
+def window_indices(total: int, frames: int, stride: int, repeat: int = 0) -> list[int]:
+    """Frame indices of repeat `repeat`'s window: the centred window (`sample_indices`) moved by
+    `window_shift(repeat)` strides, clamped to lie inside the clip (so in a clip too short to move it,
+    every repeat gets the centred window). Shifts by whole strides let repeats share decoded frames."""
     span = (frames - 1) * stride + 1
-    start = max(0, (total - span) // 2)
+    centre = max(0, (total - span) // 2)
+    start = min(max(centre + window_shift(repeat) * stride, 0), max(0, total - span))
     return [min(start + i * stride, total - 1) for i in range(frames)]
 
 
-def _decode(key: str, sample: dict[str, Any], inputs: InputConfig, limits: DecodeLimits) -> Clip:
+def _decode(key: str, sample: dict[str, Any], inputs: InputConfig, limits: DecodeLimits,
+            repeats: int = 1) -> list[Clip]:
     meta = _read_json(key, sample.get("json"))
     video_data = _field(key, sample, VIDEO_FIELDS, "video")
     audio_data = _field(key, sample, AUDIO_FIELDS, "audio")
     promised = _optional_int(key, meta, "frames")
     label = _optional_int(key, meta, "label")
 
-    frames, indices, fps, total = decode_video_frames(key, video_data, inputs.video, promised, limits)
-    video = video_tensor(frames, inputs.video)
+    kept, windows, fps, total = decode_video_windows(key, video_data, inputs.video, promised, limits, repeats)
+    order = sorted(kept)  # every distinct frame once, converted and resized once
+    video = video_tensor([kept[i] for i in order], inputs.video)
+    where = {i: n for n, i in enumerate(order)}
 
     duration = float(meta.get("duration") or total / fps)
-    # Centre of the sampled video window, in seconds (frame i spans [i, i + 1) / fps).
-    centre_s = (indices[0] + indices[-1] + 1) / 2.0 / fps
+    # Centre of each sampled video window, in seconds (frame i spans [i, i + 1) / fps).
+    centres = [(w[0] + w[-1] + 1) / 2.0 / fps for w in windows]
     wave = decode_audio_wave(key, audio_data, inputs.audio, meta.get("duration"), limits)
-    audio = audio_tensor(wave, inputs.audio, centre_s)
+    audio = audio_tensors(wave, inputs.audio, centres)
 
-    return Clip(
-        key=key,
-        video=video,
-        audio=audio,
-        label=-1 if label is None else label,
-        meta={"fps": fps, "frames": total, "duration": duration, "frame_indices": indices},
-    )
+    clips = []
+    for r, indices in enumerate(windows):
+        pick = [where[i] for i in indices]
+        if pick == list(range(pick[0], pick[0] + len(pick))):  # windows on one stride lattice: a view
+            v = video[:, pick[0] : pick[0] + len(pick)]
+        else:
+            v = video[:, pick]
+        clips.append(Clip(key=repeat_key(key, r), video=v, audio=audio[r],
+                          label=-1 if label is None else label,
+                          meta={"fps": fps, "frames": total, "duration": duration, "frame_indices": indices,
+                                "repeat": r, "clip": key}))
+    return clips
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,6 +282,16 @@ def media_seconds(container: av.container.InputContainer, stream: av.stream.Stre
 def decode_video_frames(key: str, data: bytes, cfg: VideoInput, promised: int | None,
                   limits: DecodeLimits = NO_LIMITS) -> tuple[list[np.ndarray], list[int], float, int]:
     """Decode just the frames the window needs. Returns (rgb frames, indices, fps, total frames)."""
+    kept, windows, fps, total = decode_video_windows(key, data, cfg, promised, limits, 1)
+    return [kept[i] for i in windows[0]], windows[0], fps, total
+
+
+def decode_video_windows(key: str, data: bytes, cfg: VideoInput, promised: int | None,
+                         limits: DecodeLimits = NO_LIMITS, repeats: int = 1
+                         ) -> tuple[dict[int, np.ndarray], list[list[int]], float, int]:
+    """Decode the frames of `repeats` windows (`window_indices`) and no further than the last one
+    needs. Returns ({frame index: rgb frame} for every index of any window, the windows' indices,
+    fps, total frames). Only the frames in a window are converted to RGB (one swscale pass each)."""
     with open_container(key, data, "video") as container:
         if not container.streams.video:
             raise DecodeError(key, "video: container has no video stream", kind="no_video")
@@ -245,9 +308,13 @@ def decode_video_frames(key: str, data: bytes, cfg: VideoInput, promised: int | 
             limits.check_length(key, seconds)
         # Without any length metadata the whole stream is decoded: stop once it is too long.
         max_frames = limits.max_clip_s * fps
-        indices = sample_indices(total, cfg.frames, cfg.stride) if total else None
-        wanted = set(indices) if indices else None
-        last_needed = max(indices) if indices else None
+
+        def windows_of(n: int) -> list[list[int]]:
+            return [window_indices(n, cfg.frames, cfg.stride, r) for r in range(repeats)]
+
+        windows = windows_of(total) if total else None
+        wanted = {i for w in windows for i in w} if windows else None
+        last_needed = max(wanted) if wanted else None
 
         kept: dict[int, np.ndarray] = {}
         last_frame: av.VideoFrame | None = None
@@ -259,7 +326,7 @@ def decode_video_frames(key: str, data: bytes, cfg: VideoInput, promised: int | 
                 last_frame = frame
                 decoded += 1
                 if last_needed is not None and decoded > last_needed:
-                    break  # nothing after the window is needed
+                    break  # nothing after the windows is needed
                 if decoded > max_frames:
                     limits.check_length(key, decoded / fps)
         except av.FFmpegError as e:
@@ -270,39 +337,55 @@ def decode_video_frames(key: str, data: bytes, cfg: VideoInput, promised: int | 
 
     if decoded == 0 or last_frame is None:
         raise DecodeError(key, "video: no decodable frames", kind="corrupt")
-    if indices is None:  # no frame count anywhere: the whole stream was decoded
+    if windows is None:  # no frame count anywhere: the whole stream was decoded
         total = decoded
         limits.check_length(key, total / fps)
-        indices = sample_indices(total, cfg.frames, cfg.stride)
-    elif decoded <= max(indices):
-        # The stream ended before the window did: fine if roughly as long as promised.
+        windows = windows_of(total)
+        needed = {i for w in windows for i in w}
+        kept = {i: f for i, f in kept.items() if i in needed}
+    elif decoded <= max(wanted):
+        # The stream ended before the windows did: fine if roughly as long as promised.
         if decoded < MIN_DECODED_FRACTION * total:
             raise DecodeError(
                 key, f"video truncated: decoded {decoded} frames but {total} were promised", kind="truncated"
             )
         kept.setdefault(decoded - 1, last_frame.to_ndarray(format="rgb24", interpolation=RGB_CONVERSION))
-        indices = [min(i, decoded - 1) for i in indices]
+        windows = [[min(i, decoded - 1) for i in w] for w in windows]
     assert total is not None
-    return [kept[i] for i in indices], indices, fps, total
+    return kept, windows, fps, total
 
 
-def video_tensor(frames: list[np.ndarray], cfg: VideoInput) -> torch.Tensor:
-    """uint8 RGB frames -> float32 [3, T, size, size], centre square crop, resized, normalised."""
-    x = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float()  # [T, 3, H, W]
-    h, w = x.shape[-2:]
+@lru_cache(maxsize=16)
+def _normalisation(mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) [3, 1, 1, 1] with (x / 255 - mean) / std == x * scale + shift."""
+    m = torch.tensor(mean, dtype=torch.float64).view(3, 1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float64).view(3, 1, 1, 1)
+    return (1.0 / (255.0 * s)).float(), (-m / s).float()
+
+
+def video_tensor(frames: list[np.ndarray] | np.ndarray, cfg: VideoInput) -> torch.Tensor:
+    """uint8 RGB frames ([H, W, 3] each) -> float32 [3, T, size, size], centre square crop, resized
+    (torch's bilinear interpolation, antialiased when shrinking), normalised.
+
+    The work is laid out for one core: the crop is a view, the only full-resolution copy is the
+    uint8 -> float conversion straight into channel-first order [3, T, side, side] (which is then
+    also the output layout: no permute after the resize), and normalisation is one in-place
+    multiply-add on the output.
+    """
+    arr = np.stack(frames) if isinstance(frames, list) else np.asarray(frames)  # [T, H, W, 3]
+    h, w = arr.shape[1:3]
     side = min(h, w)
     top, left = (h - side) // 2, (w - side) // 2
     # Cropping the square first then resizing equals "short side to size, then centre crop",
     # and resizes fewer pixels.
-    x = x[:, :, top : top + side, left : left + side]
+    x = torch.from_numpy(arr[:, top : top + side, left : left + side]).permute(3, 0, 1, 2)
+    x = x.to(torch.float32, memory_format=torch.contiguous_format)  # [3, T, side, side]
     if side != cfg.size:
         # Antialiasing only changes the result when shrinking, and costs ~3x when enlarging.
         x = F.interpolate(x, size=(cfg.size, cfg.size), mode="bilinear", align_corners=False,
                           antialias=side > cfg.size)
-    mean = torch.tensor(cfg.mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.std, dtype=torch.float32).view(1, 3, 1, 1)
-    x = (x / 255.0 - mean) / std
-    return x.permute(1, 0, 2, 3).contiguous()
+    scale, shift = _normalisation(tuple(cfg.mean), tuple(cfg.std))
+    return x.mul_(scale).add_(shift)
 
 
 # --------------------------------------------------------------------------------------------
@@ -382,8 +465,16 @@ def _float_planes(frame: av.AudioFrame) -> np.ndarray | None:
 
 def audio_tensor(wave: np.ndarray, cfg: AudioInput, centre_s: float) -> torch.Tensor:
     """Normalised log-mel [1, frames, n_mels] of the window centred at `centre_s` seconds."""
+    return audio_tensors(wave, cfg, [centre_s])[0]
+
+
+def audio_tensors(wave: np.ndarray, cfg: AudioInput, centres_s: list[float]) -> torch.Tensor:
+    """`audio_tensor` of each window centre, [len(centres_s), 1, frames, n_mels], one batched log-mel."""
     n = mel_spec_params(cfg).num_samples
-    offset = int(round(centre_s * cfg.sample_rate - n / 2))
-    offset = min(max(offset, 0), max(wave.size - n, 0))
-    piece = fit_length(torch.from_numpy(wave), n, offset)
-    return normalise_log_mel(log_mel(piece, cfg), cfg)
+    full = torch.from_numpy(wave)
+    pieces = []
+    for centre_s in centres_s:
+        offset = int(round(centre_s * cfg.sample_rate - n / 2))
+        offset = min(max(offset, 0), max(wave.size - n, 0))
+        pieces.append(fit_length(full, n, offset))
+    return normalise_log_mel(log_mels(torch.stack(pieces), cfg), cfg)

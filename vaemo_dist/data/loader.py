@@ -30,6 +30,7 @@ positions of every rank of another layout. Iterating the loader starts at its po
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -80,18 +81,37 @@ def resolve_decoder(name: str) -> str:
     return name
 
 
-def get_decoder(name: str, gpu: bool | None = None, limits: DecodeLimits | None = None) -> Decoder:
-    """The per-sample function a DataLoader worker runs for `data.decoder`, bound to `limits`."""
+def get_decoder(name: str, gpu: bool | None = None, limits: DecodeLimits | None = None,
+                repeats: int = 1) -> Decoder:
+    """The per-sample function a DataLoader worker runs for `data.decoder`, bound to `limits`.
+
+    With `repeats` > 1 it returns a list of `repeats` items per sample: PyAV decodes the clip once into
+    `repeats` samples with shifted windows (`decode_pyav.decode_repeats`); DALI's prepared sample is
+    handed out `repeats` times (the same window; the masks differ)."""
     if name not in ("pyav", "dali"):  # resolved once in the main process; workers get the result
         name = resolve_decoder(name)
     if name == "pyav":
-        from vaemo_dist.data.decode_pyav import decode_sample
+        from vaemo_dist.data.decode_pyav import decode_repeats, decode_sample
 
+        if repeats > 1:
+            return functools.partial(decode_repeats, limits=limits, repeats=repeats)
         return functools.partial(decode_sample, limits=limits)
     from vaemo_dist.data.decode_dali import prepare_sample
 
-    return functools.partial(prepare_sample, gpu=torch.cuda.is_available() if gpu is None else gpu,
-                             limits=limits)
+    prepare = functools.partial(prepare_sample, gpu=torch.cuda.is_available() if gpu is None else gpu,
+                                limits=limits)
+    if repeats > 1:
+        return functools.partial(_repeated, prepare, repeats)
+    return prepare
+
+
+def _repeated(prepare: Decoder, repeats: int, sample: dict[str, Any], inputs: InputConfig) -> list[Any]:
+    """DALI with data.repeats: the prepared sample `repeats` times, keys marked as `repeat_key` does."""
+    from vaemo_dist.data.decode_pyav import repeat_key
+
+    item = prepare(sample, inputs)
+    return [item if r == 0 else dataclasses.replace(item, key=repeat_key(item.key, r))
+            for r in range(repeats)]
 
 
 def new_counts() -> dict[str, int]:
@@ -134,6 +154,12 @@ class DataState:
     # Lines of this rank's data.log_keys file written before this layout's first batch (a resize
     # starts counting `batches` from zero again).
     key_log_base: int = 0
+    # data.repeats > 1: a logical worker that stopped inside a group of repeats (handed out `done` of
+    # the `of` micro-batches made from one batch of decoded clips) -> {"start": the position before the
+    # group's first sample, "counts": its counts there, "done", "of"}. Exact resume reads the group's
+    # samples again from "start" and hands out its remaining micro-batches; `workers` holds the
+    # position after the group (what an elastic resize continues from: it drops the rest of the group).
+    groups: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     def update(self, batch: Batch) -> None:
         s = batch.state
@@ -141,6 +167,11 @@ class DataState:
         self.batches += 1
         self.workers[w] = StreamPosition.from_dict(s["position"])
         self.counts[w] = dict(s["counts"])
+        group = s.get("group")
+        if group is not None and group["done"] < group["of"]:
+            self.groups[w] = dict(group)
+        else:
+            self.groups.pop(w, None)
         self.recent_bad = (self.recent_bad + list(s.get("bad", [])))[-10:]
 
     def totals(self) -> dict[str, int]:
@@ -171,6 +202,8 @@ class DataState:
             d["remainder"] = {"next_epoch": self.next_epoch, "n_shards": self.n_shards, "workers": plans}
         if self.key_log_base:
             d["key_log_base"] = self.key_log_base
+        if self.groups:  # only with data.repeats > 1, mid-group
+            d["groups"] = {str(k): v for k, v in self.groups.items()}
         return d
 
     @staticmethod
@@ -187,6 +220,8 @@ class DataState:
             next_epoch=int(rem.get("next_epoch", 0)),
             n_shards=int(rem.get("n_shards", 0)),
             key_log_base=int(d.get("key_log_base", 0)),
+            groups={int(k): {"start": dict(v["start"]), "counts": dict(v["counts"]), "done": int(v["done"]),
+                             "of": int(v["of"])} for k, v in (d.get("groups") or {}).items()},
         )
 
 
@@ -289,8 +324,20 @@ class ClipStream(IterableDataset):
         start = self.resume.workers.get(logical, StreamPosition())
         # Old checkpoints have no per-kind counts: they start from zero.
         counts = {**new_counts(), **self.resume.counts.get(logical, {})}
-        decode = get_decoder(self.decoder, self.gpu, DecodeLimits.from_config(self.data))
+        repeats = max(1, self.data.repeats)
+        decode = get_decoder(self.decoder, self.gpu, DecodeLimits.from_config(self.data), repeats)
         pending = self.decoder == "dali"
+        # Stopped inside a group of repeats: read the group again from its start, with the counts it
+        # started with, and hand out only the micro-batches not handed out before.
+        group = self.resume.groups.get(logical)
+        skip = 0
+        if group is not None and group["of"] == repeats:
+            start, skip = StreamPosition.from_dict(group["start"]), group["done"]
+            counts = {**new_counts(), **group["counts"]}
+        elif group is not None:
+            log.warning("data.repeats changed from %d to %d: worker %d continues after its begun group "
+                        "(%d of its micro-batches were not handed out)", group["of"], repeats, logical,
+                        group["of"] - group["done"])
 
         bad: list[str] = []
 
@@ -298,10 +345,13 @@ class ClipStream(IterableDataset):
             counts["shard"] += 1
             bad.append(f"{storage.redact(t.url)}: {t.error} (after {t.after_samples} samples)")
 
-        clips: list[Any] = []
+        clips: list[Any] = []  # per decoded clip, its `repeats` samples
         stream = iter_slot(self.urls, self.data.shuffle_seed, slot, n_slots, start, on_trouble,
                            resampled=self.data.resampled, remainder=self.resume.remainder_of(logical))
         exclude, kept_epoch = self.exclude_keys, start.epoch
+        # Where the current group of repeats starts, and the counts there (taken before anything of
+        # the group is read: a shard failure met on the way to its first sample is re-met on resume).
+        group_start, group_counts = start, dict(counts)
         for sample, position in stream:
             if exclude:
                 if sample.get("__key__") in exclude:  # held out for evaluation: never trained on
@@ -322,10 +372,18 @@ class ClipStream(IterableDataset):
                 log.warning("skipped clip %s from %s (%s): %s", e.key, url, e.kind, e.reason)
                 continue
             if len(clips) == self.data.batch_size:
-                state = {"worker": logical, "position": position.to_dict(), "counts": dict(counts),
-                         "bad": bad}
-                yield PendingBatch(clips, state) if pending else collate(clips, state)
-                clips, bad = [], []
+                # Repeat r of every clip goes to micro-batch r: no micro-batch (and so no contrastive
+                # denominator, which gathers one micro-batch per rank) holds two repeats of a clip.
+                for r in range(skip, repeats):
+                    state = {"worker": logical, "position": position.to_dict(), "counts": dict(counts),
+                             "bad": bad if r == skip else []}
+                    if repeats > 1:
+                        state["group"] = {"start": group_start.to_dict(), "counts": group_counts,
+                                          "done": r + 1, "of": repeats}
+                    items = [c[r] for c in clips] if repeats > 1 else clips
+                    yield PendingBatch(items, state) if pending else collate(items, state)
+                clips, bad, skip = [], [], 0
+                group_start, group_counts = position, dict(counts)
 
 
 class BatchLoader:
