@@ -120,6 +120,23 @@ def test_remainder_is_exactly_the_complement_of_what_was_read(urls, n_old, n_new
     assert_once_per_epoch(after, urls, [1])
 
 
+def test_more_new_slots_than_pieces_left_split_the_pieces_so_no_slot_starts_the_next_epoch(urls):
+    # One slot read all but two shards, stopping at the end of one (its next piece estimated empty);
+    # four new slots: what is left is split by sample parity so each new slot gets samples of this
+    # epoch, instead of slots idling into the next epoch (shards here differ in size, so the loads
+    # are balanced only as far as the size estimate goes; the chain test of
+    # tests/faults/test_elastic_resume.py checks the equal-shard case step by step).
+    old = Layout(urls, 1)
+    n_samples = len(epoch_keys(urls))
+    consumed = old.read(0, n_samples - 14)  # the last shards' samples are left
+    new = old.resize(4)
+    planned = [expand(urls, list(r.entries)) for r in new.remainders]
+    assert all(planned), [len(p) for p in planned]
+    flat = [x for p in planned for x in p]
+    assert len(flat) == len(set(flat)) and set(flat) == {(0, k) for k in epoch_keys(urls)} - set(consumed)
+    assert_once_per_epoch(consumed + new.read_remainders(), urls, [0])
+
+
 def test_resize_twice_in_an_epoch_and_a_checkpoint_in_between(urls):
     old = Layout(urls, 2)
     read = old.read(0, 7) + old.read(1, 3)

@@ -356,8 +356,9 @@ def plan_remainder(n_shards: int, seed: int, old: Sequence[SlotState], n_slots: 
     Every sample of every epoch an old slot has begun that no old slot has read is in exactly one
     new plan, once; what the old slots read is in none. The next epoch is the first that no old
     slot has begun (slots drift apart when shards differ in size); from there on the new slots
-    follow their ordinary plan. Pieces are dealt largest first to the least loaded slot, shards
-    assumed equal in size (as the ordinary split assumes), their size estimated by the furthest
+    follow their ordinary plan. With fewer pieces than new slots the largest pieces are split by
+    sample parity until each slot has one. Pieces are dealt largest first to the least loaded slot,
+    shards assumed equal in size (as the ordinary split assumes), their size estimated by the furthest
     sample position seen; each slot reads its pieces in the old streams' order.
     """
     if n_slots < 1 or not old:
@@ -372,13 +373,30 @@ def plan_remainder(n_shards: int, seed: int, old: Sequence[SlotState], n_slots: 
     def load(e: PlanEntry) -> float:  # the expected share of a shard still to read
         return max(0.0, 1.0 - e.first / size) / e.stride
 
+    # Fewer pieces with samples left than new slots (2 shards left, 4 new workers): split the largest
+    # piece by sample parity (stride doubled, the second half offset by the old stride) until every
+    # slot has one, as long as a piece still holds two samples or more. Otherwise the idle slots would
+    # start the next epoch while the others still read this one. (Pieces a slot stopped at the end of
+    # are expected empty and do not count; they are still dealt, in case a shard is longer.)
+    while sum(load(p[3]) > 0 for p in pieces) < n_slots:
+        largest = max(range(len(pieces)), key=lambda i: (load(pieces[i][3]), -i))
+        epoch, k, n, e = pieces[largest]
+        if load(e) * size < 2:
+            break
+        halves = [replace(e, stride=2 * e.stride, offset=(e.offset + h * e.stride) % (2 * e.stride))
+                  for h in (0, 1)]
+        pieces[largest:largest + 1] = [(epoch, k, n, half) for half in halves]
+
+    def order(p: tuple[int, int, int, PlanEntry]) -> tuple[int, int, int, int, int]:
+        return (*p[:3], p[3].stride, p[3].offset)
+
     plans: list[list[tuple[int, int, int, PlanEntry]]] = [[] for _ in range(n_slots)]
     loads = [0.0] * n_slots
-    for piece in sorted(pieces, key=lambda p: (-load(p[3]), p[:3])):
+    for piece in sorted(pieces, key=lambda p: (-load(p[3]), order(p))):
         target = min(range(n_slots), key=lambda i: (loads[i], len(plans[i]), i))
         plans[target].append(piece)
         loads[target] += load(piece[3])
-    return until, [[p[3] for p in sorted(plan, key=lambda p: p[:3])] for plan in plans]
+    return until, [[p[3] for p in sorted(plan, key=order)] for plan in plans]
 
 
 def read_shard(url: str) -> Iterator[dict[str, Any]]:
