@@ -113,3 +113,56 @@ def test_a_broken_export_is_refused(tmp_path):
         read_export(folder)
     with pytest.raises(ExportError, match="is not an exported model"):
         read_export(tmp_path)
+
+
+def _cross_checkpoint(tmp_path, **model_overrides):
+    """A step folder whose config.yaml is that of a `model.decoder: cross` run (weights not needed)."""
+    import yaml
+
+    cfg = load_config(None, ["model.decoder=cross", "model.decode_fraction=0.25"])
+    raw = cfg.to_dict()
+    raw["model"].update(model_overrides)
+    folder = tmp_path / "step_00000010"
+    folder.mkdir()
+    (folder / "config.yaml").write_text(yaml.safe_dump(raw))
+    (folder / "mp_rank_00_model_states.pt").write_bytes(b"")
+    return folder, raw
+
+
+def test_a_cross_checkpoint_under_a_full_config_is_refused_naming_model_decoder(tmp_path):
+    from vaemo_dist.train.checkpoint import architecture_differences
+
+    folder, raw = _cross_checkpoint(tmp_path)
+    full = load_config(None, [])
+    assert full.model.decoder == "full"
+    with pytest.raises(ValueError, match=r"model\.decoder: 'cross' in the checkpoint, 'full' here"):
+        checkpoints.check_compatible(full, folder)
+    # Resuming (the trainer's plan reads the same list) is refused likewise.
+    assert architecture_differences(full, raw) == ["model.decoder: 'cross' in the checkpoint, 'full' here"]
+    # A checkpoint written before model.decoder existed had the full decoder.
+    del raw["model"]["decoder"]
+    cross = load_config(None, ["model.decoder=cross"])
+    assert architecture_differences(cross, raw) == ["model.decoder: 'full' in the checkpoint, 'cross' here"]
+
+
+def test_decode_fraction_changes_no_weight_and_is_only_noted(tmp_path, caplog):
+    folder, _ = _cross_checkpoint(tmp_path)
+    cfg = load_config(None, ["model.decoder=cross", "model.decode_fraction=0.5"])
+    with caplog.at_level("WARNING"):
+        checkpoints.check_compatible(cfg, folder)
+    assert "model.decode_fraction: 0.25 in the checkpoint, 0.5 here" in caplog.text
+
+
+def test_full_and_cross_weights_do_not_load_into_each_other():
+    """Why model.decoder is a shape key: the decoder blocks' state-dict names differ, while
+    decode_fraction leaves every name and shape as it is."""
+    def state(*overrides):
+        cfg = load_config(None, ["inputs.video.frames=4", "inputs.video.size=32", "inputs.audio.frames=32",
+                                 "model.preset=custom", "model.dim=32", "model.heads=2", "model.depth=1",
+                                 "model.decoder_dim=16", "model.decoder_heads=2", "model.decoder_depth=1",
+                                 "model.embed_dim=16", *overrides])
+        return {k: tuple(v.shape) for k, v in VAEmoModel(cfg.model, cfg.inputs).state_dict().items()}
+
+    full, cross = state(), state("model.decoder=cross", "model.decode_fraction=0.25")
+    assert set(full) != set(cross)
+    assert cross == state("model.decoder=cross", "model.decode_fraction=1.0")

@@ -641,8 +641,10 @@ def resolve_init(path: str | Path) -> Path:
                          "export folder (vaemo-export output: config.json + model.safetensors)") from None
 
 
-# Config keys that change the shapes of the weights (a mismatch cannot load) and the others.
-_SHAPE_KEYS = {"model": ("dim", "depth", "heads", "mlp_ratio", "decoder_dim", "decoder_depth",
+# Config keys that change the shapes or names of the weights (a mismatch cannot load) and the others.
+# model.decoder: "full" and "cross" decoder blocks hold differently named layers (attn/mlp against
+# cross_attn/norm_memory/ffn). model.decode_fraction changes no weight (only how many queries are drawn).
+_SHAPE_KEYS = {"model": ("dim", "depth", "heads", "mlp_ratio", "decoder", "decoder_dim", "decoder_depth",
                          "decoder_heads", "embed_dim"),
                "inputs.video": ("frames", "size", "tubelet", "patch"),
                "inputs.audio": ("n_mels", "frames", "patch")}

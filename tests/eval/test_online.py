@@ -486,3 +486,28 @@ def test_holdout_without_speakers_is_by_clip(setup, tmp_path):
     record = ensure_holdout(spec)
     assert record.by == "clip" and len(record.keys) == 4 and record.speakers == []
     assert record.name() == f"held-out 4 clips of {shards} by clip (4 clips)"
+
+
+def test_a_stage1_run_with_the_cross_decoder_logs_eval_reconstruction(tmp_path):
+    """model.decoder=cross (predictions of a sampled subset of the masked patches) through the real
+    launcher with online evaluation on: the evaluation figures are logged, the reconstruction ones
+    among them, and the picture is drawn. One process, 2 steps, 8 training and 8 held-out clips."""
+    from tests.launching import output, run_stage1
+
+    run_dir = tmp_path / "runs" / "cross"
+    proc = run_stage1(run_dir, "synthetic", 1, "train.steps=2", "eval.every=2", "eval.clips=8",
+                      "eval.batch_size=4", "eval.pictures=1", "eval.classes=0", "model.decoder=cross",
+                      "model.decode_fraction=0.25", "model.depth=1", "data.batch_size=2",
+                      f"data.synth.dir={tmp_path / 'synthetic'}", "data.synth.clips=8",
+                      "data.synth.clips_per_shard=4", "data.synth.size=64", "train.ckpt_every=2",
+                      timeout=300)
+    assert proc.returncode == 0, output(proc)[-6000:]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval/rec_loss" in r]
+    assert [r["step"] for r in evals] == [2]
+    rec = evals[0]
+    assert all(math.isfinite(rec[k]) and rec[k] > 0 for k in ("eval/rec_video", "eval/rec_audio"))
+    assert rec["eval/rec_loss"] == pytest.approx(rec["eval/rec_video"] + rec["eval/rec_audio"])
+    assert "rec_loss" in output(proc)  # the evaluation log line
+    with Image.open(run_dir / "pictures" / "recon_step00000002.png") as im:
+        im.load()

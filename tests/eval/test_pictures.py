@@ -154,3 +154,87 @@ def test_grid_png_is_written_and_decodes(tmp_path):
     # Two clips of three rows each, about 150 px per panel: a readable picture, not a thumbnail or a poster.
     assert 600 <= width <= 1400 and 800 <= height <= 1600, im.size
     assert pixels.std() > 20  # something is drawn
+
+
+def cross_output(video: torch.Tensor, audio: torch.Tensor, fraction: float = 0.3) -> ModelOutput:
+    """fake_output as the cross decoder gives it: predictions (exactly the targets) of a sample of the
+    masked patches only, with their indices."""
+    from vaemo_dist.model.vaemo import sample_decoded
+
+    out = fake_output(video, audio, norm_pix=True)
+    g = torch.Generator().manual_seed(5)
+    v_dec = sample_decoded(out.video_keep, out.video_mask.shape[1], fraction, g)
+    a_dec = sample_decoded(out.audio_keep, out.audio_mask.shape[1], fraction, g)
+
+    def pick(t, idx):
+        return t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))
+
+    return dataclasses.replace(out, video_pred=pick(out.video_target, v_dec), video_decoded=v_dec,
+                               audio_pred=pick(out.audio_target, a_dec), audio_decoded=a_dec)
+
+
+def test_cross_decoder_pictures_draw_the_decoded_patches_and_leave_the_rest_grey():
+    video, audio = clips(3)
+    out = cross_output(video, audio)
+    p = reconstruction_panels(video, audio, out, INPUTS, norm_pix=True, max_clips=2)
+    v, a = INPUTS.video, INPUTS.audio
+    # Per-pixel flags of the decoded patches, laid out as the panels are.
+    v_flags = torch.zeros(2, out.video_mask.shape[1]).scatter_(1, out.video_decoded[:2], 1.0)
+    v_flags = v_flags[..., None].expand(-1, -1, 3 * v.tubelet * v.patch ** 2)
+    decoded_px = unpatchify_video(v_flags, INPUTS.video_grid, v.tubelet, v.patch)[:, 0, p.frames] > 0.5
+    decoded_px = decoded_px.numpy()
+    a_flags = torch.zeros(2, out.audio_mask.shape[1]).scatter_(1, out.audio_decoded[:2], 1.0)
+    a_flags = a_flags[..., None].expand(-1, -1, a.patch ** 2)
+    decoded_mel = (unpatchify_audio(a_flags, INPUTS.audio_grid, a.patch)[:, 0] > 0.5).transpose(1, 2).numpy()
+
+    grey = (p.video_masked == MASK_GREY).all(axis=-1)
+    assert decoded_px.any() and not (decoded_px & ~grey).any()  # only masked patches are decoded
+    np.testing.assert_allclose(p.video_recon[decoded_px], p.video_input[decoded_px], atol=1e-5)
+    np.testing.assert_array_equal(p.video_recon[~grey], p.video_input[~grey])
+    blank = grey & ~decoded_px
+    assert blank.mean() > 0.4 and (p.video_recon[blank] == MASK_GREY).all()
+
+    hidden = np.isnan(p.audio_masked)
+    np.testing.assert_allclose(p.audio_recon[decoded_mel], p.audio_input[decoded_mel], atol=1e-4)
+    np.testing.assert_array_equal(p.audio_recon[~hidden], p.audio_input[~hidden])
+    assert np.isnan(p.audio_recon[hidden & ~decoded_mel]).all()
+    assert not np.isnan(p.audio_recon[decoded_mel]).any()
+
+    # The decoded shares: decode_fraction of the masked tokens, and the caption says so.
+    dv, da = out.video_decoded.shape[1], out.audio_decoded.shape[1]
+    np.testing.assert_allclose(p.video_decoded_ratio, dv / out.video_mask.shape[1])
+    np.testing.assert_allclose(p.audio_decoded_ratio, da / out.audio_mask.shape[1])
+    from vaemo_dist.eval.pictures import clip_caption
+
+    mv, ma = out.video_mask[0].float().mean().item(), out.audio_mask[0].float().mean().item()  # 58/64, 51/64
+    rest = "decoded, the rest grey"
+    assert clip_caption(p, 0) == (f"video {100 * mv:.0f}% masked ({100 * dv / 64:.0f}% {rest}), "
+                                  f"audio {100 * ma:.0f}% masked ({100 * da / 64:.0f}% {rest})")
+    full = reconstruction_panels(video, audio, fake_output(video, audio, True), INPUTS, max_clips=2)
+    assert clip_caption(full, 0) == f"video {100 * mv:.0f}% masked, audio {100 * ma:.0f}% masked"
+
+
+def test_a_partial_prediction_without_its_indices_is_refused():
+    video, audio = clips(2)
+    out = dataclasses.replace(cross_output(video, audio), video_decoded=None)
+    with pytest.raises(ValueError, match="decoded indices"):
+        reconstruction_panels(video, audio, out, INPUTS)
+
+
+def test_a_cross_model_output_renders(tmp_path):
+    from vaemo_dist.config import load_config as load
+    from vaemo_dist.model.vaemo import VAEmoModel
+
+    cfg = load(None, [*SMALL, "model.depth=1", "model.decoder_depth=1", "model.decoder=cross",
+                      "model.decode_fraction=0.25"])
+    torch.manual_seed(0)
+    video, audio = clips(2)
+    with torch.no_grad():
+        model = VAEmoModel(cfg.model, cfg.inputs).eval()
+        out = model(video, audio, generator=torch.Generator().manual_seed(0))
+    assert out.video_pred.shape[1] < out.video_mask.shape[1]
+    path = save_reconstruction_grid(video, audio, out, cfg.inputs, tmp_path / "cross.png", max_clips=2,
+                                    title="cross")
+    with Image.open(path) as im:
+        im.load()
+        assert im.format == "PNG" and im.size[0] > 300

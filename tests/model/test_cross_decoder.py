@@ -300,3 +300,55 @@ def test_cross_blocks_are_not_tensor_parallel_and_unshard_keeps_them_whole():
     # ... while a Block's split layer is joined (the plan still applies to the encoder).
     w = state["blocks.0.attn.proj.weight"]
     assert unshard("blocks.0.attn.proj.weight", [w, w]).shape == (w.shape[0], 2 * w.shape[1])
+
+
+# ------------------------------------------------------------------ activation checkpointing, compile
+
+
+def _grads_after_one_step(checkpointing: bool):
+    from vaemo_dist.config import ParallelConfig
+    from vaemo_dist.model.parallelize import parallelize
+
+    model = parallelize(_model(), ParallelConfig(activation_checkpointing=checkpointing))
+    calls = []  # CrossBlock forwards: with checkpointing, each block runs again in the backward pass
+    for blk in model.modules():
+        if isinstance(blk, CrossBlock):
+            blk.register_forward_pre_hook(lambda *_: calls.append(1))  # recomputation may stop early
+    out = model(*_batch(), generator=torch.Generator().manual_seed(3))
+    loss, _ = Stage1Objective(LossConfig(contrastive_weight=0.1))(out)
+    forwards = len(calls)
+    loss.backward()
+    # Parameter names through a checkpoint wrapper carry its prefix; the state-dict names do not.
+    grads = {n.replace("_checkpoint_wrapped_module.", ""): p.grad.clone()
+             for n, p in model.named_parameters() if p.grad is not None}
+    return model, loss.detach(), grads, forwards, len(calls) - forwards
+
+
+def test_activation_checkpointing_covers_cross_blocks_and_keeps_the_gradients():
+    plain, loss_a, grads_a, fwd_a, re_a = _grads_after_one_step(False)
+    wrapped, loss_b, grads_b, fwd_b, re_b = _grads_after_one_step(True)
+    assert list(wrapped.state_dict()) == list(plain.state_dict())  # checkpoints stay interchangeable
+    assert all(type(b).__name__ == "CheckpointWrapper" for b in wrapped.decoder_blocks)
+    assert (fwd_a, re_a) == (CROSS.decoder_depth, 0)
+    assert (fwd_b, re_b) == (CROSS.decoder_depth, CROSS.decoder_depth)  # recomputed in the backward
+    torch.testing.assert_close(loss_b, loss_a, rtol=0, atol=0)
+    assert grads_a.keys() == grads_b.keys()
+    assert any(k.startswith("decoder_blocks.") and ".cross_attn." in k for k in grads_a)
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_compile_covers_cross_blocks_with_and_without_checkpointing():
+    from vaemo_dist.config import ParallelConfig
+    from vaemo_dist.model.parallelize import parallelize
+
+    for checkpointing in (False, True):
+        model = _model()
+        keys = list(model.state_dict())
+        model = parallelize(model, ParallelConfig(activation_checkpointing=checkpointing, compile=True))
+        assert list(model.state_dict()) == keys
+        for block in model.decoder_blocks:  # the outermost module is compiled (wrapper included), once
+            assert block._compiled_call_impl is not None
+            inner = getattr(block, "_checkpoint_wrapped_module", None)
+            assert (inner is not None) == checkpointing
+            assert inner is None or (isinstance(inner, CrossBlock) and inner._compiled_call_impl is None)

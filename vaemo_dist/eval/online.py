@@ -18,8 +18,10 @@ evaluation log line, every evaluation record (`eval/set`), the pictures' titles 
   embeddings of all held-out clips, and the reverse (the contrastive heads, every token visible).
 * Validation reconstruction (`eval/rec_video`, `eval/rec_audio`, and `eval/rec_loss` =
   loss.video_weight * rec_video + loss.audio_weight * rec_audio): the training forward and the
-  stage-1 masked MSE, with masks drawn from a dedicated generator seeded identically at every
-  evaluation, so the figures compare across steps and the training RNG stream is not touched.
+  stage-1 reconstruction MSE (`decoded_mse`: every masked patch under `model.decoder: full`, the
+  sampled decoded ones under `cross`), with masks (and decoded patches) drawn from a dedicated
+  generator seeded identically at every evaluation, so the figures compare across steps and the
+  training RNG stream is not touched.
 * Zero-shot (stage 2, a model with a text head: `eval/zero_shot_uar`, `eval/zero_shot_war`, and
   `eval/zero_shot_uar_audio` / `_video` for path 2): each held-out clip's joint (audio, visual)
   embedding against the class prompts of `vaemo_dist.text.synthetic.class_prompts`, projected by the
@@ -66,7 +68,7 @@ from vaemo_dist.data.holdout import (  # noqa: F401 - the split is data (layer 1
 from vaemo_dist.data.holdout import training_data_name as _training_data
 from vaemo_dist.eval.metrics import classification_metrics
 from vaemo_dist.model.vaemo import ModelOutput, VAEmoModel
-from vaemo_dist.objectives.stage1 import masked_mse
+from vaemo_dist.objectives.stage1 import decoded_mse
 from vaemo_dist.train.metrics import log_pictures  # noqa: F401 - its home is train.metrics
 
 log = logging.getLogger(__name__)
@@ -501,8 +503,10 @@ class OnlineEvaluator:
     def _reconstruct(
         self, vaemo: VAEmoModel
     ) -> tuple[float, float, tuple[torch.Tensor, torch.Tensor, ModelOutput] | None]:
-        """Validation reconstruction losses (means over every masked patch of every clip), and the
-        inputs and outputs of the first `eval.pictures` clips on the main rank."""
+        """Validation reconstruction losses, as the training objective takes them (`decoded_mse`):
+        means over every masked patch of every clip under `model.decoder: full`, over the decoded
+        (sampled masked) patches under `cross`; and the inputs and outputs of the first `eval.pictures`
+        clips on the main rank."""
         generator = torch.Generator(device=self.device)
         generator.manual_seed(self.mask_seed)  # the same masks at every evaluation
         want = self.cfg.eval.pictures if self.is_main else 0
@@ -512,9 +516,11 @@ class OnlineEvaluator:
         for video, audio in self._batches():
             out = vaemo(video, audio, generator=generator)
             b = video.shape[0]
-            # Every clip masks the same number of tokens, so batch means weighted by size give the mean.
-            losses = torch.stack([masked_mse(out.video_pred, out.video_target, out.video_mask),
-                                  masked_mse(out.audio_pred, out.audio_target, out.audio_mask)])
+            # Every clip masks (and the cross decoder decodes) the same number of tokens, so batch means
+            # weighted by size give the mean.
+            losses = torch.stack([
+                decoded_mse(out.video_pred, out.video_target, out.video_mask, out.video_decoded),
+                decoded_mse(out.audio_pred, out.audio_target, out.audio_mask, out.audio_decoded)])
             sums += b * losses.double().cpu()
             if held < want:
                 n = min(b, want - held)
@@ -529,10 +535,14 @@ class OnlineEvaluator:
 
 
 def _head(out: ModelOutput, n: int) -> ModelOutput:
-    """The first n clips of a model output, on the CPU, floating tensors in float32."""
+    """The first n clips of a model output, on the CPU, floating tensors in float32 (None stays None)."""
     fields = {}
     for f in dataclasses.fields(out):
-        t = getattr(out, f.name).detach()
+        t = getattr(out, f.name)
+        if t is None:
+            fields[f.name] = None
+            continue
+        t = t.detach()
         t = t if t.dim() == 0 else t[:n]
         fields[f.name] = (t.float() if t.is_floating_point() else t).cpu()
     return ModelOutput(**fields)
@@ -544,5 +554,8 @@ def _concat(outs: list[ModelOutput]) -> ModelOutput:
     fields = {}
     for f in dataclasses.fields(ModelOutput):
         parts = [getattr(o, f.name) for o in outs]
-        fields[f.name] = parts[0] if parts[0].dim() == 0 else torch.cat(parts)
+        if any(p is None for p in parts):  # hand-built outputs (decoded indices left out): every patch
+            fields[f.name] = None
+        else:
+            fields[f.name] = parts[0] if parts[0].dim() == 0 else torch.cat(parts)
     return ModelOutput(**fields)

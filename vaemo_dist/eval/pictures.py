@@ -8,6 +8,11 @@ from `norm_pix_loss` and `norm_pix_loss_audio`), the decoder predicts per-patch 
 are taken back to the input's scale with the mean and variance of the input patch they replace.
 Otherwise the prediction is already in the (globally normalised) input's scale and is shown as is.
 
+With `model.decoder: cross` the decoder predicts only a sample of the masked patches
+(`ModelOutput.video_decoded` / `audio_decoded`). The reconstruction row then shows the prediction
+on those patches only; the masked patches that were not decoded stay hidden as in the masked row
+(grey video, grey spectrogram), and each clip's caption says what share of the tokens was decoded.
+
 `reconstruction_panels` computes the arrays that are drawn, so tests can check them directly;
 `save_reconstruction_grid` draws them (matplotlib's Agg canvas, no pyplot state).
 """
@@ -35,12 +40,18 @@ class ReconstructionPanels:
     frames: list[int]  # indices of the input frames shown
     video_input: np.ndarray  # [N, S, H, W, 3] RGB in [0, 1] (S = len(frames))
     video_masked: np.ndarray  # [N, S, H, W, 3] masked tubelet patches MASK_GREY
-    video_recon: np.ndarray  # [N, S, H, W, 3] visible patches from the input, masked from the prediction
+    # [N, S, H, W, 3] visible patches from the input, masked ones from the prediction (masked ones the
+    # cross decoder did not predict: MASK_GREY)
+    video_recon: np.ndarray
     audio_input: np.ndarray  # [N, M, F] log-mel (natural log of power), mel bins first
     audio_masked: np.ndarray  # [N, M, F] masked patches NaN (drawn in grey)
-    audio_recon: np.ndarray  # [N, M, F]
+    audio_recon: np.ndarray  # [N, M, F] likewise (masked patches not predicted: NaN)
     video_mask_ratio: np.ndarray  # [N] share of video tokens masked
     audio_mask_ratio: np.ndarray  # [N]
+    # [N] share of the tokens the decoder predicted (all masked ones under "full"; the cross decoder's
+    # sample under "cross"). None: every masked token (panels built by hand).
+    video_decoded_ratio: np.ndarray | None = None
+    audio_decoded_ratio: np.ndarray | None = None
 
 
 def unnormalise_patches(pred: torch.Tensor, patches: torch.Tensor, norm_pix: bool) -> torch.Tensor:
@@ -61,6 +72,27 @@ def picture_note(norm_pix_video: bool, norm_pix_audio: bool) -> str:
         return ""
     prefix = "masked patches" if len(which) == 2 else f"masked {which[0]} patches"
     return f"{prefix}: prediction scaled by the input patch's mean/std"
+
+
+def _predicted(
+    pred: torch.Tensor, decoded: torch.Tensor | None, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prediction laid out over every patch ([N, n, P]; zero where nothing was predicted) and which
+    masked patches it covers ([N, n] bool). `pred` [N, D, P] predicts patches `decoded` [N, D]; a
+    prediction of every patch (D = n, or `decoded` None) covers every masked one."""
+    n = mask.shape[1]
+    if decoded is None or pred.shape[1] == n:
+        if pred.shape[1] != n:
+            raise ValueError(f"a prediction of {pred.shape[1]} patches needs the decoded indices "
+                             f"(ModelOutput.video_decoded / audio_decoded) to be drawn over {n} patches")
+        return pred, mask
+    if decoded.shape != pred.shape[:2]:
+        raise ValueError(f"decoded indices {tuple(decoded.shape)} do not match the predictions "
+                         f"{tuple(pred.shape)}")
+    full = pred.new_zeros(pred.shape[0], n, pred.shape[2])
+    full.scatter_(1, decoded[..., None].expand_as(pred), pred)
+    covered = torch.zeros_like(mask).scatter_(1, decoded, True)
+    return full, covered & mask
 
 
 def _shown_frames(total: int, count: int) -> list[int]:
@@ -90,13 +122,20 @@ def reconstruction_panels(video: torch.Tensor, audio: torch.Tensor, out: ModelOu
 
     v_mask, a_mask = take(out.video_mask), take(out.audio_mask)
 
-    # Video: patches in the normalised input space, prediction back to it, then to RGB.
+    v_decoded = None if out.video_decoded is None else take(out.video_decoded)
+    a_decoded = None if out.audio_decoded is None else take(out.audio_decoded)
+
+    # Video: patches in the normalised input space, prediction back to it, then to RGB. Masked patches
+    # without a prediction (cross decoder) stay MASK_GREY in the reconstruction too.
     v_patches = patchify_video(video, v.tubelet, v.patch)
-    v_pred = unnormalise_patches(take(out.video_pred), v_patches, norm_pix)
-    v_recon = torch.where(v_mask[..., None], v_pred, v_patches)
+    v_pred, v_drawn = _predicted(take(out.video_pred), v_decoded, v_mask)
+    v_pred = unnormalise_patches(v_pred, v_patches, norm_pix)
+    v_recon = torch.where(v_drawn[..., None], v_pred, v_patches)
     vgrid = inputs.video_grid
     v_flags = v_mask[..., None].expand_as(v_patches).float()
     v_hidden = unpatchify_video(v_flags, vgrid, v.tubelet, v.patch) > 0.5
+    v_undecoded = (v_mask & ~v_drawn)[..., None].expand_as(v_patches).float()
+    v_blank = unpatchify_video(v_undecoded, vgrid, v.tubelet, v.patch) > 0.5
     mean = torch.tensor(v.mean).view(1, 3, 1, 1, 1)
     std = torch.tensor(v.std).view(1, 3, 1, 1, 1)
 
@@ -106,20 +145,27 @@ def reconstruction_panels(video: torch.Tensor, audio: torch.Tensor, out: ModelOu
     rgb_in = to_rgb(video)
     rgb_masked = torch.where(v_hidden.permute(0, 2, 3, 4, 1), torch.full_like(rgb_in, MASK_GREY), rgb_in)
     rgb_recon = to_rgb(unpatchify_video(v_recon, vgrid, v.tubelet, v.patch))
+    rgb_recon = torch.where(v_blank.permute(0, 2, 3, 4, 1), torch.full_like(rgb_recon, MASK_GREY), rgb_recon)
     frames = _shown_frames(video.shape[2], frames_shown)
 
     # Audio: log-mel patches likewise; shown as [mel, time] so imshow(origin="lower") puts time across.
     a_patches = patchify_audio(audio, a.patch)
-    a_pred = unnormalise_patches(take(out.audio_pred), a_patches, norm_pix_audio)
+    a_pred, a_drawn = _predicted(take(out.audio_pred), a_decoded, a_mask)
+    a_pred = unnormalise_patches(a_pred, a_patches, norm_pix_audio)
     agrid = inputs.audio_grid
-    a_recon = unpatchify_audio(torch.where(a_mask[..., None], a_pred, a_patches), agrid, a.patch)
+    a_recon = unpatchify_audio(torch.where(a_drawn[..., None], a_pred, a_patches), agrid, a.patch)
     a_hidden = unpatchify_audio(a_mask[..., None].expand_as(a_patches).float(), agrid, a.patch) > 0.5
+    a_undecoded = (a_mask & ~a_drawn)[..., None].expand_as(a_patches).float()
+    a_blank = unpatchify_audio(a_undecoded, agrid, a.patch) > 0.5
 
     def to_logmel(x: torch.Tensor) -> torch.Tensor:  # [N, 1, F, M] normalised -> [N, M, F] log-mel
         return (x * a.std + a.mean)[:, 0].transpose(1, 2)
 
     mel_in = to_logmel(audio)
     mel_masked = torch.where(a_hidden[:, 0].transpose(1, 2), torch.full_like(mel_in, float("nan")), mel_in)
+    mel_recon = to_logmel(a_recon)
+    nan = torch.full_like(mel_recon, float("nan"))
+    mel_recon = torch.where(a_blank[:, 0].transpose(1, 2), nan, mel_recon)
 
     def np32(x: torch.Tensor) -> np.ndarray:
         return x.numpy().astype(np.float32)
@@ -131,9 +177,11 @@ def reconstruction_panels(video: torch.Tensor, audio: torch.Tensor, out: ModelOu
         video_recon=np32(rgb_recon[:, frames]),
         audio_input=np32(mel_in),
         audio_masked=np32(mel_masked),
-        audio_recon=np32(to_logmel(a_recon)),
+        audio_recon=np32(mel_recon),
         video_mask_ratio=np32(v_mask.float().mean(dim=1)),
         audio_mask_ratio=np32(a_mask.float().mean(dim=1)),
+        video_decoded_ratio=np32(v_drawn.float().mean(dim=1)),
+        audio_decoded_ratio=np32(a_drawn.float().mean(dim=1)),
     )
 
 
@@ -152,6 +200,20 @@ def save_reconstruction_grid(video: torch.Tensor, audio: torch.Tensor, out: Mode
     if note:
         title = f"{title}\n{note}" if title else note
     return draw_panels(panels, path, keys=keys, labels=labels, title=title)
+
+
+def clip_caption(panels: ReconstructionPanels, i: int) -> str:
+    """What clip i's caption says of its masks: the share of each modality's tokens masked and, where
+    the decoder predicted fewer than all of the masked ones (model.decoder: cross), the share decoded
+    (the other masked tokens stay grey in the reconstruction row)."""
+    parts = []
+    for name, masked, decoded in (("video", panels.video_mask_ratio, panels.video_decoded_ratio),
+                                  ("audio", panels.audio_mask_ratio, panels.audio_decoded_ratio)):
+        text = f"{name} {100 * masked[i]:.0f}% masked"
+        if decoded is not None and decoded[i] < masked[i]:
+            text += f" ({100 * decoded[i]:.0f}% decoded, the rest grey)"
+        parts.append(text)
+    return ", ".join(parts)
 
 
 def draw_panels(panels: ReconstructionPanels, path: str | Path, *, keys: Sequence[str] | None = None,
@@ -180,8 +242,7 @@ def draw_panels(panels: ReconstructionPanels, path: str | Path, *, keys: Sequenc
         name = keys[i] if keys is not None and i < len(keys) else f"clip {i}"
         if labels is not None and i < len(labels):
             name += f"  (label {labels[i]})"
-        sub.suptitle(f"{name}: video {100 * panels.video_mask_ratio[i]:.0f}% masked, "
-                     f"audio {100 * panels.audio_mask_ratio[i]:.0f}% masked", fontsize=10, x=0.02, ha="left")
+        sub.suptitle(f"{name}: {clip_caption(panels, i)}", fontsize=10, x=0.02, ha="left")
         grid = sub.add_gridspec(3, s + 1, width_ratios=[1.0] * s + [spec_width])
         # One colour scale per clip, from the input, so the reconstruction is judged against it.
         lo, hi = np.nanpercentile(panels.audio_input[i], [1.0, 99.5])

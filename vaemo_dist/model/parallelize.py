@@ -5,8 +5,10 @@
    keeps its heads and its slice of the MLP; one all-reduce after attention and one after the MLP.
    TP_PLAN is the one statement of that split: `unshard` (the export's merge of the TP ranks'
    weights, vaemo_dist/checkpoints.py) joins by it too.
-2. activation checkpointing: each block is recomputed in the backward pass.
-3. torch.compile: each encoder and decoder block (with its checkpoint wrapper, if any) is compiled in
+2. activation checkpointing: each block (`Block`, and the cross decoder's `CrossBlock`) is recomputed
+   in the backward pass.
+3. torch.compile: each encoder and decoder block, `CrossBlock` included (with its checkpoint wrapper,
+   if any), is compiled in
    place with `nn.Module.compile()`, so parameter and state-dict names stay those of the eager model.
    Last, so that the compiled code is that of the final (sharded, checkpointed) block.
 
@@ -25,9 +27,14 @@ import torch
 from torch import nn
 
 from vaemo_dist.config import ParallelConfig
-from vaemo_dist.model.vaemo import Block
+from vaemo_dist.model.vaemo import Block, CrossBlock
 
 log = logging.getLogger(__name__)
+
+# The modules that activation checkpointing wraps and parallel.compile compiles, one at a time: the
+# encoder's and the full decoder's blocks, and the cross decoder's blocks (model.decoder: cross).
+# Tensor parallelism splits `Block` only (TP_PLAN).
+WRAPPED_BLOCKS: tuple[type[nn.Module], ...] = (Block, CrossBlock)
 
 
 @dataclass(frozen=True)
@@ -157,7 +164,7 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
     )
 
     # Non-reentrant checkpointing; the wrapper keeps state-dict names unchanged.
-    wrap(model, check_fn=lambda m: isinstance(m, Block))
+    wrap(model, check_fn=lambda m: isinstance(m, WRAPPED_BLOCKS))
 
 
 def apply_compile(model: nn.Module) -> None:
@@ -167,8 +174,8 @@ def apply_compile(model: nn.Module) -> None:
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 
     def is_block(m: nn.Module) -> bool:
-        return isinstance(m, Block) or (isinstance(m, CheckpointWrapper)
-                                        and isinstance(m._checkpoint_wrapped_module, Block))
+        return isinstance(m, WRAPPED_BLOCKS) or (isinstance(m, CheckpointWrapper)
+                                                 and isinstance(m._checkpoint_wrapped_module, WRAPPED_BLOCKS))
 
     # The outermost module at each block position: a wrapped Block is compiled once, through its wrapper.
     blocks = [child for parent in model.modules() if not is_block(parent)
