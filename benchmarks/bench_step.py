@@ -6,12 +6,21 @@
     python benchmarks/bench_step.py --compile                          # parallel.compile=true (per block)
     python benchmarks/bench_step.py --presets base --decoder full,cross --precision fp32 --device cpu
                                                      # the two reconstruction decoders side by side
+    python benchmarks/bench_step.py --presets base --batch 2 --precision fp32 --device cpu \
+        --loop plain,engine-ds-defaults,engine       # the engine's overhead over a plain torch loop
 
 What runs is the trainer's own inner step on random tensors of the configured input shapes: the model
 and loss of stage 1 (`vaemo_dist.stages.Stage1`), `parallelize`, the optimizer and schedule of
 `vaemo_dist.train`, one DeepSpeed engine in a world of one (`deepspeed_config` as the trainer builds
 it), then per step `engine.backward(loss); engine.step()`. Comparing its step time with a real run's
 `step_time_s` says how much of the run is model and how much is data and communication.
+
+`--loop` picks what drives the step, several side by side: `engine` (the default, as above),
+`engine-ds-defaults` (the same engine with `zero_optimization` cut back to the stage alone, i.e.
+DeepSpeed's own defaults for contiguous_gradients, bucket sizes and the rest: what the trainer used
+before issue 19) and `plain` (no DeepSpeed: `loss.backward()`, `clip_grad_norm_`, `optimizer.step()`,
+`scheduler.step()`, `zero_grad`, the same model, optimizer and schedule). Rows of one preset and
+decoder get `vs plain`: their step time over the plain loop's.
 
 Each preset runs in a fresh subprocess (its own allocator, its own DeepSpeed world). Times: median of
 the timed steps after the warm-up steps (CUDA synchronised around each step). FLOPs are the model's
@@ -37,6 +46,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+
+LOOPS = ("engine", "engine-ds-defaults", "plain")
 
 
 def _max_rss_bytes() -> int:
@@ -73,8 +85,18 @@ def measure(preset: str, args: argparse.Namespace) -> dict:
     bf16 = use_bf16(cfg, info.device)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = warmup_cosine(optimizer, cfg.train.steps, cfg.optim)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(cfg, info.dp_size, bf16))
+    if args.loop == "plain":
+        if bf16:
+            raise SystemExit("--loop plain runs fp32 only (bf16 is DeepSpeed's mixed precision): "
+                             "--precision fp32")
+        engine = model
+    else:
+        n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        ds_config = deepspeed_config(cfg, info.dp_size, bf16, n_params)  # as the trainer builds it
+        if args.loop == "engine-ds-defaults":
+            ds_config["zero_optimization"] = {"stage": cfg.train.zero_stage}
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                               config=ds_config)
     dtype = torch.bfloat16 if bf16 else torch.float32
     v, a, b = cfg.inputs.video, cfg.inputs.audio, cfg.data.batch_size
     batch = Batch(video=torch.randn(b, 3, v.frames, v.size, v.size),
@@ -92,8 +114,17 @@ def measure(preset: str, args: argparse.Namespace) -> dict:
         t0 = time.perf_counter()
         for _ in range(cfg.train.grad_accum):
             loss, _ = compute_loss(engine, batch)
-            engine.backward(loss)
-            engine.step()
+            if args.loop == "plain":
+                (loss / cfg.train.grad_accum).backward()
+            else:
+                engine.backward(loss)
+                engine.step()
+        if args.loop == "plain":
+            if cfg.optim.clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
         sync()
         if i == 0:
             first_step = time.perf_counter() - t0  # with parallel.compile: the compile time, mostly
@@ -109,7 +140,8 @@ def measure(preset: str, args: argparse.Namespace) -> dict:
     q = torch.empty(1, 1, 1, 1, device=info.device, dtype=dtype)
     decoder = cfg.model.decoder + (f" {cfg.model.decode_fraction:g}" if cfg.model.decoder == "cross" else "")
     return {
-        "preset": preset, "decoder": decoder, "train_gflop_per_sample": cost.train_flops / 1e9,
+        "preset": preset, "decoder": decoder, "loop": args.loop,
+        "train_gflop_per_sample": cost.train_flops / 1e9,
         "params_m": round(cost.params / 1e6, 1), "batch": b,
         "grad_accum": cfg.train.grad_accum, "precision": "bf16" if bf16 else "fp32",
         "zero": cfg.train.zero_stage,
@@ -123,18 +155,28 @@ def measure(preset: str, args: argparse.Namespace) -> dict:
     }
 
 
-def table(rows: list[dict]) -> str:
-    head = ("| preset | decoder | train GFLOP/sample | params (M) | batch | precision | ZeRO | attention | "
-            "step (median) | first step | samples/s | TFLOP/s | MFU | peak memory |")
-    lines = [head, "| --- | --- | ---: | ---: | ---: | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: "
-                   "| ---: |"]
+def _vs_plain(row: dict, rows: list[dict]) -> str:
+    plain = [r for r in rows if r.get("loop") == "plain" and "error" not in r
+             and (r["preset"], r["decoder"]) == (row["preset"], row["decoder"])]
+    return f"{row['step_s'] / plain[0]['step_s']:.2f}" if plain else "-"
+
+
+def table(rows: list[dict], context: list[dict] | None = None) -> str:
+    """Markdown rows; `vs plain` looks for the plain loop's row among `context` (default: `rows`)."""
+    context = rows if context is None else context
+    head = ("| preset | decoder | loop | vs plain | train GFLOP/sample | params (M) | batch | precision | "
+            "ZeRO | attention | step (median) | first step | samples/s | TFLOP/s | MFU | peak memory |")
+    lines = [head, "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: | --- | ---: | ---: | ---: "
+                   "| ---: | ---: | ---: |"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['preset']} | {r.get('decoder', '')} | failed: {r['error']} |")
+            lines.append(f"| {r['preset']} | {r.get('decoder', '')} | {r.get('loop', '')} | "
+                         f"failed: {r['error']} |")
             continue
         mfu = f"{100 * r['mfu']:.1f} %" if r["mfu"] is not None else "-"
         attention = r["attention"] + (", compiled" if r.get("compile") else "")
-        lines.append(f"| {r['preset']} | {r['decoder']} | {r['train_gflop_per_sample']:.1f} | "
+        lines.append(f"| {r['preset']} | {r['decoder']} | {r['loop']} | {_vs_plain(r, context)} | "
+                     f"{r['train_gflop_per_sample']:.1f} | "
                      f"{r['params_m']} | {r['batch']}x{r['grad_accum']} | "
                      f"{r['precision']} | {r['zero']} | {attention} | {1000 * r['step_s']:.1f} ms | "
                      f"{r['first_step_s']:.1f} s | {r['samples_per_s']:.1f} | {r['tflops']:.3f} | {mfu} | "
@@ -155,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decoder", default="",
                    help="comma-separated model.decoder values (full,cross) to run side by side per preset "
                         "(default: the config's); model.decode_fraction=... goes with the overrides")
+    p.add_argument("--loop", default="engine",
+                   help="comma-separated: engine (the trainer's DeepSpeed engine), engine-ds-defaults (the "
+                        "same with DeepSpeed's zero_optimization defaults), plain (a torch loop, fp32)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
@@ -178,19 +223,26 @@ def main(argv: list[str] | None = None) -> int:
     bad = [d for d in decoders if d not in (None, "full", "cross")]
     if bad:
         p.error(f"--decoder {','.join(bad)}: choose from full, cross")
+    loops = [x.strip() for x in args.loop.split(",") if x.strip()]
+    bad = [x for x in loops if x not in LOOPS]
+    if bad or not loops:
+        p.error(f"--loop {args.loop}: choose from {', '.join(LOOPS)}")
+    if "plain" in loops and args.precision == "bf16":
+        p.error("--loop plain runs fp32 only (bf16 is DeepSpeed's mixed precision)")
     rows = []
-    for preset, decoder in [(p_, d) for p_ in args.presets.split(",") for d in decoders]:
+    runs = [(p_, d, lp) for p_ in args.presets.split(",") for d in decoders for lp in loops]
+    for preset, decoder, loop in runs:
         extra = [] if decoder is None else [f"model.decoder={decoder}"]
-        proc = subprocess.run([sys.executable, __file__, "--one", preset, *child, *extra], env=env,
-                              capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, __file__, "--one", preset, "--loop", loop, *child, *extra],
+                              env=env, capture_output=True, text=True)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_STEP ")), None)
         if proc.returncode != 0 or line is None:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-            rows.append({"preset": preset, "decoder": decoder or "",
+            rows.append({"preset": preset, "decoder": decoder or "", "loop": loop,
                          "error": f"exit {proc.returncode}: {tail[0][:200]}"})
         else:
             rows.append(json.loads(line[len("BENCH_STEP "):]))
-        print(table(rows[-1:]).splitlines()[-1], flush=True)
+        print(table(rows[-1:], rows).splitlines()[-1], flush=True)
     print()
     print(table(rows))
     if args.json:

@@ -33,7 +33,7 @@ def test_nested_extra_keys_pass_through_and_generated_keys_stay():
         "bf16": {"immediate_grad_update": True},  # a bf16 key we do not own, next to the one we do
     }
     ds = deepspeed_config(cfg, dp_size=2, bf16=True)
-    assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True,
+    assert ds["zero_optimization"] == {"stage": 2, "reduce_scatter": False, "overlap_comm": True,
                                        "offload_optimizer": {"device": "cpu", "pin_memory": True}}
     assert ds["bf16"] == {"enabled": True, "immediate_grad_update": True}
     assert ds["communication_data_type"] == "fp32"
@@ -68,7 +68,8 @@ def test_dotted_overrides_reach_deepspeed_and_extra_wins_over_a_generated_leaf()
     cfg = load_config(None, ["train.deepspeed.zero_optimization.overlap_comm=true",
                              "train.deepspeed.steps_per_print=10", "train.zero_stage=2"])
     ds = deepspeed_config(cfg, 1, False)
-    assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True} and ds["steps_per_print"] == 10
+    assert ds["zero_optimization"] == {"stage": 2, "reduce_scatter": False, "overlap_comm": True}
+    assert ds["steps_per_print"] == 10
 
 
 def test_offload_fragment_composes_and_deepspeed_accepts_its_zero_section(tmp_path):

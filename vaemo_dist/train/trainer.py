@@ -64,16 +64,44 @@ def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if use_bf16(cfg, device) else torch.float32
 
 
-def deepspeed_config(cfg: Config, dp_size: int, bf16: bool) -> dict[str, Any]:
+# DeepSpeed's default reduce_bucket_size (elements): what ZeRO-1/2 allocate per backward for their
+# contiguous gradient bucket, whatever the model's size.
+DS_REDUCE_BUCKET_DEFAULT = 500_000_000
+
+
+def zero_tuning(zero_stage: int, n_params: int | None) -> dict[str, Any]:
+    """`zero_optimization` keys chosen for ZeRO-1/2 (issue 19; `train.deepspeed` may override each).
+
+    - reduce_scatter=false: DeepSpeed all-reduces its buckets either way (`use_multi_rank_bucket_allreduce`
+      is on by default), but the reduce-scatter path divides the bucket, flattens its per-rank slices
+      into a new tensor (a real copy with more than one rank) and copies the result back; off, it
+      all-reduces the contiguous bucket in place. Same collective and bytes on the wire, fewer passes
+      over the gradients (one rank: the division and a self-copy go; BENCHMARKS.md, issue 19).
+    - reduce_bucket_size = the parameters this rank's optimizer holds (at most DeepSpeed's 5e8): the
+      bucket is allocated afresh at its full size every backward (2 GB in fp32 by default); one that
+      fits the model holds the same gradients in one bucket, so the same reductions happen.
+    ZeRO-0 and ZeRO-3 are left to DeepSpeed (other code paths).
+    """
+    if zero_stage not in (1, 2):
+        return {}
+    tuned: dict[str, Any] = {"reduce_scatter": False}
+    if n_params:
+        tuned["reduce_bucket_size"] = int(min(DS_REDUCE_BUCKET_DEFAULT, max(n_params, 1)))
+    return tuned
+
+
+def deepspeed_config(cfg: Config, dp_size: int, bf16: bool, n_params: int | None = None) -> dict[str, Any]:
     """The DeepSpeed config: what the typed config determines, with `train.deepspeed` deep-merged in
-    (the keys derived here, config.DEEPSPEED_OWNED, are refused there)."""
+    (the keys derived here, config.DEEPSPEED_OWNED, are refused there). `n_params`: the trainable
+    parameters of this rank's model (sizes ZeRO-1/2's gradient bucket, `zero_tuning`); None leaves
+    DeepSpeed's bucket size."""
     t = cfg.train
     generated = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": t.grad_accum,
         "train_batch_size": cfg.data.batch_size * t.grad_accum * dp_size,
         "gradient_clipping": cfg.optim.clip_grad,
-        "zero_optimization": {"stage": t.zero_stage},
+        "zero_optimization": {"stage": t.zero_stage, **zero_tuning(t.zero_stage, n_params)},
         "bf16": {"enabled": bf16},
         "zero_allow_untested_optimizer": True,  # torch AdamW under ZeRO is fine and avoids a JIT build
         # ... also under ZeRO-Offload, where DeepSpeed would otherwise insist on DeepSpeedCPUAdam (a JIT
@@ -191,7 +219,8 @@ class Trainer:
         cfg, d = self.cfg, self.dist
         optimizer = build_optimizer(self.model, cfg.optim)
         scheduler = warmup_cosine(optimizer, cfg.train.steps, cfg.optim)
-        ds_config = deepspeed_config(cfg, d.dp_size, use_bf16(cfg, d.device))
+        n_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        ds_config = deepspeed_config(cfg, d.dp_size, use_bf16(cfg, d.device), n_params)
         if load_universal:
             ds_config = merge_deepspeed(ds_config, {"checkpoint": {"load_universal": True}})
         if d.is_main:  # what DeepSpeed gets, train.deepspeed merged in
