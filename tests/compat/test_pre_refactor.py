@@ -2,7 +2,8 @@
 
 tests/compat/pre_refactor/ holds a step-2 stage-1 checkpoint, its export, the export's embeddings of
 fixed inputs and the losses of steps 3-4 of the uninterrupted run, all made by the old code
-(make_fixtures.sh says how). Today's code must read them to the same numbers."""
+(make_fixtures.sh says how). Today's code must read them to the same numbers (the losses to float
+rounding)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -57,6 +59,9 @@ def test_an_old_checkpoint_resumes_to_the_old_losses(tmp_path):
     got = {r["step"]: r for r in map(json.loads, lines) if "loss" in r}
     want = [json.loads(line) for line in (HERE / "losses_steps_3_4.jsonl").read_text().splitlines()]
     assert [w["step"] for w in want] == [3, 4]
+    # Equal to float rounding: the data path's arithmetic changed since (issue 19 normalises each clip
+    # with one multiply-add instead of a subtract and a divide), which moves the losses by ~1e-7
+    # relative; the checkpoint, what this test guards, is read to the same weights and state.
     for w in want:
         for key in ("loss", "rec_video", "rec_audio", "contrastive"):
-            assert got[w["step"]][key] == w[key], (w["step"], key)
+            assert got[w["step"]][key] == pytest.approx(w[key], rel=1e-5, abs=1e-6), (w["step"], key)
