@@ -488,7 +488,7 @@ def results_markdown(report: dict[str, Any]) -> str:
             return "n/a"
         return f"{100 * mean:.2f}" + (f" ± {100 * std:.2f}" if std is not None else "")
 
-    title = f"{dataset} ({known})" if known and dataset != known else (dataset or "unnamed data")
+    title = f"{dataset} ({known})" if known and dataset != known else (dataset or f"`{report.get('data')}`")
     named = dataset or "not named (no dataset field, no --dataset)"
     lines = [f"# {report['mode']} on {title}", "",
              f"- data: `{report.get('data')}`; dataset: {named}"
