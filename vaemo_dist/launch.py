@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from vaemo_dist.config import Config, ConfigError, load_config, validate_world
+from vaemo_dist.data.shards import ShardError
 from vaemo_dist.fsutil import FolderInUseError, move_aside, refusal
 from vaemo_dist.stages.base import SYNTH_OVERWRITE as SYNTH_OVERWRITE  # noqa: F401 - re-exported
 from vaemo_dist.stages.base import Stage, run_folder, train
@@ -28,7 +29,8 @@ from vaemo_dist.train.checkpoint import ResumeError
 
 log = logging.getLogger("vaemo")
 
-__all__ = ["check_run_folder", "overwrite_run_folder", "parse_args", "refuse", "run_folder", "run_stage"]
+__all__ = ["check_local_shards", "check_run_folder", "overwrite_run_folder", "parse_args", "refuse",
+           "run_folder", "run_stage"]
 
 
 def parse_args(argv: list[str] | None, default_config: str,
@@ -72,6 +74,33 @@ def check_run_folder(cfg: Config) -> str | None:
     return (refusal(run, _describe_run(run), "train.overwrite=true")
             + f". To continue that run instead, add --resume latest; to keep it and start another, set "
               f"train.run_name=<a new name> (now train.run_name={cfg.train.run_name})")
+
+
+def check_local_shards(cfg: Config) -> str | None:
+    """Why the local items of data.shards (and of eval.shards, when eval.every reads them) give no
+    shards, or None: an empty folder, one without *.tar (e.g. vaemo-shard skipped every input), a
+    pattern that matches nothing, a missing path. Lists local folders only (the remote items are
+    Stage.check_storage's); call it on every rank before any process group, after the stage's checks,
+    so the launch ends with one line (exit 2) instead of a traceback per rank once training starts.
+    `synthetic` and `auto` are built or chosen later and are not checked here."""
+    from vaemo_dist.data import storage
+    from vaemo_dist.data.shards import ShardError, expand_shards
+
+    specs = [("data.shards", cfg.data.shards)]
+    if cfg.eval.every:
+        specs.append(("eval.shards", cfg.eval.shards))
+    for key, spec in specs:
+        if spec in ("synthetic", "auto"):
+            continue
+        items = [item.strip() for item in spec.split(",")]
+        local = [item for item in items if item and not storage.is_remote(item)]
+        if not local:
+            continue
+        try:
+            expand_shards(",".join(local), key)
+        except ShardError as e:
+            return str(e)
+    return None
 
 
 def overwrite_run_folder(cfg: Config, rank: int, local_rank: int) -> Path | None:
@@ -128,8 +157,9 @@ def run_stage(stage: type[Stage], argv: list[str] | None = None) -> NoReturn:
     """Launch one run of `stage` (a Stage class) from the command line `argv` (default sys.argv):
 
     every rank, before any process group: logging (with the secret mask), the config (--config,
-    --resume and key=value overrides), the resume plan, the run folder (never written over) and the
-    stage's own checks; a problem is said once, exit 2. Then the process group; once per node (local
+    --resume and key=value overrides), the resume plan, the run folder (never written over), the
+    stage's own checks and the listing of the local shards (`check_local_shards`: an empty folder, a
+    pattern matching nothing); a problem is said once, exit 2. Then the process group; once per node (local
     rank 0) the stage prepares its data while the other ranks wait; the shards are listed and checked;
     the stage's model trains. Ends the process (exit 0, 1 on a failure, 2 on a taken port or folder)."""
     from vaemo_dist import dist
@@ -167,6 +197,9 @@ def run_stage(stage: type[Stage], argv: list[str] | None = None) -> NoReturn:
         refuse(str(e))
     except StorageError as e:  # credentials, bucket, endpoint: one line, once per job
         refuse(message(e))
+    problem = check_local_shards(cfg)  # an empty shard folder, a pattern matching nothing: said now
+    if problem:
+        refuse(f"{stage.name}: {problem}")
 
     from vaemo_dist.watchdog import PeerWatch, describe_failure
 
@@ -191,6 +224,13 @@ def run_stage(stage: type[Stage], argv: list[str] | None = None) -> NoReturn:
     except ResumeError as e:  # found once the shards are listed (another corpus): said once, exit 2
         say(f"resume error: {e}")
         exit_code = 2
+    except ShardError as e:
+        if training:  # mid-run (a slot read no samples): a failure of the run, with its traceback
+            log.error("%s failed on rank %d:\n%s", stage.name, rank, traceback.format_exc())
+            exit_code = 1
+        else:  # the listing after prepare() (e.g. a synthetic corpus folder): one line, once, exit 2
+            say(f"{stage.name}: {e}")
+            exit_code = 2
     except dist.PortInUseError as e:  # another run on this machine holds the rendezvous port
         say(f"{stage.name}: {e}")
         exit_code = 2

@@ -99,6 +99,75 @@ def _holds_media(folder: str) -> bool:
     return False
 
 
+_LISTED_NAMES = 3  # file names quoted when a folder holds files but no shards
+
+
+def _shards_way_out(key: str, out: str, overwrite: bool = False) -> str:
+    """What to do about a local spec item that yields no shards: point `key` elsewhere, or make shards
+    into `out` with vaemo-shard (`overwrite`: `out` already holds a vaemo-shard set, moved aside)."""
+    import shlex
+
+    flag = " --overwrite" if overwrite else ""
+    return (f"point {key} at a folder of WebDataset *.tar shards (vaemo-shard's --out, or its "
+            f"manifest.json), or make them: vaemo-shard <your videos or CSV> --out {shlex.quote(out)}{flag}")
+
+
+def _no_shards_in_folder(path: str, spec: str, key: str) -> str:
+    """The one-line message for a local folder that holds no `*.tar`: what it holds instead (nothing;
+    a vaemo-shard manifest of zero shards, i.e. every input skipped; subfolders with shards; other
+    files) and what to do."""
+    head = f"no *.tar shards in folder {path} (from {key}={spec!r})"
+    try:
+        entries = sorted(os.listdir(path))
+    except OSError as e:
+        return f"{head}: cannot list it ({e.strerror or e})"
+    if not entries:
+        return f"{head}: the folder is empty; {_shards_way_out(key, path)}"
+    manifest_path = os.path.join(path, MANIFEST_NAME)
+    if os.path.isfile(manifest_path):
+        try:
+            with open(manifest_path, encoding="utf-8") as f:
+                manifest = json.load(f)
+        except (OSError, ValueError):
+            manifest = None
+        if isinstance(manifest, dict) and manifest.get("shards") == []:
+            skipped = manifest.get("skipped")
+            what = (f"it skipped all {skipped} inputs" if isinstance(skipped, int)
+                    else "every input was skipped")
+            report = os.path.join(path, "report.json")
+            where = f" (each with its reason in {report})" if os.path.isfile(report) else ""
+            return (f"{head}: vaemo-shard wrote no shards there, {what}{where}; fix or replace those inputs "
+                    f"and {_shards_way_out(key, path, overwrite=True)}")
+    with_shards = [name for name in entries if os.path.isdir(os.path.join(path, name))
+                   and glob.glob(os.path.join(glob.escape(os.path.join(path, name)), "*.tar"))]
+    if with_shards:
+        sub = os.path.join(path, with_shards[0])
+        more = f" (and {len(with_shards) - 1} more subfolders)" if len(with_shards) > 1 else ""
+        return (f"{head}: shards are one level down, in {sub}{more}; set {key}={sub} (a comma list names "
+                f"several folders)")
+    files = [name for name in entries if not os.path.isdir(os.path.join(path, name))]
+    shown = ", ".join(files[:_LISTED_NAMES]) + (", ..." if len(files) > _LISTED_NAMES else "")
+    held = (f"it holds {len(files)} files, none *.tar ({shown})" if files
+            else f"it holds only {len(entries)} subfolders, none with *.tar")
+    return f"{head}: {held}; {_shards_way_out(key, path)}"
+
+
+def _pattern_matched_nothing(path: str, spec: str, key: str) -> str:
+    """The one-line message for a local glob that matches no file: whether its folder exists and
+    what to do."""
+    head = f"shard pattern matched nothing: {path} (from {key}={spec!r})"
+    folder = os.path.dirname(path) or "."
+    if any(ch in folder for ch in "*?["):
+        return f"{head}; check the pattern, or {_shards_way_out(key, folder)}"
+    if not os.path.isdir(folder):
+        return (f"{head}: its folder {folder} does not exist; check the path, or "
+                f"{_shards_way_out(key, folder)}")
+    tars = len(glob.glob(os.path.join(glob.escape(folder), "*.tar")))
+    if tars:
+        return f"{head}: its folder {folder} holds {tars} *.tar shards; set {key}={folder} to read them all"
+    return f"{head}: its folder {folder} holds no *.tar shards; {_shards_way_out(key, folder)}"
+
+
 def check_shard_spec(spec: str, key: str = "data.shards") -> None:
     """Refuse, naming `vaemo-shard` and its command, a spec item that is a CSV manifest, a media file
     or a local folder of media files without *.tar shards: what vaemo-shard turns into shards. Cheap
@@ -148,19 +217,22 @@ def expand_shards(spec: str, key: str = "data.shards") -> list[str]:
             if os.path.isdir(path):
                 found = sorted(glob.glob(os.path.join(glob.escape(path), "*.tar")))
                 if not found:
-                    raise ShardError(f"no *.tar shards in folder {path} (from {key}={spec!r})")
+                    raise ShardError(_no_shards_in_folder(path, spec, key))
                 urls.extend(found)
             elif any(ch in path for ch in "*?["):
                 found = sorted(glob.glob(path))
                 if not found:
-                    raise ShardError(f"shard pattern matched nothing: {path} (from {key}={spec!r})")
+                    raise ShardError(_pattern_matched_nothing(path, spec, key))
                 urls.extend(found)
             elif os.path.isfile(path):
                 urls.append(path)
             else:
                 raise ShardError(f"shard not found: {path} (from {key}={spec!r})")
     if not urls:
-        raise ShardError(f"{key}={spec!r} names no shards")
+        raise ShardError(f"{key}={spec!r} names no shards: a vaemo-shard manifest that lists none (every "
+                         f"input was skipped; the report.json beside it gives each reason); fix or replace "
+                         f"those inputs and run vaemo-shard again with --overwrite, or point {key} at a "
+                         f"folder of WebDataset *.tar shards")
     return urls
 
 
