@@ -19,11 +19,14 @@ Each usable clip becomes three tar members under one key:
 * `<key>.mp4`: H.264, video only, `--fps` frames per second, short side `--size` (yuv420p). An H.264
   source that already conforms is stream-copied (no quality loss, no encode time); anything else is
   re-encoded, with frame-rate conversion by repeating/dropping frames on the source timestamps.
-  `--codec vp9` writes `<key>.webm` (VP9) instead: what DALI can decode without a GPU.
+  `--codec vp9` writes `<key>.webm` (VP9) instead: what DALI can decode without a GPU. `--keyint N`
+  bounds a re-encoded clip's GOP to N frames (recorded as `keyint` in its json), so the decoder can
+  start a window at the keyframe before it (data/seek.py); stream-copied clips keep the source's GOP.
 * `<key>.flac`: the first audio track resampled to 16 kHz mono (PyAV's AudioResampler), aligned to
   the first video frame.
 * `<key>.json`: frames, fps, duration, sample_rate, width, height, codec, source, stream_copied,
-  chroma_siting, and label / class_name / speaker / description where known.
+  chroma_siting, keyint (re-encoded with --keyint), and label / class_name / speaker / description
+  where known.
 
 Colour: a re-encoded clip is BT.601, limited range, with centre-sited 4:2:0 chroma, and its stream
 records all three (vaemo_dist/data/synth.py `tag_colour`, `to_yuv420`); a stream-copied one keeps the
@@ -124,6 +127,10 @@ class ShardOptions:
     codec: str = "h264"
     crf: int = 23  # encoder quality (lower is better)
     preset: str = "veryfast"  # x264 preset
+    # Longest GOP in frames of re-encoded clips (the encoders' `g`; 1: all intra), so a window decodes
+    # from the keyframe before it (data/seek.py). 0: the encoder's default (x264: 250). Stream-copied
+    # clips keep the source's GOP.
+    keyint: int = 0
     sample_rate: int = 16000
     min_duration: float = 1.0  # seconds; shorter clips are skipped
     clips_per_shard: int = 256
@@ -254,6 +261,8 @@ def encode_video(path: str, opts: ShardOptions, fps: float = 0.0, *, key: str = 
             outs.options = {"preset": opts.preset, "crf": str(opts.crf)}
         else:
             outs.options = {"deadline": "good", "cpu-used": "4", "b": "0", "crf": str(opts.crf)}
+        if opts.keyint:  # unset at 0: the encoder's default GOP, and today's bytes
+            outs.options = {**dict(outs.options), "g": str(opts.keyint)}
         tag_colour(outs)  # BT.601, tv range, centre-sited chroma: what to_yuv420 makes below
 
         shown: list[av.VideoFrame] = []  # face crop: output frame n shows shown[n], cropped once tracked
@@ -446,6 +455,8 @@ def convert_clip(source: MediaInput, opts: ShardOptions,
         # taken as the H.264 default (left) since PyAV cannot read it (DALI's GPU path corrects it).
         "chroma_siting": "left" if copy else CHROMA_SITING,
     }
+    if opts.keyint and not copy:  # the GOP bound this clip was encoded with (absent: encoder default)
+        meta["keyint"] = opts.keyint
     if source.audio:
         meta["audio_source"] = source.audio
     if source.label:
@@ -590,6 +601,8 @@ def write_shards(sources: list[MediaInput], out: str, opts: ShardOptions = Shard
     manifest.json as "dataset", and the accepted clips' `fold` values into `<out>/folds.csv` (key,fold)."""
     if opts.codec not in CODECS:
         raise ValueError(f"codec {opts.codec!r} not supported; choose one of {sorted(CODECS)}")
+    if opts.keyint < 0:
+        raise ValueError(f"keyint must be >= 0 (0: the encoder's default), got {opts.keyint}")
     out = out.rstrip("/")
     labels, fixed_names = label_table(sources, class_names)  # before any work: unknown labels are refused
     check_writable(out)
@@ -687,6 +700,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fps", type=int, default=d.fps, help="frames per second of the shards' video")
     p.add_argument("--codec", choices=sorted(CODECS), default=d.codec, help="video codec of the shards")
     p.add_argument("--crf", type=int, default=d.crf, help="encoder quality, lower is better")
+    p.add_argument("--keyint", type=int, default=d.keyint,
+                   help="longest GOP in frames of re-encoded clips (a keyframe at least this often; 1: all "
+                        "intra), so a window decodes from the keyframe before it instead of from the clip's "
+                        "start; 0: the encoder's default (x264: 250). Stream-copied clips keep the source's "
+                        "GOP")
     p.add_argument("--min-duration", type=float, default=d.min_duration, help="seconds; shorter is skipped")
     p.add_argument("--clips-per-shard", type=int, default=d.clips_per_shard, help="clips per tar shard")
     p.add_argument("--prefix", default=d.prefix, help="shard names: PREFIX-000000.tar ...")
@@ -711,8 +729,8 @@ def main(argv: list[str] | None = None) -> int:
                         "VoxCeleb txt tracks (a file or folder; see vaemo_dist/data/faces.py load_boxes); "
                         "needs --face-crop")
     args = p.parse_args(argv)
-    if args.clips_per_shard < 1 or args.fps < 1 or args.size < 0:
-        p.error("--clips-per-shard and --fps must be >= 1, --size >= 0")
+    if args.clips_per_shard < 1 or args.fps < 1 or args.size < 0 or args.keyint < 0:
+        p.error("--clips-per-shard and --fps must be >= 1, --size and --keyint >= 0")
     if args.face_crop and (args.size < 2 or args.face_stride < 1 or args.face_margin < 0):
         p.error("--face-crop needs --size >= 2, --face-stride >= 1 and --face-margin >= 0")
     if args.boxes and not args.face_crop:
@@ -722,7 +740,7 @@ def main(argv: list[str] | None = None) -> int:
             _user_boxes(args.boxes) if args.boxes else _detector(args.face_detector)
         except (ImportError, ValueError, OSError, KeyError) as e:
             return fail(f"vaemo-shard: {e}")
-    opts = ShardOptions(size=args.size, fps=args.fps, codec=args.codec, crf=args.crf,
+    opts = ShardOptions(size=args.size, fps=args.fps, codec=args.codec, crf=args.crf, keyint=args.keyint,
                         min_duration=args.min_duration, clips_per_shard=args.clips_per_shard,
                         prefix=args.prefix, shuffle_seed=None if args.no_shuffle else args.shuffle_seed,
                         face_crop=args.face_crop, face_margin=args.face_margin, face_stride=args.face_stride,

@@ -1,0 +1,231 @@
+"""Decoding from the keyframe before a window (data/seek.py) against a sequential decode, and the
+keyframe-interval option of the writers (`vaemo-shard --keyint`, `SynthConfig.keyint`)."""
+
+import io
+import json
+from fractions import Fraction
+
+import av
+import numpy as np
+import pytest
+import webdataset as wds
+
+from vaemo_dist.config import Config, SynthConfig, validate
+from vaemo_dist.data import seek
+from vaemo_dist.data.seek import frames_from, start_packet
+from vaemo_dist.data.shards import expand_shards
+from vaemo_dist.data.synth import build_corpus, write_media_file
+from vaemo_dist.data.writer import main
+
+N_FRAMES = 64
+
+
+def moving_frames(n: int = N_FRAMES, size: int = 32) -> np.ndarray:
+    """Frames that all differ (a drifting gradient and a moving bar), so a wrong index shows."""
+    rng = np.random.default_rng(7)
+    base = rng.integers(0, 160, (1, size, size, 3))
+    frames = (base + 2 * np.arange(n)[:, None, None, None]) % 256
+    for i in range(n):
+        frames[i, :, (3 * i) % size, :] = 250
+    return frames.astype(np.uint8)
+
+
+def encode(frames: np.ndarray, codec: str, fmt: str, keyint: int = 0, pts: list[int] | None = None,
+           fps: int = 25) -> bytes:
+    """H.264 (x264's default B-frames) or VP9 in the container `fmt`; `pts` (in 1/fps) overrides the
+    frames' times (to make a variable-rate stream)."""
+    buf = io.BytesIO()
+    with av.open(buf, "w", format=fmt) as out:
+        stream = out.add_stream("libx264" if codec == "h264" else "libvpx-vp9", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        options = {"preset": "veryfast"} if codec == "h264" else {"deadline": "realtime", "cpu-used": "8"}
+        if keyint:
+            options["g"] = str(keyint)
+        stream.options = options
+        stream.codec_context.thread_count = 1
+        for i, rgb in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            if pts is not None:
+                frame.pts, frame.time_base = pts[i], Fraction(1, fps)
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    return buf.getvalue()
+
+
+def sequential(data: bytes) -> list[np.ndarray]:
+    with av.open(io.BytesIO(data)) as container:
+        return [f.to_ndarray() for f in container.decode(container.streams.video[0])]
+
+
+def from_first(data: bytes, first: int) -> list[tuple[int, np.ndarray]]:
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.video[0]
+        fps = float(stream.average_rate or 25)
+        return [(i, f.to_ndarray()) for i, f in frames_from(container, stream, first, fps)]
+
+
+def keyframes(data: bytes) -> list[int]:
+    """Display indices of the keyframe packets (pts order)."""
+    with av.open(io.BytesIO(data)) as container:
+        packets = [p for p in container.demux(container.streams.video[0]) if p.size]
+    order = sorted(p.pts for p in packets)
+    return sorted(order.index(p.pts) for p in packets if p.is_keyframe)
+
+
+def gop_bounded(keys: list[int], keyint: int, frames: int) -> bool:
+    """Keyframes at 0 and at least every `keyint` frames (encoders may add more, e.g. at scene cuts)."""
+    return keys[0] == 0 and all(b - a <= keyint for a, b in zip(keys, keys[1:] + [frames]))
+
+
+CLIPS = [("h264", "mp4"), ("h264", "matroska"), ("vp9", "webm")]
+
+
+@pytest.fixture(scope="module")
+def clips() -> dict[tuple[str, str, int], bytes]:
+    frames = moving_frames()
+    return {(codec, fmt, keyint): encode(frames, codec, fmt, keyint)
+            for codec, fmt in CLIPS for keyint in (0, 12, 25)}
+
+
+def test_h264_clips_have_b_frames(clips):
+    # Reordering is what makes the index-from-pts and the keyframe choice non-trivial: check it is there.
+    for fmt in ("mp4", "matroska"):
+        with av.open(io.BytesIO(clips[("h264", fmt, 12)])) as container:
+            pts = [p.pts for p in container.demux(container.streams.video[0]) if p.size]
+        assert pts != sorted(pts)
+
+
+@pytest.mark.parametrize("codec,fmt", CLIPS)
+@pytest.mark.parametrize("keyint", [0, 12, 25])
+def test_frames_from_matches_a_sequential_decode(clips, codec, fmt, keyint):
+    data = clips[(codec, fmt, keyint)]
+    reference = sequential(data)
+    assert len(reference) == N_FRAMES
+    keys = keyframes(data)
+    if keyint:
+        assert gop_bounded(keys, keyint, N_FRAMES)  # the option took effect
+    else:
+        assert keys == [0]  # the encoders' default GOP is longer than the clip
+    for first in (0, 5, 11, 12, 13, 25, 30, 49, N_FRAMES - 1):
+        out = from_first(data, first)
+        indices = [i for i, _ in out]
+        start = max(k for k in keys if k <= first)  # the keyframe at or before `first`
+        assert indices == list(range(start, N_FRAMES)), (first, indices[:3])
+        for i, frame in out:
+            assert np.array_equal(frame, reference[i]), (first, i)
+
+
+def test_no_keyframe_but_frame_0_before_first_decodes_from_0(clips):
+    for codec, fmt in CLIPS:
+        data = clips[(codec, fmt, 25)]
+        keys = keyframes(data)
+        assert len(keys) > 1
+        out = from_first(data, keys[1] - 1)  # just before the first keyframe after frame 0
+        assert [i for i, _ in out] == list(range(N_FRAMES))
+
+
+def test_seek_skips_the_frames_before_the_keyframe(clips):
+    # Not only the indices: frames before the keyframe are never decoded.
+    data = clips[("h264", "mp4", 12)]
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.video[0]
+        packets = list(container.demux(stream))
+        position, index, _ = start_packet(packets, stream, 40, 25.0)
+    assert index == max(k for k in keyframes(data) if k <= 40) > 0
+    assert sum(1 for p in packets[:position] if p.size) == index  # closed GOP: the earlier packets show 0..35
+
+
+def test_variable_frame_rate_falls_back_to_decoding_from_the_start():
+    frames = moving_frames(40)
+    pts = list(range(20)) + list(range(21, 41))  # one frame missing at 20: indices from pts would be off
+    data = encode(frames, "h264", "matroska", keyint=10, pts=pts)
+    reference = sequential(data)
+    assert len(reference) == 40 and gop_bounded(keyframes(data), 10, 40)
+    out = from_first(data, 30)
+    assert [i for i, _ in out] == list(range(40))
+    assert all(np.array_equal(f, reference[i]) for i, f in out)
+
+
+def test_stream_without_pts_is_decoded_from_the_start():
+    frames = moving_frames(30)
+    data = encode(frames, "h264", "h264", keyint=5)  # a raw elementary stream: no timestamps
+    reference = sequential(data)
+    out = from_first(data, 20)
+    assert [i for i, _ in out] == list(range(len(reference)))
+    assert all(np.array_equal(f, reference[i]) for i, f in out)
+
+
+def test_a_frame_off_its_promised_index_restarts_from_the_start(clips, monkeypatch):
+    # After the seek, a decoded frame whose pts is not the index expected makes the rest come from a
+    # sequential decode: nothing yielded twice, nothing skipped, every frame still right.
+    data = clips[("vp9", "webm", 12)]
+    reference = sequential(data)
+    calls = {"n": 0}
+    true_index = seek.grid_index
+
+    def flaky(pts, grid):
+        calls["n"] += 1
+        if calls["n"] == N_FRAMES + 3:  # the packet scan makes N_FRAMES calls; then the 3rd decoded frame
+            return -1
+        return true_index(pts, grid)
+
+    restarts = []
+    true_sequential = seek._sequential
+
+    def spy(packets, skip_below):
+        restarts.append(skip_below)
+        return true_sequential(packets, skip_below)
+
+    monkeypatch.setattr(seek, "grid_index", flaky)
+    monkeypatch.setattr(seek, "_sequential", spy)
+    out = from_first(data, 30)
+    assert restarts == [26]  # 24 and 25 came from the seek, the rest from the restart
+    assert [i for i, _ in out] == list(range(24, N_FRAMES))
+    assert all(np.array_equal(f, reference[i]) for i, f in out)
+
+
+def test_negative_first_is_refused(clips):
+    with pytest.raises(ValueError, match="first"):
+        from_first(clips[("vp9", "webm", 12)], -1)
+
+
+# --------------------------------------------------------------------------------------------
+# The writers' keyframe interval
+
+
+def test_vaemo_shard_keyint_sets_the_gop_and_records_it(tmp_path):
+    root = tmp_path / "in"
+    root.mkdir()
+    write_media_file(root / "a-30fps.mp4", fps=30, width=64, height=48, seconds=2.0)  # re-encoded
+    write_media_file(root / "b-conforming.mp4", width=64, height=48, seconds=2.0)  # stream-copied
+    out = tmp_path / "shards"
+    assert main([str(root), "--out", str(out), "--size", "48", "--keyint", "10", "--workers", "1",
+                 "--no-progress", "--no-shuffle"]) == 0
+    samples = list(wds.WebDataset(expand_shards(str(out / "manifest.json")), shardshuffle=False))
+    by_key = {s["__key__"]: s for s in samples}
+    encoded, copied = by_key["0000000-a-30fps"], by_key["0000001-b-conforming"]
+    meta = json.loads(encoded["json"])
+    assert meta["keyint"] == 10 and not meta["stream_copied"] and meta["frames"] == 50
+    assert gop_bounded(keyframes(encoded["mp4"]), 10, 50)
+    copied_meta = json.loads(copied["json"])
+    assert copied_meta["stream_copied"] and "keyint" not in copied_meta  # the source's GOP is kept
+    assert json.loads((out / "manifest.json").read_text())["options"]["keyint"] == 10
+
+
+def test_vaemo_shard_refuses_a_negative_keyint(tmp_path):
+    with pytest.raises(SystemExit):
+        main([str(tmp_path), "--out", str(tmp_path / "o"), "--keyint", "-1"])
+
+
+def test_synthetic_corpus_keyint(tmp_path):
+    cfg = SynthConfig(clips=2, clips_per_shard=2, classes=2, size=32, duration=1.2, keyint=6)
+    out = build_corpus(cfg, tmp_path / "c", progress=False, workers=1)
+    sample = next(iter(wds.WebDataset(str(out / "shard-000000.tar"), shardshuffle=False)))
+    assert json.loads(sample["json"])["keyint"] == 6
+    assert gop_bounded(keyframes(sample["mp4"]), 6, 30)
+    record = json.loads((out / "_SUCCESS").read_text())
+    assert record["keyint"] == 6  # another corpus than the default one (which leaves keyint out)
+    bad = Config()
+    bad.data.synth.keyint = -1
+    with pytest.raises(ValueError, match="keyint"):
+        validate(bad)
