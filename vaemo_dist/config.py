@@ -86,6 +86,9 @@ class SynthConfig:
     # only syllable rate (voice and mouth) and head-motion speed; tint, pitch and motion amplitude
     # are per-clip draws independent of the class, so a probe must read rhythm, not averages.
     cues: Literal["all", "dynamics"] = "all"
+    # Longest GOP in frames of the stored video (a keyframe at least this often; 1: all intra), so a
+    # window decodes from the keyframe before it (data/seek.py); 0: the encoder's default (x264: 250).
+    keyint: int = 0
 
 
 @dataclass
@@ -120,6 +123,11 @@ class DataConfig:
     # the same window). The R repeats of a batch of clips go to R consecutive
     # micro-batches, never two into one, so no contrastive denominator holds two repeats of a clip.
     repeats: int = 1
+    # Where the PyAV path's preprocessing after decoding runs (issue 19): "loader" (the DataLoader workers:
+    # swscale YUV -> RGB, crop, resize, normalise, log-mel), "device" (the workers only decode; the
+    # trainer's device converts, resizes, normalises and makes the log-mel, vaemo_dist/data/finish.py),
+    # or "auto": device on a GPU, loader on CPU. DALI always finishes on its own.
+    finish: Literal["auto", "loader", "device"] = "auto"
 
 
 @dataclass
@@ -579,6 +587,8 @@ def validate(cfg: Config) -> None:
     _check(cfg.data.batch_size >= 1, "data.batch_size", "must be >= 1")
     _check(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     _check(cfg.data.repeats >= 1, "data.repeats", "must be >= 1 (training samples per decoded clip)")
+    _check(cfg.data.finish in ("auto", "loader", "device"), "data.finish",
+           f"must be auto, loader or device, got {cfg.data.finish!r}")
     _check(cfg.data.dali_threads >= 0, "data.dali_threads", "must be >= 0")
     _check(cfg.data.io_retries >= 1, "data.io_retries", "must be >= 1")
     _check(cfg.data.io_timeout_s > 0, "data.io_timeout_s", "must be > 0")
@@ -608,6 +618,7 @@ def validate(cfg: Config) -> None:
     s = cfg.data.synth
     _check(s.clips >= 1 and s.clips_per_shard >= 1 and s.classes >= 2, "data.synth",
            "clips, clips_per_shard >= 1 and classes >= 2")
+    _check(s.keyint >= 0, "data.synth.keyint", f"{s.keyint}: must be >= 0 (0: the encoder's default)")
     need = (v.frames - 1) * v.stride + 1
     _check(s.duration * 25.0 >= need, "data.synth.duration",
            f"{s.duration}s at 25 fps is shorter than the {need} frames that inputs.video needs")

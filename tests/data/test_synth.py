@@ -62,7 +62,9 @@ def test_media_decodes_with_promised_format(tiny_corpus, tiny_corpus_config):
     labels = []
     for s in samples_of(tiny_corpus):
         meta = json.loads(s["json"])
-        assert set(meta) == {"frames", "fps", "duration", "sample_rate", "label", "class_name", "seed"}
+        assert set(meta) == {"frames", "fps", "duration", "sample_rate", "label", "class_name", "seed",
+                             "chroma_siting"}
+        assert meta["chroma_siting"] == "center"
         frames, fps, codec = decode_video(s["mp4"])
         assert codec == "h264" and fps == 25 and meta["fps"] == 25
         size = tiny_corpus_config.size
@@ -185,10 +187,11 @@ def test_odd_size_is_refused(tmp_path):
 # chroma siting; issue 18): the container bytes changed, the decoded H.264 frames did not. And again when
 # the siting tag became centre, what swscale's conversion makes (issue 18, session 5): the decoded
 # chroma moved by half a pixel to where it belongs (tests/data/test_colour.py; tests/compat's losses
-# were remade by the old code on the new corpus).
+# were remade by the old code on the new corpus). And when each clip's json began to record that siting
+# (`chroma_siting`, for data.finish: device; issue 19): json bytes only, no media.
 PINNED = SynthConfig(clips=4, clips_per_shard=2, classes=3, size=32, duration=0.8, seed=11)
 PINNED_RAW_SHA256 = "017e13e4587c334b80531d4e61a630174d12f949621f5ad180a38f151f1eb636"
-PINNED_CORPUS_SHA256 = "86b1d9c1dad7840796c3488e63fa4ef8960b7870cacd1089ef8ed0f77112b5ed"
+PINNED_CORPUS_SHA256 = "107e20e22e92ae917f3fff3196b77cdc65c48866dd205a1135da734fb1765bfe"
 
 
 def test_default_cues_reproduce_the_corpus_from_before_the_knob(tmp_path):

@@ -1,10 +1,13 @@
 """CPU decoding of one WebDataset sample (video + audio + json) into a `Clip`, with PyAV.
 
 Video: `inputs.video.frames` frames `inputs.video.stride` apart, the window centred in the clip
-(deterministic); frames past the end repeat the last frame. Decoding stops after the window's last
-frame and only the window's frames are converted to RGB. Each frame is centre-cropped to a square
-and resized with torch's bilinear interpolation (antialias on, which matters when shrinking), then
-scaled to [0, 1] and normalised with `inputs.video.mean/std` (`video_tensor`).
+(deterministic); frames past the end repeat the last frame. Decoding starts at the keyframe at or
+before the window's first frame where the stream allows it (`seek.frames_from`: short GOPs, e.g.
+`vaemo-shard --keyint 25`), stops after the window's last frame, and only the window's frames are
+converted to RGB (with `data.finish: device`, copied as YUV planes for the trainer's device instead).
+Each frame is centre-cropped to a square and resized with torch's bilinear interpolation (antialias on,
+which matters when shrinking), then scaled to [0, 1] and normalised with `inputs.video.mean/std`
+(`video_tensor`).
 
 Repeats (`data.repeats`, `decode_repeats`): one decode gives R samples whose windows are the centred
 one moved by whole strides (`window_indices`), sharing decoded, converted and resized frames; their
@@ -35,7 +38,9 @@ import torch.nn.functional as F
 
 from vaemo_dist.config import AudioInput, InputConfig, VideoInput
 from vaemo_dist.data.audio import fit_length, log_mels, mel_spec_params, normalise_log_mel
+from vaemo_dist.data.finish import MATRICES, RAW_PIXEL_FORMATS, SITINGS, RawClip
 from vaemo_dist.data.media import AUDIO_FIELDS, VIDEO_FIELDS
+from vaemo_dist.data.seek import frames_from
 from vaemo_dist.data.timeout import DeadlineExceeded, deadline
 from vaemo_dist.data.types import Clip, DecodeError, DecodeLimits
 
@@ -69,16 +74,18 @@ T = TypeVar("T")
 
 NO_LIMITS = DecodeLimits()  # for callers outside the data loader (pretrained.py)
 
-def decode_sample(sample: dict[str, Any], inputs: InputConfig, limits: DecodeLimits | None = None) -> Clip:
+def decode_sample(sample: dict[str, Any], inputs: InputConfig, limits: DecodeLimits | None = None,
+                  raw: bool = False) -> Clip:
     """Decode a WebDataset sample dict into a Clip; raises only DecodeError on bad input.
 
     `limits` (default: none) bounds clip length and decode time; the loader passes the data config's.
+    `raw`: as in `decode_repeats`.
     """
-    return decode_repeats(sample, inputs, limits, 1)[0]
+    return decode_repeats(sample, inputs, limits, 1, raw)[0]
 
 
 def decode_repeats(sample: dict[str, Any], inputs: InputConfig, limits: DecodeLimits | None = None,
-                   repeats: int = 1) -> list[Clip]:
+                   repeats: int = 1, raw: bool = False) -> list[Clip]:
     """`repeats` training samples of one decoded clip (`data.repeats`); raises only DecodeError.
 
     Repeat 0 is `decode_sample`'s clip (the centred window); repeat r samples the window shifted by
@@ -91,7 +98,7 @@ def decode_repeats(sample: dict[str, Any], inputs: InputConfig, limits: DecodeLi
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     key = str(sample.get("__key__", "<no key>"))
     limits = limits or NO_LIMITS
-    return guarded(key, limits, lambda: _decode(key, sample, inputs, limits, repeats))
+    return guarded(key, limits, lambda: _decode(key, sample, inputs, limits, repeats, raw))
 
 
 def repeat_key(key: str, repeat: int) -> str:
@@ -144,36 +151,101 @@ def window_indices(total: int, frames: int, stride: int, repeat: int = 0) -> lis
 
 
 def _decode(key: str, sample: dict[str, Any], inputs: InputConfig, limits: DecodeLimits,
-            repeats: int = 1) -> list[Clip]:
+            repeats: int = 1, raw: bool = False) -> list[Clip]:
     meta = _read_json(key, sample.get("json"))
     video_data = _field(key, sample, VIDEO_FIELDS, "video")
     audio_data = _field(key, sample, AUDIO_FIELDS, "audio")
     promised = _optional_int(key, meta, "frames")
     label = _optional_int(key, meta, "label")
 
-    kept, windows, fps, total = decode_video_windows(key, video_data, inputs.video, promised, limits, repeats)
-    order = sorted(kept)  # every distinct frame once, converted and resized once
-    video = video_tensor([kept[i] for i in order], inputs.video)
+    colour = None
+    if raw and meta.get("chroma_siting") in SITINGS:
+        planes = _PlaneCopier(meta["chroma_siting"])
+        try:  # frames are copied while the decoder holds them (never after its context is closed)
+            frames, windows, fps, total = _decode_av_frames(key, video_data, inputs.video, promised, limits,
+                                                            repeats, planes)
+            colour = planes.colour
+        except _NotRaw:  # a frame finish.yuv_to_rgb cannot convert: this clip is finished here
+            colour = None
+    if colour is None:
+        frames, windows, fps, total = _decode_av_frames(key, video_data, inputs.video, promised, limits,
+                                                        repeats, _to_rgb)
+    order = sorted(frames)  # every distinct frame once, converted (and resized) once
     where = {i: n for n, i in enumerate(order)}
+    if colour is None:
+        video = video_tensor([frames[i] for i in order], inputs.video)
+    else:
+        y = torch.from_numpy(np.stack([frames[i][0] for i in order]))
+        u = torch.from_numpy(np.stack([frames[i][1] for i in order]))
+        v = torch.from_numpy(np.stack([frames[i][2] for i in order]))
+    del frames
 
     duration = float(meta.get("duration") or total / fps)
     # Centre of each sampled video window, in seconds (frame i spans [i, i + 1) / fps).
     centres = [(w[0] + w[-1] + 1) / 2.0 / fps for w in windows]
     wave = decode_audio_wave(key, audio_data, inputs.audio, meta.get("duration"), limits)
-    audio = audio_tensors(wave, inputs.audio, centres)
+    pieces = audio_windows(wave, inputs.audio, centres)
+    audio = normalise_log_mel(log_mels(pieces, inputs.audio), inputs.audio) if colour is None else None
 
     clips = []
     for r, indices in enumerate(windows):
         pick = [where[i] for i in indices]
-        if pick == list(range(pick[0], pick[0] + len(pick))):  # windows on one stride lattice: a view
-            v = video[:, pick[0] : pick[0] + len(pick)]
+        run = pick == list(range(pick[0], pick[0] + len(pick)))  # windows on one stride lattice: a view
+        info = {"fps": fps, "frames": total, "duration": duration, "frame_indices": indices, "repeat": r,
+                "clip": key}
+        if colour is None:
+            v_r = video[:, pick[0] : pick[0] + len(pick)] if run else video[:, pick]
+            clips.append(Clip(key=repeat_key(key, r), video=v_r, audio=audio[r],
+                              label=-1 if label is None else label, meta=info))
         else:
-            v = video[:, pick]
-        clips.append(Clip(key=repeat_key(key, r), video=v, audio=audio[r],
-                          label=-1 if label is None else label,
-                          meta={"fps": fps, "frames": total, "duration": duration, "frame_indices": indices,
-                                "repeat": r, "clip": key}))
+            sel = slice(pick[0], pick[0] + len(pick)) if run else pick
+            h, w = y.shape[1:]
+            side = min(h, w)
+            rc = RawClip(y=y[sel], u=u[sel], v=v[sel], colour=colour,
+                         crop=((h - side) // 2, (w - side) // 2, side), wave=pieces[r])
+            clips.append(Clip(key=repeat_key(key, r), video=None, audio=None,
+                              label=-1 if label is None else label, meta=info, raw=rc))
     return clips
+
+
+class _NotRaw(Exception):
+    """A frame `finish.yuv_to_rgb` cannot convert exactly as swscale would."""
+
+
+class _PlaneCopier:
+    """Copies each kept frame's Y, U, V planes (uint8 [H, W], [H/2, W/2] x 2) while decoding, and learns
+    the colour `finish.yuv_to_rgb` needs: (Kr, Kb, full range, left-sited). Raises _NotRaw on a frame it
+    cannot convert as swscale would: not 8-bit 4:2:0, odd sides, a matrix outside `finish.MATRICES`, or
+    a format, size, matrix or range other than the first frame's. The siting is the clip json's
+    `chroma_siting` (written by vaemo-shard): PyAV cannot read the decoder's."""
+
+    def __init__(self, siting: str) -> None:
+        self.left = float(siting == "left")
+        self.first: tuple[Any, ...] | None = None
+        self.colour: tuple[float, float, float, float] | None = None
+
+    def __call__(self, frame: av.VideoFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        fmt, w, h = frame.format.name, frame.width, frame.height
+        ident = (fmt, w, h, int(frame.colorspace), int(frame.color_range))
+        if self.first is None:
+            full = RAW_PIXEL_FORMATS.get(fmt)
+            if full is None or w % 2 or h % 2 or ident[3] not in MATRICES:
+                raise _NotRaw
+            self.first = ident
+            kr, kb = MATRICES[ident[3]]
+            self.colour = (kr, kb, float(full or ident[4] == 2), self.left)  # 2: AVCOL_RANGE_JPEG
+        elif ident != self.first:
+            raise _NotRaw
+        out = []
+        shapes = ((h, w), (h // 2, w // 2), (h // 2, w // 2))
+        for plane, (rows, cols) in zip(frame.planes, shapes, strict=True):
+            a = np.frombuffer(plane, np.uint8)
+            out.append(a.reshape(-1, plane.line_size)[:rows, :cols].copy())
+        return out[0], out[1], out[2]
+
+
+def _to_rgb(frame: av.VideoFrame) -> np.ndarray:
+    return frame.to_ndarray(format="rgb24", interpolation=RGB_CONVERSION)
 
 
 # --------------------------------------------------------------------------------------------
@@ -292,6 +364,13 @@ def decode_video_windows(key: str, data: bytes, cfg: VideoInput, promised: int |
     """Decode the frames of `repeats` windows (`window_indices`) and no further than the last one
     needs. Returns ({frame index: rgb frame} for every index of any window, the windows' indices,
     fps, total frames). Only the frames in a window are converted to RGB (one swscale pass each)."""
+    return _decode_av_frames(key, data, cfg, promised, limits, repeats, _to_rgb)
+
+
+def _decode_av_frames(key: str, data: bytes, cfg: VideoInput, promised: int | None,
+                      limits: DecodeLimits, repeats: int, convert: Callable[[av.VideoFrame], Any]
+                      ) -> tuple[dict[int, Any], list[list[int]], float, int]:
+    """`decode_video_windows` with `convert` applied to each kept frame as it is decoded."""
     with open_container(key, data, "video") as container:
         if not container.streams.video:
             raise DecodeError(key, "video: container has no video stream", kind="no_video")
@@ -316,15 +395,18 @@ def decode_video_windows(key: str, data: bytes, cfg: VideoInput, promised: int |
         wanted = {i for w in windows for i in w} if windows else None
         last_needed = max(wanted) if wanted else None
 
-        kept: dict[int, np.ndarray] = {}
+        kept: dict[int, Any] = {}
         last_frame: av.VideoFrame | None = None
         decoded = 0
         try:
-            for frame in container.decode(stream):
-                if wanted is None or decoded in wanted:
-                    kept[decoded] = frame.to_ndarray(format="rgb24", interpolation=RGB_CONVERSION)
+            # From the keyframe at or before the first wanted frame where the stream's GOPs and
+            # timestamps allow it (seek.frames_from; shards written with vaemo-shard --keyint), else from
+            # the start; `index` is always the frame's place in a decode from the start.
+            for index, frame in frames_from(container, stream, min(wanted) if wanted else 0, fps):
+                if wanted is None or index in wanted:
+                    kept[index] = convert(frame)
                 last_frame = frame
-                decoded += 1
+                decoded = index + 1
                 if last_needed is not None and decoded > last_needed:
                     break  # nothing after the windows is needed
                 if decoded > max_frames:
@@ -334,6 +416,12 @@ def decode_video_windows(key: str, data: bytes, cfg: VideoInput, promised: int |
                 raise DecodeError(key, f"video: decoding failed ({type(e).__name__}: {e})",
                                   kind="corrupt") from e
             # A broken packet mid-stream: keep what decoded, the truncation check below decides.
+        # A stream that ends before the windows do lends its last frame to the missing ones: converted
+        # here, while the decoder holds it (a frame's planes are not to be read after the container closes).
+        tail = None
+        short = wanted is not None and decoded <= max(wanted)
+        if short and last_frame is not None and decoded - 1 not in kept:
+            tail = convert(last_frame)
 
     if decoded == 0 or last_frame is None:
         raise DecodeError(key, "video: no decodable frames", kind="corrupt")
@@ -349,7 +437,8 @@ def decode_video_windows(key: str, data: bytes, cfg: VideoInput, promised: int |
             raise DecodeError(
                 key, f"video truncated: decoded {decoded} frames but {total} were promised", kind="truncated"
             )
-        kept.setdefault(decoded - 1, last_frame.to_ndarray(format="rgb24", interpolation=RGB_CONVERSION))
+        if tail is not None:
+            kept[decoded - 1] = tail
         windows = [[min(i, decoded - 1) for i in w] for w in windows]
     assert total is not None
     return kept, windows, fps, total
@@ -470,6 +559,12 @@ def audio_tensor(wave: np.ndarray, cfg: AudioInput, centre_s: float) -> torch.Te
 
 def audio_tensors(wave: np.ndarray, cfg: AudioInput, centres_s: list[float]) -> torch.Tensor:
     """`audio_tensor` of each window centre, [len(centres_s), 1, frames, n_mels], one batched log-mel."""
+    return normalise_log_mel(log_mels(audio_windows(wave, cfg, centres_s), cfg), cfg)
+
+
+def audio_windows(wave: np.ndarray, cfg: AudioInput, centres_s: list[float]) -> torch.Tensor:
+    """The waveform window the log-mel needs around each centre, [len(centres_s), n] float32: clamped
+    into the clip, zero-padded at the end where the clip is shorter."""
     n = mel_spec_params(cfg).num_samples
     full = torch.from_numpy(wave)
     pieces = []
@@ -477,4 +572,4 @@ def audio_tensors(wave: np.ndarray, cfg: AudioInput, centres_s: list[float]) -> 
         offset = int(round(centre_s * cfg.sample_rate - n / 2))
         offset = min(max(offset, 0), max(wave.size - n, 0))
         pieces.append(fit_length(full, n, offset))
-    return normalise_log_mel(log_mels(torch.stack(pieces), cfg), cfg)
+    return torch.stack(pieces)

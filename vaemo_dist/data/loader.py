@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vaemo_dist.config import DataConfig, InputConfig
 from vaemo_dist.data import storage
+from vaemo_dist.data.finish import resolve_finish
 from vaemo_dist.data.shards import (
     PlanEntry,
     Remainder,
@@ -82,20 +83,21 @@ def resolve_decoder(name: str) -> str:
 
 
 def get_decoder(name: str, gpu: bool | None = None, limits: DecodeLimits | None = None,
-                repeats: int = 1) -> Decoder:
+                repeats: int = 1, raw: bool = False) -> Decoder:
     """The per-sample function a DataLoader worker runs for `data.decoder`, bound to `limits`.
 
     With `repeats` > 1 it returns a list of `repeats` items per sample: PyAV decodes the clip once into
     `repeats` samples with shifted windows (`decode_pyav.decode_repeats`); DALI's prepared sample is
-    handed out `repeats` times (the same window; the masks differ)."""
+    handed out `repeats` times (the same window; the masks differ). `raw` (PyAV, `data.finish: device`):
+    clips carry their decoded planes and waveforms for the trainer's device to finish (`data.finish`)."""
     if name not in ("pyav", "dali"):  # resolved once in the main process; workers get the result
         name = resolve_decoder(name)
     if name == "pyav":
         from vaemo_dist.data.decode_pyav import decode_repeats, decode_sample
 
         if repeats > 1:
-            return functools.partial(decode_repeats, limits=limits, repeats=repeats)
-        return functools.partial(decode_sample, limits=limits)
+            return functools.partial(decode_repeats, limits=limits, repeats=repeats, raw=raw)
+        return functools.partial(decode_sample, limits=limits, raw=raw)
     from vaemo_dist.data.decode_dali import prepare_sample
 
     prepare = functools.partial(prepare_sample, gpu=torch.cuda.is_available() if gpu is None else gpu,
@@ -303,6 +305,7 @@ class ClipStream(IterableDataset):
         decoder: str = "pyav",
         gpu: bool = False,
         exclude_keys: frozenset[str] = frozenset(),
+        finish: str = "loader",
     ) -> None:
         super().__init__()
         self.urls, self.data, self.inputs = urls, data, inputs
@@ -311,6 +314,7 @@ class ClipStream(IterableDataset):
         self.resume = resume or DataState(data.num_workers, world_size)
         self.decoder, self.gpu = decoder, gpu
         self.exclude_keys = exclude_keys
+        self.finish = finish  # resolved (loader | device) in the main process
 
     def __iter__(self) -> Iterator[Batch | PendingBatch]:
         info = get_worker_info()
@@ -325,7 +329,8 @@ class ClipStream(IterableDataset):
         # Old checkpoints have no per-kind counts: they start from zero.
         counts = {**new_counts(), **self.resume.counts.get(logical, {})}
         repeats = max(1, self.data.repeats)
-        decode = get_decoder(self.decoder, self.gpu, DecodeLimits.from_config(self.data), repeats)
+        decode = get_decoder(self.decoder, self.gpu, DecodeLimits.from_config(self.data), repeats,
+                             raw=self.finish == "device")
         pending = self.decoder == "dali"
         # Stopped inside a group of repeats: read the group again from its start, with the counts it
         # started with, and hand out only the micro-batches not handed out before.
@@ -381,7 +386,7 @@ class ClipStream(IterableDataset):
                         state["group"] = {"start": group_start.to_dict(), "counts": group_counts,
                                           "done": r + 1, "of": repeats}
                     items = [c[r] for c in clips] if repeats > 1 else clips
-                    yield PendingBatch(items, state) if pending else collate(items, state)
+                    yield PendingBatch(items, state) if pending else collate(items, state, self.inputs)
                 clips, bad, skip = [], [], 0
                 group_start, group_counts = position, dict(counts)
 
@@ -563,9 +568,10 @@ def build_loader(
     with `load_state_dict`). `exclude_keys`: clips never to train on (held out for evaluation); keep
     the same set across resumes."""
     decoder = resolve_decoder(data.decoder)
+    finish = resolve_finish(data.finish, decoder, torch.cuda.is_available())
     storage.configure_from(data)
     stream = ClipStream(urls, data, inputs, rank, world_size, None, decoder, gpu=torch.cuda.is_available(),
-                        exclude_keys=frozenset(exclude_keys or ()))
+                        exclude_keys=frozenset(exclude_keys or ()), finish=finish)
     loader = DataLoader(
         stream,
         batch_size=None,

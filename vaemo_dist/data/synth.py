@@ -23,7 +23,7 @@ corpus without `_SUCCESS` (or built from a different config) is never used by `e
 The folder is claimed first (`.vaemo-owner.json`, fsutil.claim_output_dir): the builder never writes
 into a non-empty folder that is not a synthetic corpus (`vaemo-synth --overwrite` moves one aside).
 Each sample: `<key>.mp4` (H.264, yuv420p) or `<key>.webm` (VP9), `<key>.flac` (16 kHz mono),
-`<key>.json` (frames, fps, duration, sample_rate, label, class_name, seed).
+`<key>.json` (frames, fps, duration, sample_rate, label, class_name, seed; keyint where set).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ FORMAT_VERSION = 1
 # SynthConfig fields added after FORMAT_VERSION 1, with the value that reproduces the older corpora.
 # At that value a field is left out of the config record, so corpora built before it existed stay
 # complete (not rebuilt), and their manifests stay byte-identical.
-_LATER_FIELDS = {"cues": "all"}
+_LATER_FIELDS = {"cues": "all", "keyint": 0}
 CUES = ("all", "dynamics")
 BITEXACT = {"fflags": "+bitexact"}
 # Colour tags every video stream we write carries (issue 18): BT.601 matrix, limited ("tv") range and
@@ -116,11 +116,15 @@ def video_extension(codec: str) -> str:
 
 
 def encode_video(frames: np.ndarray, fps: int = FPS, codec: str = "h264",
-                 quality: int | None = None) -> bytes:
+                 quality: int | None = None, keyint: int = 0) -> bytes:
     """Encode uint8 RGB frames [T, H, W, 3] (H, W even) as H.264/mp4 or VP9/webm, yuv420p.
 
     `quality` is the codec's CRF (lower is better); the defaults favour speed and small files.
+    `keyint` > 0 is the longest GOP in frames (the encoders' `g`: a keyframe at least every `keyint`
+    frames, 1 = all intra); 0 keeps the encoder's default (x264: 250) and gives the same bytes as before.
     """
+    if keyint < 0:
+        raise ValueError(f"keyint must be >= 0 (0: the encoder's default), got {keyint}")
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"expected uint8 frames [T, H, W, 3], got {frames.dtype} {frames.shape}")
     _, height, width, _ = frames.shape
@@ -141,6 +145,8 @@ def encode_video(frames: np.ndarray, fps: int = FPS, codec: str = "h264",
             # Real-time mode: ~10x faster than the default "good" deadline at this size.
             stream.options = {"deadline": "realtime", "cpu-used": "8", "b": "0",
                               "crf": str(32 if quality is None else quality)}
+        if keyint:
+            stream.options = {**dict(stream.options), "g": str(keyint)}
         stream.width, stream.height = width, height
         stream.pix_fmt = "yuv420p"
         tag_colour(stream)
@@ -336,10 +342,14 @@ def make_clip(cfg: SynthConfig, index: int, label: int) -> dict[str, Any]:
         "label": label,
         "class_name": class_name(label),
         "seed": seed,
+        # What tag_colour records in the stream, for data.finish: device (PyAV cannot read the decoder's).
+        "chroma_siting": CHROMA_SITING,
     }
+    if cfg.keyint:  # left out at the encoder's default, so older corpora keep their bytes
+        meta["keyint"] = cfg.keyint
     return {
         "__key__": clip_key(index),
-        video_extension(cfg.codec): encode_video(frames, FPS, cfg.codec),
+        video_extension(cfg.codec): encode_video(frames, FPS, cfg.codec, keyint=cfg.keyint),
         "flac": encode_audio(wave, SAMPLE_RATE, "flac"),
         "json": json.dumps(meta, sort_keys=True).encode(),
     }
@@ -407,6 +417,8 @@ def check_settings(cfg: SynthConfig) -> None:
     video_extension(cfg.codec)
     if cfg.cues not in CUES:
         raise ValueError(f"synth cues {cfg.cues!r} not supported; choose one of {', '.join(CUES)}")
+    if cfg.keyint < 0:
+        raise ValueError(f"synth keyint must be >= 0 (0: the encoder's default), got {cfg.keyint}")
 
 
 def build_corpus(cfg: SynthConfig, out_dir: str | Path, *, progress: bool = True,
@@ -501,6 +513,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--cues", choices=CUES, default=d.cues,
                    help="what the class drives: all cues, or only rhythm and motion speed")
+    p.add_argument("--keyint", type=int, default=d.keyint,
+                   help="longest GOP in frames (a keyframe at least this often; 1: all intra), so a window "
+                        "decodes from the keyframe before it (data/seek.py); 0: the encoder's default")
     p.add_argument("--workers", type=int, default=None, help="encoding processes (default: all CPUs)")
     p.add_argument("--overwrite", action="store_true",
                    help="--out is a non-empty folder that is not a synthetic corpus: move it aside to "
@@ -508,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     cfg = SynthConfig(dir=args.out, clips=args.clips, clips_per_shard=args.clips_per_shard,
                       classes=args.classes, size=args.size, duration=args.duration,
-                      codec=args.codec, seed=args.seed, cues=args.cues)
+                      codec=args.codec, seed=args.seed, cues=args.cues, keyint=args.keyint)
     start = time.perf_counter()
     try:
         out = build_corpus(cfg, args.out, progress=True, workers=args.workers, overwrite=args.overwrite)

@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.utils.data import default_collate
+
+from vaemo_dist.data.finish import RawBatch, RawClip, finish, stackable
 
 if TYPE_CHECKING:
     from vaemo_dist.config import DataConfig
@@ -78,43 +81,78 @@ class DecodeLimits:
 @dataclass
 class Clip:
     """One decoded sample. video: float [3, T, H, W] normalised; audio: float [1, F, M] log-mel
-    normalised (F time frames, M mel bins)."""
+    normalised (F time frames, M mel bins). With `data.finish: device` the loader's clips carry `raw`
+    (decoded planes and waveform, `finish.RawClip`) instead, and video/audio are None until the batch
+    is finished on the trainer's device."""
 
     key: str
-    video: torch.Tensor
-    audio: torch.Tensor
+    video: torch.Tensor | None
+    audio: torch.Tensor | None
     label: int = -1
     meta: dict[str, Any] = field(default_factory=dict)
+    raw: RawClip | None = None
+
+    def finished(self, inputs: Any) -> Clip:
+        """This clip with video/audio computed on the CPU (itself if it has them already)."""
+        if self.raw is None:
+            return self
+        video, audio = finish(RawBatch.stack([self.raw], inputs))
+        return Clip(self.key, video[0], audio[0], self.label, self.meta)
 
 
 @dataclass
 class Batch:
-    """A collated micro-batch. `state` is the data position after this batch (for exact resume)."""
+    """A collated micro-batch. `state` is the data position after this batch (for exact resume).
 
-    video: torch.Tensor  # [B, 3, T, H, W]
-    audio: torch.Tensor  # [B, 1, F, M]
+    With `data.finish: device`, video and audio are None and `raw` holds the decoded planes and
+    waveforms: `to(device, dtype)` finishes them there (`finish.finish`), so read video/audio after it."""
+
+    video: torch.Tensor | None  # [B, 3, T, H, W]
+    audio: torch.Tensor | None  # [B, 1, F, M]
     keys: list[str]
     label: torch.Tensor  # [B] long, -1 where unknown
     state: dict[str, Any] = field(default_factory=dict)
+    raw: RawBatch | None = None
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Batch:
-        return Batch(
-            video=self.video.to(device, dtype=dtype, non_blocking=True),
-            audio=self.audio.to(device, dtype=dtype, non_blocking=True),
-            keys=self.keys,
-            label=self.label.to(device, non_blocking=True),
-            state=self.state,
-        )
+        if self.raw is not None:
+            video, audio = finish(self.raw, device, dtype)
+        else:
+            assert self.video is not None and self.audio is not None
+            video = self.video.to(device, dtype=dtype, non_blocking=True)
+            audio = self.audio.to(device, dtype=dtype, non_blocking=True)
+        return Batch(video=video, audio=audio, keys=self.keys, label=self.label.to(device, non_blocking=True),
+                     state=self.state)
+
+    def pin_memory(self) -> Batch:
+        """Page-locked copies for fast host -> GPU transfer (the DataLoader's pin_memory calls this)."""
+        return Batch(video=None if self.video is None else self.video.pin_memory(),
+                     audio=None if self.audio is None else self.audio.pin_memory(), keys=self.keys,
+                     label=self.label.pin_memory(), state=self.state,
+                     raw=None if self.raw is None else self.raw.pin_memory())
 
     def __len__(self) -> int:
         return len(self.keys)
 
 
-def collate(clips: list[Clip], state: dict[str, Any] | None = None) -> Batch:
-    return Batch(
-        video=torch.stack([c.video for c in clips]),
-        audio=torch.stack([c.audio for c in clips]),
-        keys=[c.key for c in clips],
-        label=torch.tensor([c.label for c in clips], dtype=torch.long),
-        state=state or {},
-    )
+def collate(clips: list[Clip], state: dict[str, Any] | None = None, inputs: Any = None) -> Batch:
+    """Stack clips into a Batch. Raw clips (`data.finish: device`) stack into `Batch.raw` when they all
+    are raw with equal shapes; otherwise (mixed frame sizes, or some clips finished by the loader because
+    their pixels cannot be converted on the device) every raw clip is finished here on the CPU, so the
+    batch is always one or the other. `inputs` (the InputConfig) is needed only for raw clips."""
+    keys = [c.key for c in clips]
+    label = torch.tensor([c.label for c in clips], dtype=torch.long)
+    raws = [c.raw for c in clips if c.raw is not None]
+    if raws and len(raws) == len(clips) and stackable(raws):
+        return Batch(video=None, audio=None, keys=keys, label=label, state=state or {},
+                     raw=RawBatch.stack(raws, inputs, stack))
+    if raws:
+        clips = [c.finished(inputs) for c in clips]
+    return Batch(video=stack([c.video for c in clips]), audio=stack([c.audio for c in clips]),
+                 keys=keys, label=label, state=state or {})
+
+
+def stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """torch.stack, straight into shared memory inside a DataLoader worker (torch's `default_collate`
+    does the stacking): the batch then crosses to the trainer's process without another copy."""
+    return default_collate(tensors)
