@@ -41,7 +41,6 @@ import platform
 import re
 import statistics
 import sys
-import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -62,7 +61,7 @@ from vaemo_dist.config import Config, DataConfig, InputConfig, SynthConfig, Vide
 from vaemo_dist.data import decode_pyav
 from vaemo_dist.data.loader import build_loader
 from vaemo_dist.data.shards import expand_shards
-from vaemo_dist.data.synth import CHROMA_SITING, build_corpus
+from vaemo_dist.data.synth import build_corpus
 from vaemo_dist.model.flops import PEAK_TFLOPS, account
 
 try:  # keyframe seeking (issue 19), where this version has it
@@ -112,30 +111,6 @@ def bare_decode(sample: dict[str, Any], frames: int, stride: int) -> None:
     with av.open(io.BytesIO(sample["flac"])) as c:
         for frame in c.decode(audio=0):
             frame.to_ndarray()
-
-
-def record_siting(folder: Path) -> int:
-    """Write the chroma siting the synthetic corpus encodes with (`synth.CHROMA_SITING`, also tagged in
-    each container) into every clip's json that lacks it, as vaemo-shard records it for its shards:
-    `data.finish: device` converts on the device only clips whose json names their siting (PyAV cannot
-    read it from the decoder) and finishes the others in the loader. Rewrites each shard (to a temporary
-    file, then renamed over it); returns how many json records were changed."""
-    changed = 0
-    for shard in sorted(folder.glob("shard-*.tar")):
-        tmp = shard.with_suffix(".tar.tmp")
-        with tarfile.open(shard) as src, tarfile.open(tmp, "w") as dst:
-            for member in src.getmembers():
-                data = src.extractfile(member).read() if member.isfile() else None
-                if data is not None and member.name.endswith(".json"):
-                    meta = json.loads(data)
-                    if "chroma_siting" not in meta:
-                        meta["chroma_siting"] = CHROMA_SITING
-                        data = json.dumps(meta, sort_keys=True).encode()
-                        member.size = len(data)
-                        changed += 1
-                dst.addfile(member, io.BytesIO(data) if data is not None else None)
-        os.replace(tmp, shard)
-    return changed
 
 
 def legacy_video_tensor(frames: Any, cfg: VideoInput) -> torch.Tensor:
@@ -388,8 +363,6 @@ def main(argv: list[str] | None = None) -> int:
             synth = SynthConfig(clips=args.clips, clips_per_shard=max(1, args.clips // 4), classes=4,
                                 size=size, duration=3.2, codec=codec, seed=11)
             folder = Path(build_corpus(synth, Path(tmp) / f"{codec}-{size}", progress=False))
-            if "device" in modes:
-                record_siting(folder)
             tars = sorted(str(x) for x in folder.glob("shard-*.tar"))
             samples = list(wds.WebDataset(tars, shardshuffle=False))
 

@@ -7,14 +7,11 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
-import webdataset as wds
 
-from vaemo_dist.config import DataConfig, SynthConfig, load_config
-from vaemo_dist.data.synth import CHROMA_SITING, build_corpus
+from vaemo_dist.config import DataConfig, load_config
 from vaemo_dist.model.flops import PEAK_TFLOPS, account
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,34 +104,3 @@ def test_bench_decode_alias_reproduces_the_decode_rows(tmp_path):
                 "| PyAV bare decode (floor), 2 proc | h264@32 | 2 |",
                 "| PyAV loader, finish loader, 2 workers | h264@32 | 2 |"):
         assert row in text, row
-
-
-def test_record_siting_adds_the_siting_and_keeps_every_other_byte(tmp_path):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import bench_data
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    folder = build_corpus(SynthConfig(clips=2, clips_per_shard=1, classes=2, size=32, duration=3.2, seed=5),
-                          tmp_path / "c", progress=False)
-
-    def members(shard: Path) -> dict[str, bytes]:
-        with tarfile.open(shard) as t:
-            return {m.name: t.extractfile(m).read() for m in t.getmembers() if m.isfile()}
-
-    shards = sorted(folder.glob("shard-*.tar"))
-    before = {s.name: members(s) for s in shards}
-    assert bench_data.record_siting(folder) == 2
-    for s in shards:
-        after = members(s)
-        assert set(after) == set(before[s.name])
-        for name, data in after.items():
-            if name.endswith(".json"):
-                old, new = json.loads(before[s.name][name]), json.loads(data)
-                assert new == {**old, "chroma_siting": CHROMA_SITING}
-            else:
-                assert data == before[s.name][name], name
-    assert bench_data.record_siting(folder) == 0  # already recorded: nothing changes
-    # The rewritten shards read as WebDataset samples, as the loader reads them.
-    samples = list(wds.WebDataset([str(x) for x in shards], shardshuffle=False))
-    assert len(samples) == 2 and all(json.loads(x["json"])["chroma_siting"] == CHROMA_SITING for x in samples)
