@@ -128,6 +128,10 @@ class DataConfig:
     # trainer's device converts, resizes, normalises and makes the log-mel, vaemo_dist/data/finish.py),
     # or "auto": device on a GPU, loader on CPU. DALI always finishes on its own.
     finish: Literal["auto", "loader", "device"] = "auto"
+    # With repeats > 1: repeats r > 0 crop their own square, its side drawn from [(1 - j) x, x] of the
+    # frame's short side x and its place uniformly inside the frame (seeded by clip key and repeat, so
+    # resume draws the same); 0: every repeat takes the centre square. PyAV only (DALI repeats the crop).
+    crop_jitter: float = 0.0
 
 
 @dataclass
@@ -587,6 +591,8 @@ def validate(cfg: Config) -> None:
     _check(cfg.data.batch_size >= 1, "data.batch_size", "must be >= 1")
     _check(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     _check(cfg.data.repeats >= 1, "data.repeats", "must be >= 1 (training samples per decoded clip)")
+    _check(0.0 <= cfg.data.crop_jitter < 1.0, "data.crop_jitter",
+           f"{cfg.data.crop_jitter}: must be in [0, 1) (the share of the short side a crop may lose)")
     _check(cfg.data.finish in ("auto", "loader", "device"), "data.finish",
            f"must be auto, loader or device, got {cfg.data.finish!r}")
     _check(cfg.data.dali_threads >= 0, "data.dali_threads", "must be >= 0")

@@ -255,3 +255,32 @@ def test_raw_batch_pins_and_stacks():
     raw = RawBatch.stack([c.raw for c in clips], inputs)
     assert raw.y.shape[0] == 2 and raw.colour.shape == (2, 4) and raw.crops.tolist()[0] == [0, 8, 48]
     assert len(raw) == 2
+
+
+def test_crop_box_is_centred_for_repeat_zero_and_seeded_inside_the_frame_otherwise():
+    from vaemo_dist.data.decode_pyav import crop_box
+
+    assert crop_box("k", 0, 48, 64, 0.3) == (0, 8, 48)
+    assert crop_box("k", 2, 48, 64, 0.0) == (0, 8, 48)
+    boxes = [crop_box("k", r, 48, 64, 0.3) for r in range(1, 40)]
+    assert boxes == [crop_box("k", r, 48, 64, 0.3) for r in range(1, 40)]  # seeded: resume draws the same
+    assert boxes != [crop_box("other", r, 48, 64, 0.3) for r in range(1, 40)]
+    for top, left, side in boxes:
+        assert round(48 * 0.7) <= side <= 48 and 0 <= top <= 48 - side and 0 <= left <= 64 - side
+    assert len(set(boxes)) > 30
+
+
+def test_crop_jitter_gives_repeats_their_own_square_on_both_finish_paths():
+    inputs = small_inputs()
+    s = sample(n=60, size=(64, 48))
+    plain = decode_repeats(s, inputs, None, 3)
+    jit = decode_repeats(s, inputs, None, 3, crop_jitter=0.4)
+    again = decode_repeats(s, inputs, None, 3, crop_jitter=0.4)
+    assert torch.equal(jit[0].video, plain[0].video)  # repeat 0: the centre square, as without jitter
+    for r in (1, 2):
+        assert torch.equal(jit[r].video, again[r].video)
+        assert float(pixel_diff(jit[r].video, plain[r].video, inputs).mean()) > 1.0  # another square
+    raws = decode_repeats(s, inputs, None, 3, raw=True, crop_jitter=0.4)
+    assert [c.raw.crop for c in raws][0] == (0, 8, 48) and len({c.raw.crop for c in raws}) == 3
+    done = collate(raws, {}, inputs).to("cpu")
+    assert float(pixel_diff(done.video, collate(jit, {}).video, inputs).max()) <= 1.0 + 1e-4

@@ -25,6 +25,7 @@ that takes longer than the time limit is abandoned (`timeout.deadline`).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from collections.abc import Callable
@@ -85,7 +86,7 @@ def decode_sample(sample: dict[str, Any], inputs: InputConfig, limits: DecodeLim
 
 
 def decode_repeats(sample: dict[str, Any], inputs: InputConfig, limits: DecodeLimits | None = None,
-                   repeats: int = 1, raw: bool = False) -> list[Clip]:
+                   repeats: int = 1, raw: bool = False, crop_jitter: float = 0.0) -> list[Clip]:
     """`repeats` training samples of one decoded clip (`data.repeats`); raises only DecodeError.
 
     Repeat 0 is `decode_sample`'s clip (the centred window); repeat r samples the window shifted by
@@ -98,7 +99,7 @@ def decode_repeats(sample: dict[str, Any], inputs: InputConfig, limits: DecodeLi
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     key = str(sample.get("__key__", "<no key>"))
     limits = limits or NO_LIMITS
-    return guarded(key, limits, lambda: _decode(key, sample, inputs, limits, repeats, raw))
+    return guarded(key, limits, lambda: _decode(key, sample, inputs, limits, repeats, raw, crop_jitter))
 
 
 def repeat_key(key: str, repeat: int) -> str:
@@ -150,8 +151,23 @@ def window_indices(total: int, frames: int, stride: int, repeat: int = 0) -> lis
     return [min(start + i * stride, total - 1) for i in range(frames)]
 
 
+def crop_box(key: str, repeat: int, height: int, width: int, jitter: float) -> tuple[int, int, int]:
+    """(top, left, side) of the square repeat `repeat` of clip `key` crops from its frames: the centre
+    square of side min(height, width) for repeat 0 or without jitter; else a square whose side is drawn
+    from [(1 - jitter) x, x] (x = min(height, width)) and whose place is drawn uniformly inside the
+    frame, from a generator seeded by the key and the repeat, so every pass and every resume draws the
+    same box."""
+    side = min(height, width)
+    if repeat == 0 or jitter <= 0:
+        return (height - side) // 2, (width - side) // 2, side
+    seed = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+    rng = np.random.default_rng([seed, repeat])
+    side = max(1, int(round(side * (1.0 - jitter * rng.random()))))
+    return int(rng.integers(0, height - side + 1)), int(rng.integers(0, width - side + 1)), side
+
+
 def _decode(key: str, sample: dict[str, Any], inputs: InputConfig, limits: DecodeLimits,
-            repeats: int = 1, raw: bool = False) -> list[Clip]:
+            repeats: int = 1, raw: bool = False, crop_jitter: float = 0.0) -> list[Clip]:
     meta = _read_json(key, sample.get("json"))
     video_data = _field(key, sample, VIDEO_FIELDS, "video")
     audio_data = _field(key, sample, AUDIO_FIELDS, "audio")
@@ -173,7 +189,8 @@ def _decode(key: str, sample: dict[str, Any], inputs: InputConfig, limits: Decod
     order = sorted(frames)  # every distinct frame once, converted (and resized) once
     where = {i: n for n, i in enumerate(order)}
     if colour is None:
-        video = video_tensor([frames[i] for i in order], inputs.video)
+        rgb = [frames[i] for i in order]
+        video = video_tensor(rgb, inputs.video)
     else:
         y = torch.from_numpy(np.stack([frames[i][0] for i in order]))
         u = torch.from_numpy(np.stack([frames[i][1] for i in order]))
@@ -194,15 +211,17 @@ def _decode(key: str, sample: dict[str, Any], inputs: InputConfig, limits: Decod
         info = {"fps": fps, "frames": total, "duration": duration, "frame_indices": indices, "repeat": r,
                 "clip": key}
         if colour is None:
-            v_r = video[:, pick[0] : pick[0] + len(pick)] if run else video[:, pick]
+            if crop_jitter > 0 and r > 0:  # its own square: its own crop and resize
+                v_r = video_tensor([rgb[n] for n in pick], inputs.video, crop_box(key, r, *rgb[0].shape[:2],
+                                                                                   crop_jitter))
+            else:
+                v_r = video[:, pick[0] : pick[0] + len(pick)] if run else video[:, pick]
             clips.append(Clip(key=repeat_key(key, r), video=v_r, audio=audio[r],
                               label=-1 if label is None else label, meta=info))
         else:
             sel = slice(pick[0], pick[0] + len(pick)) if run else pick
-            h, w = y.shape[1:]
-            side = min(h, w)
             rc = RawClip(y=y[sel], u=u[sel], v=v[sel], colour=colour,
-                         crop=((h - side) // 2, (w - side) // 2, side), wave=pieces[r])
+                         crop=crop_box(key, r, *y.shape[1:], crop_jitter), wave=pieces[r])
             clips.append(Clip(key=repeat_key(key, r), video=None, audio=None,
                               label=-1 if label is None else label, meta=info, raw=rc))
     return clips
@@ -452,9 +471,10 @@ def _normalisation(mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[tor
     return (1.0 / (255.0 * s)).float(), (-m / s).float()
 
 
-def video_tensor(frames: list[np.ndarray] | np.ndarray, cfg: VideoInput) -> torch.Tensor:
-    """uint8 RGB frames ([H, W, 3] each) -> float32 [3, T, size, size], centre square crop, resized
-    (torch's bilinear interpolation, antialiased when shrinking), normalised.
+def video_tensor(frames: list[np.ndarray] | np.ndarray, cfg: VideoInput,
+                 crop: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """uint8 RGB frames ([H, W, 3] each) -> float32 [3, T, size, size], centre square crop (or `crop`:
+    top, left, side), resized (torch's bilinear interpolation, antialiased when shrinking), normalised.
 
     The work is laid out for one core: the crop is a view, the only full-resolution copy is the
     uint8 -> float conversion straight into channel-first order [3, T, side, side] (which is then
@@ -465,6 +485,8 @@ def video_tensor(frames: list[np.ndarray] | np.ndarray, cfg: VideoInput) -> torc
     h, w = arr.shape[1:3]
     side = min(h, w)
     top, left = (h - side) // 2, (w - side) // 2
+    if crop is not None:
+        top, left, side = crop
     # Cropping the square first then resizing equals "short side to size, then centre crop",
     # and resizes fewer pixels.
     x = torch.from_numpy(arr[:, top : top + side, left : left + side]).permute(3, 0, 1, 2)

@@ -66,7 +66,7 @@ class RawClip:
 
     def shape_key(self) -> tuple[int, ...]:
         """Clips with equal keys stack into one RawBatch."""
-        return (*self.y.shape, self.crop[2], self.wave.numel())
+        return (*self.y.shape, self.wave.numel())
 
 
 @dataclass
@@ -143,25 +143,27 @@ def yuv_to_rgb(y: torch.Tensor, u: torch.Tensor, v: torch.Tensor, colour: torch.
 def crop_resize_normalise(rgb: torch.Tensor, crops: torch.Tensor, cfg: VideoInput) -> torch.Tensor:
     """float RGB [N, 3, T, H, W] (0..255) -> the square `crops` [N, 3] (top, left, side) of each sample,
     resized to cfg.size (bilinear, antialiased when shrinking) and normalised: [N, 3, T, size, size].
-    The operations of `decode_pyav.video_tensor`, batched over samples (every plane is resized on its
-    own, so batching changes no value)."""
+    The operations of `decode_pyav.video_tensor`, batched over the samples whose squares share a side
+    (every plane is resized on its own, so batching changes no value)."""
     n, _, t = rgb.shape[:3]
-    crops = crops.tolist()
-    sides = {c[2] for c in crops}
-    if len(sides) != 1:
-        raise ValueError(f"a RawBatch's crops must share one side, got {sorted(sides)}")
-    side = sides.pop()
-    x = torch.stack([rgb[i, :, :, top : top + side, lft : lft + side]
-                     for i, (top, lft, _) in enumerate(crops)])
-    x = x.reshape(n * 3, t, side, side)
-    if side != cfg.size:
-        x = F.interpolate(x, size=(cfg.size, cfg.size), mode="bilinear", align_corners=False,
-                          antialias=side > cfg.size)
+    boxes = crops.tolist()
     m = torch.tensor(cfg.mean, dtype=torch.float64)
     s = torch.tensor(cfg.std, dtype=torch.float64)
-    scale = (1.0 / (255.0 * s)).float().to(x.device).view(1, 3, 1, 1, 1)
-    shift = (-m / s).float().to(x.device).view(1, 3, 1, 1, 1)
-    return x.reshape(n, 3, t, cfg.size, cfg.size).mul_(scale).add_(shift)
+    scale = (1.0 / (255.0 * s)).float().to(rgb.device).view(1, 3, 1, 1, 1)
+    shift = (-m / s).float().to(rgb.device).view(1, 3, 1, 1, 1)
+    out = torch.empty(n, 3, t, cfg.size, cfg.size, dtype=torch.float32, device=rgb.device)
+    for side in sorted({b[2] for b in boxes}):  # one resize per crop size (one without crop jitter)
+        idx = [i for i, b in enumerate(boxes) if b[2] == side]
+        x = torch.stack([rgb[i, :, :, boxes[i][0] : boxes[i][0] + side, boxes[i][1] : boxes[i][1] + side]
+                         for i in idx]).reshape(len(idx) * 3, t, side, side)
+        if side != cfg.size:
+            x = F.interpolate(x, size=(cfg.size, cfg.size), mode="bilinear", align_corners=False,
+                              antialias=side > cfg.size)
+        x = x.reshape(len(idx), 3, t, cfg.size, cfg.size).mul_(scale).add_(shift)
+        if len(idx) == n:
+            return x
+        out[idx] = x
+    return out
 
 
 def finish_audio(wave: torch.Tensor, cfg: AudioInput) -> torch.Tensor:

@@ -83,7 +83,7 @@ def resolve_decoder(name: str) -> str:
 
 
 def get_decoder(name: str, gpu: bool | None = None, limits: DecodeLimits | None = None,
-                repeats: int = 1, raw: bool = False) -> Decoder:
+                repeats: int = 1, raw: bool = False, crop_jitter: float = 0.0) -> Decoder:
     """The per-sample function a DataLoader worker runs for `data.decoder`, bound to `limits`.
 
     With `repeats` > 1 it returns a list of `repeats` items per sample: PyAV decodes the clip once into
@@ -96,7 +96,8 @@ def get_decoder(name: str, gpu: bool | None = None, limits: DecodeLimits | None 
         from vaemo_dist.data.decode_pyav import decode_repeats, decode_sample
 
         if repeats > 1:
-            return functools.partial(decode_repeats, limits=limits, repeats=repeats, raw=raw)
+            return functools.partial(decode_repeats, limits=limits, repeats=repeats, raw=raw,
+                                     crop_jitter=crop_jitter)
         return functools.partial(decode_sample, limits=limits, raw=raw)
     from vaemo_dist.data.decode_dali import prepare_sample
 
@@ -330,7 +331,7 @@ class ClipStream(IterableDataset):
         counts = {**new_counts(), **self.resume.counts.get(logical, {})}
         repeats = max(1, self.data.repeats)
         decode = get_decoder(self.decoder, self.gpu, DecodeLimits.from_config(self.data), repeats,
-                             raw=self.finish == "device")
+                             raw=self.finish == "device", crop_jitter=self.data.crop_jitter)
         pending = self.decoder == "dali"
         # Stopped inside a group of repeats: read the group again from its start, with the counts it
         # started with, and hand out only the micro-batches not handed out before.
@@ -569,6 +570,10 @@ def build_loader(
     the same set across resumes."""
     decoder = resolve_decoder(data.decoder)
     finish = resolve_finish(data.finish, decoder, torch.cuda.is_available())
+    if decoder == "dali" and data.crop_jitter > 0 and data.repeats > 1:
+        log.warning("data.crop_jitter=%g has no effect with the DALI decoder: its repeats share one window "
+                    "and one crop (masks still differ); use data.decoder=pyav for jittered repeats",
+                    data.crop_jitter)
     storage.configure_from(data)
     stream = ClipStream(urls, data, inputs, rank, world_size, None, decoder, gpu=torch.cuda.is_available(),
                         exclude_keys=frozenset(exclude_keys or ()), finish=finish)
