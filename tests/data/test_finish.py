@@ -205,11 +205,18 @@ def test_repeats_finish_on_the_device_as_in_the_loader():
     assert half.video.dtype == torch.bfloat16 and half.audio.dtype == torch.bfloat16
 
 
-def test_what_the_device_cannot_convert_is_finished_in_the_loader():
+def test_what_the_device_cannot_convert_is_finished_in_the_loader(caplog):
+    from vaemo_dist.data import decode_pyav
+
     inputs = small_inputs()
-    # No chroma_siting in the json (not written by vaemo-shard): PyAV cannot tell the siting.
-    clip = decode_sample(sample(meta_siting=False), inputs, raw=True)
+    # No chroma_siting in the json (not written by vaemo-shard): PyAV cannot tell the siting. Said once.
+    decode_pyav._SAID.clear()
+    with caplog.at_level("WARNING", logger="vaemo_dist.data.decode_pyav"):
+        clip = decode_sample(sample(meta_siting=False), inputs, raw=True)
+        decode_sample(sample(meta_siting=False), inputs, raw=True)
     assert clip.raw is None and clip.video is not None
+    said = [r.getMessage() for r in caplog.records if "chroma_siting" in r.getMessage()]
+    assert len(said) == 1 and "finished in the loader" in said[0]
     # Odd frame sizes have no exact 4:2:0 halves.
     # Mixed frame sizes in one batch: every clip is finished on the CPU, the batch is whole.
     sa, sb = sample(size=(64, 48), key="a"), sample(size=(48, 48), key="b")

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 from collections.abc import Callable
 from functools import lru_cache
 from typing import Any, TypeVar
@@ -71,6 +72,7 @@ _BMFF_TOP_BOXES = frozenset({b"ftyp", b"styp", b"moov", b"mdat", b"moof", b"mfra
                              b"pnot", b"uuid", b"sidx", b"meta", b"pdin", b"prft", b"emsg"})
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 NO_LIMITS = DecodeLimits()  # for callers outside the data loader (pretrained.py)
@@ -175,13 +177,17 @@ def _decode(key: str, sample: dict[str, Any], inputs: InputConfig, limits: Decod
     label = _optional_int(key, meta, "label")
 
     colour = None
-    if raw and meta.get("chroma_siting") in SITINGS:
+    if raw and meta.get("chroma_siting") not in SITINGS:
+        _say_once("clips without a chroma_siting in their json (shards written before it was recorded, or "
+                  "by another tool) are finished in the loader, not on the device: re-shard them or add it")
+    elif raw:
         planes = _PlaneCopier(meta["chroma_siting"])
         try:  # frames are copied while the decoder holds them (never after its context is closed)
             frames, windows, fps, total = _decode_av_frames(key, video_data, inputs.video, promised, limits,
                                                             repeats, planes)
             colour = planes.colour
-        except _NotRaw:  # a frame finish.yuv_to_rgb cannot convert: this clip is finished here
+        except _NotRaw as e:  # a frame finish.yuv_to_rgb cannot convert: this clip is finished here
+            _say_once(f"clips with {e} are finished in the loader, not on the device")
             colour = None
     if colour is None:
         frames, windows, fps, total = _decode_av_frames(key, video_data, inputs.video, promised, limits,
@@ -228,7 +234,17 @@ def _decode(key: str, sample: dict[str, Any], inputs: InputConfig, limits: Decod
 
 
 class _NotRaw(Exception):
-    """A frame `finish.yuv_to_rgb` cannot convert exactly as swscale would."""
+    """A frame `finish.yuv_to_rgb` cannot convert exactly as swscale would (the message says why)."""
+
+
+_SAID: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    """Log a data.finish=device fallback once per process (a worker's first such clip)."""
+    if message not in _SAID:
+        _SAID.add(message)
+        log.warning("data.finish=device: %s (said once per worker)", message)
 
 
 class _PlaneCopier:
@@ -249,12 +265,13 @@ class _PlaneCopier:
         if self.first is None:
             full = RAW_PIXEL_FORMATS.get(fmt)
             if full is None or w % 2 or h % 2 or ident[3] not in MATRICES:
-                raise _NotRaw
+                raise _NotRaw(f"pixel format {fmt} at {w}x{h}, colour matrix code {ident[3]} (the device "
+                              "converts 8-bit 4:2:0 of even sides, BT.601/BT.709)")
             self.first = ident
             kr, kb = MATRICES[ident[3]]
             self.colour = (kr, kb, float(full or ident[4] == 2), self.left)  # 2: AVCOL_RANGE_JPEG
         elif ident != self.first:
-            raise _NotRaw
+            raise _NotRaw("frames whose format, size, matrix or range change mid-stream")
         out = []
         shapes = ((h, w), (h // 2, w // 2), (h // 2, w // 2))
         for plane, (rows, cols) in zip(frame.planes, shapes, strict=True):

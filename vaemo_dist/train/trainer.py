@@ -25,7 +25,7 @@ from vaemo_dist import faults
 from vaemo_dist.checkpoints import read_rank_states
 from vaemo_dist.config import Config, check_deepspeed_extra
 from vaemo_dist.data.holdout import training_holdout
-from vaemo_dist.data.loader import BatchLoader, DataState, build_loader
+from vaemo_dist.data.loader import BatchLoader, DataState, build_loader, describe_loader
 from vaemo_dist.data.types import Batch
 from vaemo_dist.dist import DistInfo, MegatronMpu
 from vaemo_dist.model.flops import peak_tflops
@@ -235,6 +235,8 @@ class Trainer:
         """This data-parallel rank's batches, passing over the clips eval.holdout keeps out of training."""
         cfg, d = self.cfg, self.dist
         holdout = training_holdout(cfg, self.run_dir, self.urls, write=d.is_main)
+        if d.is_main:
+            log.info("data: %s", describe_loader(cfg.data, len(self.urls)))
         return build_loader(self.urls, cfg.data, cfg.inputs, d.dp_rank, d.dp_size,
                             exclude_keys=holdout.keys if holdout is not None else None)
 
