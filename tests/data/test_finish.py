@@ -178,7 +178,9 @@ def test_device_finish_equals_the_loader_path(codec, siting, size, out):
     ref = decode_sample(s, inputs)
     raw = decode_sample(s, inputs, raw=True)
     assert raw.video is None and raw.raw is not None and raw.meta == ref.meta
-    assert raw.raw.y.dtype == torch.uint8 and raw.raw.y.shape == (4, size[1], size[0])
+    assert len(raw.raw.y) == 4 and raw.raw.y[0].dtype == torch.uint8
+    assert raw.raw.y[0].shape == (size[1], size[0])
+    assert raw.raw.u[0].shape == (size[1] // 2, size[0] // 2)
     done = raw.finished(inputs)
     d = pixel_diff(done.video, ref.video, inputs)
     # Resized values are convex combinations of pixels that differ by at most 1/255.
@@ -260,7 +262,8 @@ def test_raw_batch_pins_and_stacks():
     clips = [decode_sample(sample(key=k), inputs, raw=True) for k in "ab"]
     assert all(c.raw is not None for c in clips)
     raw = RawBatch.stack([c.raw for c in clips], inputs)
-    assert raw.y.shape[0] == 2 and raw.colour.shape == (2, 4) and raw.crops.tolist()[0] == [0, 8, 48]
+    assert raw.y.shape == (2, 4, 48, 64) and raw.u.shape == (2, 4, 24, 32) and raw.colour.shape == (2, 4)
+    assert raw.crops.tolist()[0] == [0, 8, 48]
     assert len(raw) == 2
 
 

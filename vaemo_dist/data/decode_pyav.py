@@ -197,10 +197,10 @@ def _decode(key: str, sample: dict[str, Any], inputs: InputConfig, limits: Decod
     if colour is None:
         rgb = [frames[i] for i in order]
         video = video_tensor(rgb, inputs.video)
-    else:
-        y = torch.from_numpy(np.stack([frames[i][0] for i in order]))
-        u = torch.from_numpy(np.stack([frames[i][1] for i in order]))
-        v = torch.from_numpy(np.stack([frames[i][2] for i in order]))
+    else:  # per frame, so that collating copies each plane once, straight into the batch
+        y = [torch.from_numpy(frames[i][0]) for i in order]
+        u = [torch.from_numpy(frames[i][1]) for i in order]
+        v = [torch.from_numpy(frames[i][2]) for i in order]
     del frames
 
     duration = float(meta.get("duration") or total / fps)
@@ -213,21 +213,21 @@ def _decode(key: str, sample: dict[str, Any], inputs: InputConfig, limits: Decod
     clips = []
     for r, indices in enumerate(windows):
         pick = [where[i] for i in indices]
-        run = pick == list(range(pick[0], pick[0] + len(pick)))  # windows on one stride lattice: a view
         info = {"fps": fps, "frames": total, "duration": duration, "frame_indices": indices, "repeat": r,
                 "clip": key}
         if colour is None:
             if crop_jitter > 0 and r > 0:  # its own square: its own crop and resize
                 v_r = video_tensor([rgb[n] for n in pick], inputs.video, crop_box(key, r, *rgb[0].shape[:2],
                                                                                    crop_jitter))
+            elif pick == list(range(pick[0], pick[0] + len(pick))):  # windows on one stride lattice: a view
+                v_r = video[:, pick[0] : pick[0] + len(pick)]
             else:
-                v_r = video[:, pick[0] : pick[0] + len(pick)] if run else video[:, pick]
+                v_r = video[:, pick]
             clips.append(Clip(key=repeat_key(key, r), video=v_r, audio=audio[r],
                               label=-1 if label is None else label, meta=info))
         else:
-            sel = slice(pick[0], pick[0] + len(pick)) if run else pick
-            rc = RawClip(y=y[sel], u=u[sel], v=v[sel], colour=colour,
-                         crop=crop_box(key, r, *y.shape[1:], crop_jitter), wave=pieces[r])
+            rc = RawClip(y=[y[n] for n in pick], u=[u[n] for n in pick], v=[v[n] for n in pick],
+                         colour=colour, crop=crop_box(key, r, *y[0].shape, crop_jitter), wave=pieces[r])
             clips.append(Clip(key=repeat_key(key, r), video=None, audio=None,
                               label=-1 if label is None else label, meta=info, raw=rc))
     return clips
@@ -539,27 +539,36 @@ def decode_audio_wave(key: str, data: bytes, cfg: AudioInput, duration: Any,
         if seconds is not None:
             limits.check_length(key, seconds, "audio", minimum=False)
         max_samples, n = limits.max_clip_s * rate, 0  # for streams without length metadata
-        to_float: av.AudioResampler | None = None  # for sample formats _float_planes does not know
+        to_float: av.AudioResampler | None = None  # for sample formats _SAMPLE_SCALE does not list
+        runs: list[tuple[tuple[str, bool, int], list[np.ndarray]]] = []  # frames as decoded, by format
         try:
             for frame in container.decode(stream):
-                planes = _float_planes(frame)
-                if planes is not None:
-                    chunks.append(planes)
+                if frame.format.name.rstrip("p") in _SAMPLE_SCALE:
+                    fmt = (frame.format.name, frame.format.is_planar, len(frame.layout.channels))
+                    if not runs or runs[-1][0] != fmt:
+                        runs.append((fmt, []))
+                    runs[-1][1].append(frame.to_ndarray())  # planar: [channels, n]; packed: [1, n * ch]
                 else:
                     to_float = to_float or av.AudioResampler(format="fltp")  # same layout and rate
-                    chunks.extend(f.to_ndarray() for f in to_float.resample(frame))
+                    runs.append((("fltp", True, len(frame.layout.channels)),
+                                 [f.to_ndarray() for f in to_float.resample(frame)]))
                 n += frame.samples
                 if n > max_samples:
                     limits.check_length(key, n / rate, "audio", minimum=False)
             if to_float is not None:
-                chunks.extend(f.to_ndarray() for f in to_float.resample(None))
+                runs.append((("fltp", True, 1), [f.to_ndarray() for f in to_float.resample(None)]))
         except av.FFmpegError as e:
-            if not chunks:
+            if not runs:
                 raise DecodeError(key, f"audio: decoding failed ({type(e).__name__}: {e})",
                                   kind="corrupt") from e
+    chunks = [_to_float(fmt, arrays) for fmt, arrays in runs if arrays]
     if not chunks:
         raise DecodeError(key, "audio: no decodable samples", kind="corrupt")
-    wave = np.concatenate(chunks, axis=1).mean(axis=0, dtype=np.float32)  # [channels, n] -> mono
+    if len({c.shape[0] for c in chunks}) > 1:  # the channel count changed mid-stream: mono per chunk
+        chunks = [c.mean(axis=0, keepdims=True, dtype=np.float32) for c in chunks]
+    joined = chunks[0] if len(chunks) == 1 else np.concatenate(chunks, axis=1)
+    # [channels, n] -> mono (a mono stream's only channel as it is)
+    wave = joined[0] if joined.shape[0] == 1 else joined.mean(axis=0, dtype=np.float32)
     if wave.size == 0:
         raise DecodeError(key, "audio: no decodable samples", kind="corrupt")
     if isinstance(duration, (int, float)) and duration > 0:
@@ -572,23 +581,22 @@ def decode_audio_wave(key: str, data: bytes, cfg: AudioInput, duration: Any,
     return wave
 
 
-_INT_SCALE = {"s16": 1.0 / 32768.0, "s32": 1.0 / 2147483648.0}
+# Float scale of the sample formats converted without a resampler (integers to [-1, 1)).
+_SAMPLE_SCALE = {"s16": 1.0 / 32768.0, "s32": 1.0 / 2147483648.0, "flt": 1.0, "dbl": 1.0}
 
 
-def _float_planes(frame: av.AudioFrame) -> np.ndarray | None:
-    """Samples as float32 [channels, n] for the common formats (faster than a resampler)."""
-    fmt = frame.format.name
-    base = fmt.rstrip("p")
-    if base not in ("s16", "s32", "flt", "dbl"):
-        return None
-    data = frame.to_ndarray()  # planar: [channels, n]; packed: [1, n * channels]
-    channels = len(frame.layout.channels)
-    if not frame.format.is_planar:
+def _to_float(fmt: tuple[str, bool, int], arrays: list[np.ndarray]) -> np.ndarray:
+    """Consecutive frames of one sample format as float32 [channels, n], converted in one pass (cheaper
+    than a resampler or than converting frame by frame)."""
+    name, planar, channels = fmt
+    data = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=1)
+    if not planar:
         data = data.reshape(-1, channels).T
-    data = data.astype(np.float32)
-    if base in _INT_SCALE:
-        data *= _INT_SCALE[base]
-    return data
+    scale = _SAMPLE_SCALE.get(name.rstrip("p"), 1.0)
+    out = data.astype(np.float32)
+    if scale != 1.0:
+        out *= np.float32(scale)
+    return out
 
 
 def audio_tensor(wave: np.ndarray, cfg: AudioInput, centre_s: float) -> torch.Tensor:

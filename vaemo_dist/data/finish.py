@@ -53,20 +53,21 @@ def resolve_finish(mode: str, decoder: str, cuda: bool) -> str:
 class RawClip:
     """One sample as the loader hands it out with `data.finish: device`: decoded, not yet preprocessed.
 
-    y: uint8 [T, H, W]; u, v: uint8 [T, H/2, W/2] (the window's frames); colour: (Kr, Kb, full range 0/1,
-    left-sited 0/1); crop: (top, left, side) of the square taken from the frame; wave: float32 [n] mono
-    waveform window (the exact length the log-mel needs)."""
+    y: the window's T frames' luma planes, uint8 [H, W] each; u, v: their chroma planes, [H/2, W/2] each
+    (per frame, so that frames shared by repeats are not copied before collating); colour: (Kr, Kb, full
+    range 0/1, left-sited 0/1); crop: (top, left, side) of the square taken from the frame; wave:
+    float32 [n] mono waveform window (the exact length the log-mel needs)."""
 
-    y: torch.Tensor
-    u: torch.Tensor
-    v: torch.Tensor
+    y: list[torch.Tensor]
+    u: list[torch.Tensor]
+    v: list[torch.Tensor]
     colour: tuple[float, float, float, float]
     crop: tuple[int, int, int]
     wave: torch.Tensor
 
     def shape_key(self) -> tuple[int, ...]:
         """Clips with equal keys stack into one RawBatch."""
-        return (*self.y.shape, self.wave.numel())
+        return (len(self.y), *self.y[0].shape, self.wave.numel())
 
 
 @dataclass
@@ -85,8 +86,14 @@ class RawBatch:
     @staticmethod
     def stack(clips: list[RawClip], inputs: InputConfig,
               stack: Callable[[list[torch.Tensor]], torch.Tensor] = torch.stack) -> RawBatch:
+        n, t = len(clips), len(clips[0].y)
+
+        def planes(name: str) -> torch.Tensor:  # every frame's plane copied once, into [N, T, h, w]
+            frames = [p for c in clips for p in getattr(c, name)]
+            return stack(frames).view(n, t, *frames[0].shape)
+
         return RawBatch(
-            y=stack([c.y for c in clips]), u=stack([c.u for c in clips]), v=stack([c.v for c in clips]),
+            y=planes("y"), u=planes("u"), v=planes("v"),
             colour=torch.tensor([c.colour for c in clips], dtype=torch.float32),
             crops=torch.tensor([c.crop for c in clips], dtype=torch.long),
             wave=stack([c.wave for c in clips]), inputs=inputs)
