@@ -294,3 +294,15 @@ def test_crop_jitter_gives_repeats_their_own_square_on_both_finish_paths():
     assert [c.raw.crop for c in raws][0] == (0, 8, 48) and len({c.raw.crop for c in raws}) == 3
     done = collate(raws, {}, inputs).to("cpu")
     assert float(pixel_diff(done.video, collate(jit, {}).video, inputs).max()) <= 1.0 + 1e-4
+
+
+def test_finishing_keeps_to_the_target_device():
+    # No GPU here: the meta device stands in for one. Elementwise ops between a meta tensor and a CPU
+    # tensor raise, so a CPU-cached constant (Hann window, normalisation) mixed into the device math
+    # fails this test (matmul does not check: the mel filter bank is moved explicitly in audio.log_mels).
+    inputs = small_inputs()
+    batch = collate([decode_sample(sample(key=k), inputs, raw=True) for k in "ab"], {}, inputs)
+    out = batch.to("meta", torch.bfloat16)
+    assert out.video.device.type == "meta" and out.audio.device.type == "meta"
+    assert out.video.shape == (2, 3, 4, 32, 32) and out.audio.shape == (2, 1, 64, 128)
+    assert out.video.dtype == torch.bfloat16 and out.label.device.type == "meta"

@@ -158,7 +158,8 @@ def power_spectrograms(waves: torch.Tensor, win_length: int, hop_length: int, n_
     n_frames = waves.shape[1] // hop_length + 1
     padded = F.pad(waves[:, None], (half, win_length - half), mode="reflect")[:, 0]
     frames = padded.unfold(1, win_length, hop_length)[:, :n_frames]  # [N, T, win]
-    spec = torch.fft.rfft(frames * hann_window(win_length), n=n_fft)  # window zero-padded to n_fft
+    window = hann_window(win_length).to(waves.device)  # cached on the CPU; a copy on a GPU batch
+    spec = torch.fft.rfft(frames * window, n=n_fft)  # window zero-padded to n_fft
     return (spec.real.square() + spec.imag.square()).transpose(1, 2).contiguous()
 
 
@@ -184,6 +185,7 @@ def log_mels(waves: torch.Tensor, cfg: AudioInput) -> torch.Tensor:
         waves = F.pad(waves, (0, p.num_samples - waves.shape[1]))
     power = power_spectrograms(waves, p.win_length, p.hop_length, p.n_fft)  # [N, freq, time]
     fb = mel_filterbank(p.n_mels, p.n_fft, p.sample_rate, p.f_min, p.f_max, p.mel_formula, p.mel_normalize)
+    fb = fb.to(power.device)  # data.finish=device: the batch may be on a GPU
     mel = torch.matmul(fb, power)  # [N, n_mels, frames]
     return torch.log(torch.clamp(mel, min=p.log_floor)).transpose(1, 2)[:, None].contiguous()
 

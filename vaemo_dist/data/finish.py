@@ -111,36 +111,38 @@ def stackable(clips: list[RawClip]) -> bool:
     return len({c.shape_key() for c in clips}) == 1
 
 
-def upsample_chroma(c: torch.Tensor, left: torch.Tensor) -> torch.Tensor:
+def upsample_chroma(c: torch.Tensor, left: list[int]) -> torch.Tensor:
     """4:2:0 chroma [N, T, h, w] (float) -> [N, T, 2h, 2w], bilinear: rows always centre-sited (between
-    two luma rows), columns centre-sited or, where `left` [N] is true, co-sited with the even luma
-    columns (the MPEG-2/H.264 default)."""
+    two luma rows), columns centre-sited or, for the samples listed in `left`, co-sited with the even
+    luma columns (the MPEG-2/H.264 default)."""
     n, t, h, w = c.shape
     out = F.interpolate(c, size=(2 * h, 2 * w), mode="bilinear", align_corners=False)
-    if bool(left.any()):
-        rows = F.interpolate(c[left], size=(2 * h, w), mode="bilinear", align_corners=False)
+    if left:
+        idx = torch.tensor(left, device=c.device)
+        rows = F.interpolate(c[idx], size=(2 * h, w), mode="bilinear", align_corners=False)
         cols = torch.empty(rows.shape[:-1] + (2 * w,), dtype=rows.dtype, device=rows.device)
         cols[..., 0::2] = rows
         nxt = torch.cat([rows[..., 1:], rows[..., -1:]], dim=-1)  # the edge column repeats
         cols[..., 1::2] = (rows + nxt) * 0.5
-        out[left] = cols
+        out[idx] = cols
     return out
 
 
 def yuv_to_rgb(y: torch.Tensor, u: torch.Tensor, v: torch.Tensor, colour: torch.Tensor) -> torch.Tensor:
     """uint8 planes y [N, T, H, W], u/v [N, T, H/2, W/2] and per-sample colour [N, 4] (Kr, Kb, full range,
-    left-sited) -> float32 RGB [N, 3, T, H, W] holding whole numbers 0..255 (8-bit rounding, as the
-    loader's swscale conversion gives)."""
+    left-sited; on the CPU: it decides which samples take which path without a device sync) -> float32
+    RGB [N, 3, T, H, W] holding whole numbers 0..255 (8-bit rounding, as the loader's swscale conversion
+    gives)."""
     n = y.shape[0]
+    left = [i for i, flag in enumerate(colour[:, 3].tolist()) if flag > 0.5]
     colour = colour.to(y.device, torch.float32)
-    kr, kb, full, left = (colour[:, i].view(n, 1, 1, 1) for i in range(4))
+    kr, kb, full, _ = (colour[:, i].view(n, 1, 1, 1) for i in range(4))
     kg = 1.0 - kr - kb
     luma = y.float()
     luma = torch.where(full > 0.5, luma, (luma - 16.0) * (255.0 / 219.0))
     kc = torch.where(full > 0.5, torch.ones_like(kr), torch.full_like(kr, 255.0 / 224.0))
-    left_mask = colour[:, 3] > 0.5
-    cb = upsample_chroma(u.float(), left_mask) - 128.0
-    cr = upsample_chroma(v.float(), left_mask) - 128.0
+    cb = upsample_chroma(u.float(), left) - 128.0
+    cr = upsample_chroma(v.float(), left) - 128.0
     r = luma + (kc * 2.0 * (1.0 - kr)) * cr
     b = luma + (kc * 2.0 * (1.0 - kb)) * cb
     g = luma - (kc * 2.0 * kb * (1.0 - kb) / kg) * cb - (kc * 2.0 * kr * (1.0 - kr) / kg) * cr
