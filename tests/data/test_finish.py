@@ -7,11 +7,13 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import av
 import numpy as np
 import pytest
 import torch
+import webdataset as wds
 
 from vaemo_dist.config import InputConfig, load_config
 from vaemo_dist.data.decode_pyav import RGB_CONVERSION, decode_repeats, decode_sample
@@ -306,3 +308,51 @@ def test_finishing_keeps_to_the_target_device():
     assert out.video.device.type == "meta" and out.audio.device.type == "meta"
     assert out.video.shape == (2, 3, 4, 32, 32) and out.audio.shape == (2, 1, 64, 128)
     assert out.video.dtype == torch.bfloat16 and out.label.device.type == "meta"
+
+
+def mp4_with_audio(path, siting: str, n: int = 30) -> None:
+    """A 64x48 H.264 + AAC mp4 at 25 fps (vaemo-shard --size 48 stream-copies it), chroma tagged `siting`."""
+    rng = np.random.default_rng(4)
+    frames = synth_video(1, 4, n, 64, np.linspace(0, 1, n), rng)[:, 8:56]
+    wave, _ = synth_audio(1, 4, int(n / 25 * 16000) + 1600, rng)
+    with av.open(str(path), "w") as out:
+        vs = out.add_stream("libx264", rate=25)
+        vs.width, vs.height, vs.pix_fmt = 64, 48, "yuv420p"
+        vs.options = {"chroma_sample_location": siting, "threads": "1"}
+        aud = out.add_stream("aac", rate=16000)
+        aud.layout = "mono"
+        for img in frames:
+            for p in vs.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")):
+                out.mux(p)
+        for p in vs.encode():
+            out.mux(p)
+        pcm = (np.clip(wave, -1, 1) * 32767).astype(np.int16)[None]
+        af = av.AudioFrame.from_ndarray(pcm, format="s16", layout="mono")
+        af.sample_rate = 16000
+        for p in aud.encode(af):
+            out.mux(p)
+        for p in aud.encode():
+            out.mux(p)
+
+
+def test_vaemo_shard_records_the_siting_of_stream_copied_clips(tmp_path):
+    from vaemo_dist.data.decode_pyav import probe_siting
+    from vaemo_dist.data.writer import main as shard_main
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for siting in ("left", "center"):
+        mp4_with_audio(src / f"spk_{siting}.mp4", siting)
+        assert probe_siting((src / f"spk_{siting}.mp4").read_bytes()) == siting
+    out = tmp_path / "shards"
+    assert shard_main([str(src), "--out", str(out), "--size", "48", "--no-shuffle"]) in (0, None)
+    inputs = small_inputs()
+    samples = list(wds.WebDataset(sorted(str(p) for p in out.glob("shard-*.tar")), shardshuffle=False))
+    assert len(samples) == 2
+    for s in samples:
+        meta = json.loads(s["json"])
+        assert meta["stream_copied"] and meta["chroma_siting"] == Path(meta["source"]).stem.split("_")[1]
+        raw = decode_sample(s, inputs, raw=True)
+        assert raw.raw is not None
+        diff = pixel_diff(raw.finished(inputs).video, decode_sample(s, inputs).video, inputs)
+        assert float(diff.max()) <= 1.0 + 1e-4, (meta["chroma_siting"], float(diff.max()))

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from vaemo_dist.config import AudioInput, InputConfig, VideoInput
 from vaemo_dist.data.audio import fit_length, log_mels, mel_spec_params, normalise_log_mel
-from vaemo_dist.data.finish import MATRICES, RAW_PIXEL_FORMATS, SITINGS, RawClip
+from vaemo_dist.data.finish import MATRICES, RAW_PIXEL_FORMATS, SITINGS, RawClip, yuv_to_rgb
 from vaemo_dist.data.media import AUDIO_FIELDS, VIDEO_FIELDS
 from vaemo_dist.data.seek import frames_from
 from vaemo_dist.data.timeout import DeadlineExceeded, deadline
@@ -282,6 +282,32 @@ class _PlaneCopier:
             a = np.frombuffer(plane, np.uint8)
             out.append(a.reshape(-1, plane.line_size)[:rows, :cols].copy())
         return out[0], out[1], out[2]
+
+
+def probe_siting(data: bytes, frames: int = 8) -> str:
+    """The 4:2:0 chroma siting ("left" or "center") the decoder gives this video's frames, for the json of
+    a stream-copied clip (PyAV cannot read it): the first `frames` frames are converted both ways by
+    `finish.yuv_to_rgb` and compared with swscale's conversion (which reads the decoder's siting). "left"
+    (the MPEG-2/H.264 default) when the two cannot be told apart or the frames are not 8-bit 4:2:0."""
+    error = {"left": 0.0, "center": 0.0}
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.video[0]
+        if not _records_siting(data):
+            stream.codec_context.options = dict(DEFAULT_CHROMA_SITING)
+        for n, frame in enumerate(container.decode(stream)):
+            copier = _PlaneCopier("left")
+            try:
+                y, u, v = copier(frame)
+            except _NotRaw:
+                return "left"
+            ref = torch.from_numpy(_to_rgb(frame)).float().permute(2, 0, 1)
+            planes = [torch.from_numpy(p)[None, None] for p in (y, u, v)]
+            for siting in error:
+                colour = torch.tensor([[*copier.colour[:3], float(siting == "left")]])
+                error[siting] += float((yuv_to_rgb(*planes, colour)[0, :, 0] - ref).abs().sum())
+            if n + 1 >= frames:
+                break
+    return "center" if error["center"] < error["left"] else "left"
 
 
 def _to_rgb(frame: av.VideoFrame) -> np.ndarray:

@@ -86,7 +86,7 @@ from tqdm import tqdm
 
 from vaemo_dist.data import faces, storage
 from vaemo_dist.data.datasets import dataset_names, get_dataset
-from vaemo_dist.data.decode_pyav import _bmff_cut_short
+from vaemo_dist.data.decode_pyav import _bmff_cut_short, probe_siting
 from vaemo_dist.data.frames import frame_files, open_frames
 from vaemo_dist.data.shards import MANIFEST_NAME, ShardWriter
 from vaemo_dist.data.sources import MediaInput
@@ -452,8 +452,8 @@ def convert_clip(source: MediaInput, opts: ShardOptions,
         "audio_samples": n_audio, "width": width, "height": height, "codec": opts.codec,
         "source": source.path, "stream_copied": copy,
         # Re-encoded: what to_yuv420 makes (and the stream's tag says); stream-copied: the source's own,
-        # taken as the H.264 default (left) since PyAV cannot read it (DALI's GPU path corrects it).
-        "chroma_siting": "left" if copy else CHROMA_SITING,
+        # which PyAV cannot read, so found by converting its first frames both ways (probe_siting).
+        "chroma_siting": probe_siting(video) if copy else CHROMA_SITING,
     }
     if opts.keyint and not copy:  # the GOP bound this clip was encoded with (absent: encoder default)
         meta["keyint"] = opts.keyint
