@@ -464,7 +464,8 @@ def report(results: dict[str, Any], args: argparse.Namespace, argv: list[str] | 
     device_note = (
         " Finish `device`: the loader hands out uint8 frames and raw waveforms; its samples/s exclude "
         "the device's share (colour conversion, crop/resize, normalisation, log-mel in `Batch.to`), "
-        "timed apart here on this CPU core (`batch.to(\"cpu\")`; on a GPU it is negligible)."
+        "timed apart here on this CPU core (`batch.to(\"cpu\")`; on a GPU it is not measured yet: "
+        "benchmarks/device/finish_cost.py times it when one is lent)."
         if "device" in modes else " Finish `loader` only (this version has no `data.finish`).")
     lines = [
         args.section,
