@@ -30,7 +30,7 @@ echo "== 4. data supply at the base preset: short stage-1 runs on synthetic medi
 # default: workers only decode) at repeats 1 and 4, and data.finish=loader (workers preprocess) at 1.
 for run in device:1 device:4 loader:1; do
   f=${run%%:*}; r=${run##*:}
-  timeout 130 python3 launchers/stage1.py --config configs/stage1/base.yaml data.shards=synthetic \
+  timeout 110 python3 launchers/stage1.py --config configs/stage1/base.yaml data.shards=synthetic \
       data.synth.dir=/tmp/synth-base data.synth.clips=512 data.synth.clips_per_shard=32 data.synth.size=224 \
       data.num_workers=8 data.batch_size=32 data.repeats=$r data.finish=$f train.steps=15 train.zero_stage=1 \
       train.run_name=supply-$f-r$r train.out_dir=/tmp/runs eval.every=0 wandb.mode=disabled || status=1
