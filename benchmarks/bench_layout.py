@@ -1,12 +1,16 @@
 """Shard layout for decode speed: keyframe interval (GOP length) against the cost of decoding a window.
 
-    python benchmarks/bench_layout.py                  # print the table (~2-3 minutes)
+    python benchmarks/bench_layout.py                  # print the table (~3-4 minutes)
     python benchmarks/bench_layout.py --json out.json  # and write every figure
 
 Synthetic clips (vaemo_dist/data/synth.py, H.264 at 224x224, 25 fps) of each `--durations` are
-encoded with each `--keyints` (0: x264's default, 250; 1: all intra). For each, the centred window of
-the base preset (16 frames, stride 4: 61 frames span) is decoded two ways, side by side in one run
-on one pinned core (one torch thread):
+encoded with each `--keyints` (0: x264's default, 250; 1: all intra) and at each `--fps-div` k: a
+variant that stores every k-th frame (frames[::k]) at 25/k fps (k = 4: 6.25 fps, stream rate the exact
+fraction 25/4), keyints counted in stored frames. For each, the centred window of the base preset
+(16 frames, stride 4: 61 frames span) is decoded, on a k-variant as 16 frames at stride 4/k: the same
+instants up to the storage grid (the centred window of the stored frames may start up to k-1 source
+frames earlier; the table's "first" column gives the window's first frame in source frames). Two ways,
+side by side in one run on one pinned core (one torch thread):
 
 * today: from the clip's first frame up to the window's last (decode_pyav.decode_video_windows'
   loop), converting only the window's frames to RGB;
@@ -14,8 +18,10 @@ on one pinned core (one torch thread):
   same conversion.
 
 Both give the same frames (checked on every clip). Timings are the fastest of `--rounds` passes over
-all clips (the machine may be shared); per-clip rate = 1 / time per clip, on one core. Only video is
-decoded: the audio cost does not depend on the layout.
+all clips (the machine may be shared); per-clip rate = 1 / time per clip, on one core. "vs today" is a
+row's seek rate over the rate of its clip length's 25 fps default-GOP row decoded from the start (how
+shards are written and read today), measured in the same run: compare these ratios across machines,
+not the absolute times. Only video is decoded: the audio cost does not depend on the layout.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import os
 import platform
 import sys
 import time
+from fractions import Fraction
 from typing import Any
 
 import av
@@ -69,17 +76,33 @@ def decode_window(data: bytes, wanted: list[int], seek: bool) -> tuple[dict[int,
     return kept, decoded
 
 
-def encode_set(durations: list[float], keyints: list[int], clips: int, size: int
-               ) -> dict[tuple[float, int], list[bytes]]:
-    """{(duration, keyint): encoded clips}; each clip's raw frames are made once for all keyints."""
-    out: dict[tuple[float, int], list[bytes]] = {(d, k): [] for d in durations for k in keyints}
+def stored_rate(fps_div: int) -> Fraction:
+    """The stream rate of a variant keeping every `fps_div`-th frame of the 25 fps clip: exactly 25/k."""
+    return Fraction(synth.FPS, fps_div)
+
+
+def encode_set(durations: list[float], keyints: list[int], clips: int, size: int, fps_divs: list[int]
+               ) -> dict[tuple[float, int, int], list[bytes]]:
+    """{(duration, fps_div, keyint): encoded clips}; each clip's raw frames are made once for all
+    variants, and a `fps_div` k variant stores frames[::k] at 25/k fps."""
+    out: dict[tuple[float, int, int], list[bytes]] = {
+        (d, v, k): [] for d in durations for v in fps_divs for k in keyints}
     for d in durations:
         cfg = SynthConfig(size=size, duration=d, classes=4, clips=clips)
         for index, label in enumerate(synth.clip_labels(cfg)):
             frames, _ = synth.clip_media(cfg, index, label)
-            for k in keyints:
-                out[(d, k)].append(synth.encode_video(frames, synth.FPS, "h264", keyint=k))
+            for v in fps_divs:
+                for k in keyints:
+                    out[(d, v, k)].append(synth.encode_video(frames[::v], stored_rate(v),  # type: ignore[arg-type]
+                                                             "h264", keyint=k))
     return out
+
+
+def source_window(total: int, frames: int, stride: int, fps_div: int) -> list[int]:
+    """The window a `fps_div` variant of a `total`-frame 25 fps clip decodes, in source frame indices:
+    the centred window of 16 frames at stride/k over its ceil(total / k) stored frames, times k."""
+    stored = -(-total // fps_div)
+    return [i * fps_div for i in window_indices(stored, frames, stride // fps_div)]
 
 
 def measure(clips: list[bytes], frames: int, stride: int, rounds: int) -> dict[str, Any]:
@@ -115,19 +138,31 @@ def measure(clips: list[bytes], frames: int, stride: int, rounds: int) -> dict[s
     }
 
 
-def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| clip | keyint | KiB/clip | frames decoded today / seek | ms/clip today | ms/clip seek | "
-             "clips/s/core today | clips/s/core seek | seek speed-up |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+def vs_today(row: dict[str, Any], rows: list[dict[str, Any]]) -> float | None:
+    """The row's seek rate over the rate of its clip length's 25 fps default-GOP row decoded from the
+    start (shards as written and read today), or None when `rows` has no such row."""
+    for r in rows:
+        if r["duration"] == row["duration"] and r.get("fps_div", 1) == 1 and r["keyint"] == 0:
+            return row["clips_per_s_per_core_seek"] / r["clips_per_s_per_core_today"]
+    return None
+
+
+def table(rows: list[dict[str, Any]], all_rows: list[dict[str, Any]] | None = None) -> str:
+    """Markdown table of `rows`; "vs today" looks for its baseline among `all_rows` (default: `rows`)."""
+    lines = ["| clip | fps | keyint | first | KiB/clip | frames decoded today / seek | ms/clip today | "
+             "ms/clip seek | clips/s/core today | clips/s/core seek | seek speed-up | vs today |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         keyint = {0: "default (250)", 1: "1 (all intra)"}.get(r["keyint"], str(r["keyint"]))
         clip = f"{r['duration']:g} s ({r['frames_per_clip']} fr)"
+        ratio = vs_today(r, rows if all_rows is None else all_rows)
         lines.append(
-            f"| {clip} | {keyint} | {r['bytes_per_clip'] / 1024:.1f} | "
+            f"| {clip} | {r.get('fps', 25):g} | {keyint} | {r.get('window_first_source', r['window_first'])} | "
+            f"{r['bytes_per_clip'] / 1024:.1f} | "
             f"{r['decoded_per_clip_today']:.0f} / {r['decoded_per_clip_seek']:.0f} | "
             f"{r['ms_per_clip_today']:.2f} | {r['ms_per_clip_seek']:.2f} | "
             f"{r['clips_per_s_per_core_today']:.0f} | {r['clips_per_s_per_core_seek']:.0f} | "
-            f"{r['speedup']:.2f}x |")
+            f"{r['speedup']:.2f}x | {'-' if ratio is None else f'{ratio:.2f}x'} |")
     return "\n".join(lines)
 
 
@@ -139,32 +174,51 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=224, help="stored frame side")
     p.add_argument("--frames", type=int, default=16, help="window frames (base preset: 16)")
     p.add_argument("--stride", type=int, default=4, help="window stride (base preset: 4)")
+    p.add_argument("--fps-div", default="1,4",
+                   help="frame-rate variants: k stores every k-th frame at 25/k fps (k must divide --stride)")
     p.add_argument("--rounds", type=int, default=5, help="timed passes; the fastest counts")
     p.add_argument("--cpu", type=int, default=None, help="the CPU to pin to (default: the first allowed)")
     p.add_argument("--json", default="", help="write every figure to this file")
     args = p.parse_args(argv)
     durations = [float(x) for x in args.durations.split(",")]
     keyints = [int(x) for x in args.keyints.split(",")]
+    try:
+        fps_divs = [int(x) for x in args.fps_div.split(",")]
+    except ValueError:
+        p.error(f"--fps-div takes comma-separated integers, got {args.fps_div!r}")
     if args.clips < 1 or args.rounds < 1 or min(keyints) < 0 or args.size % 2:
         p.error("--clips and --rounds >= 1, --keyints >= 0, --size even")
+    if args.stride < 1 or any(v < 1 or args.stride % v for v in fps_divs):
+        p.error(f"--fps-div values must be >= 1 and divide --stride {args.stride} (the window keeps its "
+                f"instants at stride / k), got {args.fps_div!r}")
     cpu = pin(args.cpu)
     start = time.perf_counter()
-    encoded = encode_set(durations, keyints, args.clips, args.size)
+    encoded = encode_set(durations, keyints, args.clips, args.size, fps_divs)
     encode_s = time.perf_counter() - start
     rows = []
     for d in durations:
-        for k in keyints:
-            rows.append({"duration": d, "keyint": k, **measure(encoded[(d, k)], args.frames, args.stride,
-                                                              args.rounds)})
+        for v in fps_divs:
+            for k in keyints:
+                row = measure(encoded[(d, v, k)], args.frames, args.stride // v, args.rounds)
+                # Where the window sits in source frames, beside the full-rate window of the same clip.
+                total = round(d * synth.FPS)
+                src = source_window(total, args.frames, args.stride, v)
+                full = window_indices(total, args.frames, args.stride)
+                if row["window_first"] * v != src[0]:
+                    raise AssertionError(f"stored window {row['window_first']} is not source frame {src[0]}")
+                rows.append({"duration": d, "fps_div": v, "fps": float(stored_rate(v)), "keyint": k,
+                             "window_first_source": src[0], "window_offset_source": src[0] - full[0],
+                             **row})
     print(table(rows))
     meta = {"cpu": cpu, "machine": platform.processor() or platform.machine(),
             "python": platform.python_version(), "pyav": av.__version__,
             "libavcodec": av.library_versions.get("libavcodec"), "clips": args.clips, "size": args.size,
-            "window": {"frames": args.frames, "stride": args.stride}, "rounds": args.rounds,
+            "window": {"frames": args.frames, "stride": args.stride}, "fps_div": fps_divs,
+            "rounds": args.rounds,
             "encode_s": encode_s, "total_s": time.perf_counter() - start}
-    print(f"\n{args.clips} synthetic clips per row, H.264 {args.size}x{args.size} 25 fps "
-          "(x264 veryfast crf 23); "
-          f"window {args.frames} frames stride {args.stride}, centred; one core (CPU {cpu}), fastest of "
+    print(f"\n{args.clips} synthetic clips per row, H.264 {args.size}x{args.size} at 25/k fps "
+          f"(k in {fps_divs}; x264 veryfast crf 23, keyint in stored frames); "
+          f"window {args.frames} frames stride {args.stride}/k, centred; one core (CPU {cpu}), fastest of "
           f"{args.rounds} passes; {meta['total_s']:.0f} s in all", file=sys.stderr)
     if args.json:
         with open(args.json, "w") as f:
