@@ -8,6 +8,7 @@ from fractions import Fraction
 import av
 import numpy as np
 import pytest
+import torch
 import webdataset as wds
 
 from vaemo_dist.config import Config, SynthConfig, validate
@@ -229,3 +230,42 @@ def test_synthetic_corpus_keyint(tmp_path):
     bad.data.synth.keyint = -1
     with pytest.raises(ValueError, match="keyint"):
         validate(bad)
+
+
+@pytest.mark.parametrize("raw", [False, True])
+def test_the_loader_decode_seeks_into_long_clips_and_gives_what_a_full_decode_gives(monkeypatch, raw):
+    # A 4.8 s clip with a keyframe every 12 frames: the centred window starts past 1 s, so decode_pyav
+    # starts at the keyframe before it; the clip it makes must equal one decoded from frame 0.
+    from vaemo_dist.config import InputConfig
+    from vaemo_dist.data import decode_pyav
+    from vaemo_dist.data.synth import encode_audio, synth_audio
+
+    rng = np.random.default_rng(5)
+    frames = moving_frames(120, 48)
+    wave, _ = synth_audio(1, 4, int(120 / 25 * 16000), rng)
+    meta = {"frames": 120, "fps": 25, "duration": 4.8, "label": 1, "chroma_siting": "center"}
+    sample = {"__key__": "long", "mp4": encode(frames, "h264", "mp4", keyint=12),
+              "flac": encode_audio(wave, 16000), "json": json.dumps(meta).encode()}
+    inputs = InputConfig()
+    inputs.video.frames, inputs.video.stride, inputs.video.size = 4, 3, 32
+    inputs.audio.frames = 32
+    starts = []
+    real = decode_pyav.frames_from
+
+    def spy(container, stream, first, fps):
+        for index, frame in real(container, stream, first, fps):
+            starts.append(index)
+            yield index, frame
+
+    monkeypatch.setattr(decode_pyav, "frames_from", spy)
+    seeked = decode_pyav.decode_repeats(sample, inputs, None, 2, raw=raw)
+    assert starts and 25 <= starts[0] <= seeked[0].meta["frame_indices"][0]  # began at a later keyframe
+    monkeypatch.setattr(decode_pyav, "SEEK_FROM_S", 1e9)  # never seek: decode from frame 0
+    full = decode_pyav.decode_repeats(sample, inputs, None, 2, raw=raw)
+    for a, b in zip(seeked, full, strict=True):
+        assert a.meta == b.meta
+        if raw:
+            assert all(torch.equal(x, y) for x, y in zip(a.raw.y + a.raw.u, b.raw.y + b.raw.u, strict=True))
+            assert torch.equal(a.raw.wave, b.raw.wave)
+        else:
+            assert torch.equal(a.video, b.video) and torch.equal(a.audio, b.audio)

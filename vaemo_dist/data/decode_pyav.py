@@ -67,10 +67,10 @@ DEFAULT_CHROMA_SITING = {"chroma_sample_location": "left"}
 _EBML_MAGIC, _MKV_CLUSTER = b"\x1a\x45\xdf\xa3", b"\x1f\x43\xb6\x75"
 _MKV_CHROMA_SITING = (b"\x55\xb7", b"\x55\xb8")  # ChromaSitingHorz, ChromaSitingVert element ids
 NO_LIMITS = DecodeLimits()
-# Windows starting before this frame are decoded from the clip's start: seeking could save at most this
-# many frames (~3 ms at 224 px), and proving a seek first reads every packet of the stream (~0.3 ms for
-# 80 frames), so it pays only further in (long clips, vaemo-shard --keyint).
-SEEK_FROM_FRAME = 25
+# Windows starting less than this many seconds into a clip are decoded from its start: seeking could save
+# at most a second of frames (~3 ms at 224 px and 25 fps), and proving a seek first reads every packet of
+# the stream (~0.3 ms for 80 frames), so it pays only further in (long clips, vaemo-shard --keyint).
+SEEK_FROM_S = 1.0
 # Top-level box types of ISO BMFF files (mp4, mov, m4a): used to tell a cut-short mp4 from garbage.
 _BMFF_TOP_BOXES = frozenset({b"ftyp", b"styp", b"moov", b"mdat", b"moof", b"mfra", b"free", b"skip", b"wide",
                              b"pnot", b"uuid", b"sidx", b"meta", b"pdin", b"prft", b"emsg"})
@@ -469,7 +469,7 @@ def _decode_av_frames(key: str, data: bytes, cfg: VideoInput, promised: int | No
             # timestamps allow it (seek.frames_from; shards written with vaemo-shard --keyint), else from
             # the start; `index` is always the frame's place in a decode from the start.
             first = min(wanted) if wanted else 0
-            frames = frames_from(container, stream, first, fps) if first >= SEEK_FROM_FRAME else \
+            frames = frames_from(container, stream, first, fps) if first >= SEEK_FROM_S * fps else \
                 enumerate(container.decode(stream))
             for index, frame in frames:
                 if wanted is None or index in wanted:
