@@ -1,6 +1,6 @@
 """Shard layout for decode speed: keyframe interval (GOP length) against the cost of decoding a window.
 
-    python benchmarks/bench_layout.py                  # print the table (~3-4 minutes)
+    python benchmarks/bench_layout.py                  # print the table (~2-3 minutes)
     python benchmarks/bench_layout.py --json out.json  # and write every figure
 
 Synthetic clips (vaemo_dist/data/synth.py, H.264 at 224x224, 25 fps) of each `--durations` are
@@ -157,7 +157,8 @@ def table(rows: list[dict[str, Any]], all_rows: list[dict[str, Any]] | None = No
         clip = f"{r['duration']:g} s ({r['frames_per_clip']} fr)"
         ratio = vs_today(r, rows if all_rows is None else all_rows)
         lines.append(
-            f"| {clip} | {r.get('fps', 25):g} | {keyint} | {r.get('window_first_source', r['window_first'])} | "
+            f"| {clip} | {r.get('fps', 25):g} | {keyint} | {r.get('window_first_source', r['window_first'])} "
+            "| "
             f"{r['bytes_per_clip'] / 1024:.1f} | "
             f"{r['decoded_per_clip_today']:.0f} / {r['decoded_per_clip_seek']:.0f} | "
             f"{r['ms_per_clip_today']:.2f} | {r['ms_per_clip_seek']:.2f} | "
