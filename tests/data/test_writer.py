@@ -5,7 +5,10 @@ import json
 import os
 import tarfile
 import time
+from fractions import Fraction
 
+import av
+import numpy as np
 import pytest
 import webdataset as wds
 
@@ -14,7 +17,7 @@ from vaemo_dist.data.decode_pyav import decode_sample
 from vaemo_dist.data.shards import expand_shards
 from vaemo_dist.data.sources import media_inputs
 from vaemo_dist.data.synth import write_media_file
-from vaemo_dist.data.writer import main
+from vaemo_dist.data.writer import ShardOptions, fps_json, main, parse_fps
 from vaemo_dist.fsutil import OWNER_FILE
 
 INPUTS = InputConfig()
@@ -413,3 +416,70 @@ def test_an_unwritable_remote_out_is_refused_before_any_conversion(media, tmp_pa
         with tarfile.open(fileobj=io.BytesIO(shard)) as tar:
             metas = [json.loads(tar.extractfile(m).read()) for m in tar if m.name.endswith(".json")]
         assert [(m["label"], m["class_name"]) for m in metas] == [(0, "happy")]
+
+
+# --------------------------------------------------------------------------------------------
+# Fractional --fps: quarter-rate shards (every 4th frame of a 25 fps source)
+
+
+@pytest.mark.parametrize("text, rate", [
+    ("25", Fraction(25)), ("25/4", Fraction(25, 4)), ("6.25", Fraction(25, 4)), ("12.5", Fraction(25, 2)),
+    ("25.0", Fraction(25)), ("29.97", Fraction(30000, 1001)), ("23.976", Fraction(24000, 1001)),
+    ("59.94", Fraction(60000, 1001)), ("30000/1001", Fraction(30000, 1001)), ("29.9", Fraction(299, 10))])
+def test_parse_fps_reads_whole_numbers_fractions_and_decimals(text, rate):
+    assert parse_fps(text) == rate and isinstance(parse_fps(text), Fraction)
+    assert ShardOptions(fps=text).fps == rate  # the options read what they are given the same way
+
+
+def test_integer_fps_is_written_as_an_int_and_others_as_a_float():
+    assert ShardOptions().fps == 25 and ShardOptions(fps=30).fps == Fraction(30)
+    assert fps_json(ShardOptions().fps) == 25 and isinstance(fps_json(ShardOptions().fps), int)
+    assert fps_json(Fraction(25, 4)) == 6.25 and isinstance(fps_json(Fraction(25, 4)), float)
+    assert ShardOptions(fps="25/4").to_json()["fps"] == 6.25 and ShardOptions().to_json()["fps"] == 25
+
+
+@pytest.mark.parametrize("bad", ["0", "-5", "0/4", "abc", "1/0", "inf", "nan", "", "25/", "5000"])
+def test_a_bad_fps_is_refused_by_argparse_before_any_work(bad, media, tmp_path, capsys):
+    out = tmp_path / "never"
+    with pytest.raises(SystemExit) as e:
+        main([str(media), "--out", str(out), "--fps", bad, "--no-progress"])
+    assert e.value.code == 2 and not out.exists()
+    assert "argument --fps: frame rate" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="frame rate"):
+        ShardOptions(fps=bad)
+
+
+def rgb_frames(data: bytes) -> list:
+    with av.open(io.BytesIO(data)) as c:
+        return [f.to_ndarray(format="rgb24").astype(int) for f in c.decode(video=0)]
+
+
+def test_quarter_rate_shards_store_every_4th_frame_and_decode_at_stride_1(tmp_path):
+    (tmp_path / "in").mkdir()
+    src = write_media_file(tmp_path / "in" / "q.mp4", seconds=3.0, width=64, height=48)
+    out = tmp_path / "shards"
+    assert main([str(src.parent), "--out", str(out), "--fps", "25/4", "--size", "0", "--workers", "1",
+                 "--no-progress"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["options"]["fps"] == 6.25
+    (s,) = samples(out)
+    meta = json.loads(s["json"])
+    # 75 source frames over 3 s -> one stored frame per 4/25 s, as many as cover the 3 s: round(18.75).
+    assert meta["fps"] == 6.25 and meta["frames"] == 19 and abs(meta["duration"] - 3.0) <= 0.05
+    assert meta["stream_copied"] is False
+    with av.open(io.BytesIO(s["mp4"])) as c:
+        assert Fraction(c.streams.video[0].average_rate) == Fraction(25, 4)
+    stored, source = rgb_frames(s["mp4"]), rgb_frames(src.read_bytes())
+    assert len(stored) == 19 and len(source) == 75
+    # Independent reference: stored frame n is source frame 4n (nearest of all 75 source frames).
+    nearest = [int(np.argmin([np.abs(f - g).mean() for g in source])) for f in stored]
+    assert nearest == [4 * n for n in range(19)]
+    # The base window (16 frames, 4 source frames apart) is 16 consecutive stored frames: stride 1.
+    inputs = InputConfig()
+    inputs.video.frames, inputs.video.stride, inputs.video.size = 16, 1, 32
+    inputs.audio.frames = 64
+    clip = decode_sample(s, inputs)
+    assert clip.video.shape == (3, 16, 32, 32)
+    idx = clip.meta["frame_indices"]
+    assert idx == list(range(idx[0], idx[0] + 16)) and 0 <= idx[0] <= 3
+    assert clip.meta["fps"] == 6.25

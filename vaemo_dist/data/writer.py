@@ -16,7 +16,8 @@ names, folds, protocol) and keeps the adapter's label order in `class_names` (al
 indices are the dataset's own); `<out>/folds.csv` (key,fold) lists the accepted clips' test folds.
 
 Each usable clip becomes three tar members under one key:
-* `<key>.mp4`: H.264, video only, `--fps` frames per second, short side `--size` (yuv420p). An H.264
+* `<key>.mp4`: H.264, video only, `--fps` frames per second (a whole number, a fraction such as 25/4, or
+  a decimal such as 6.25 or 29.97: parse_fps), short side `--size` (yuv420p). An H.264
   source that already conforms is stream-copied (no quality loss, no encode time); anything else is
   re-encoded, with frame-rate conversion by repeating/dropping frames on the source timestamps.
   `--codec vp9` writes `<key>.webm` (VP9) instead: what DALI can decode without a GPU. `--keyint N`
@@ -120,10 +121,43 @@ def _cut_short(path: str) -> bool:
         return False
 
 
+MAX_FPS = 1000  # a rate above this is refused (a typo, not a video rate; the encoders' rationals are 32-bit)
+
+
+def parse_fps(value: str | float | Fraction) -> Fraction:
+    """A frame rate as an exact fraction: `25`, `25/4`, `6.25` (-> 25/4), `Fraction(25, 4)`.
+
+    A decimal is read as the fraction it writes, except one that names a 1000/1001 rate to the digits
+    given (29.97 -> 30000/1001, 23.976 -> 24000/1001, 59.94 -> 60000/1001), the rates such sources
+    carry; the denominator is limited to 1001. Raises ValueError for anything unparsable, <= 0 or above
+    MAX_FPS."""
+    text = str(value).strip()
+    try:
+        rate = Fraction(value) if isinstance(value, (int, Fraction)) else Fraction(text)
+    except (ValueError, ZeroDivisionError, OverflowError):
+        raise ValueError(f"frame rate {text!r} is not a number or a fraction such as 25/4") from None
+    if rate.denominator != 1 and "/" not in text and "." in text and "e" not in text.lower():
+        places = len(text.partition(".")[2])
+        ntsc = Fraction(round(rate * Fraction(1001, 1000)) * 1000, 1001)
+        if ntsc.denominator != 1 and abs(ntsc - rate) < Fraction(1, 2 * 10 ** places):
+            rate = ntsc
+    rate = rate.limit_denominator(1001)
+    if not 0 < rate <= MAX_FPS:
+        raise ValueError(f"frame rate {text!r} must be > 0 and <= {MAX_FPS}")
+    return rate
+
+
+def fps_json(fps: Fraction | int) -> int | float:
+    """A rate as the json says it: a whole number as an int (25, as always), else a float (6.25)."""
+    return int(fps) if Fraction(fps).denominator == 1 else float(fps)
+
+
 @dataclass(frozen=True)
 class ShardOptions:
     size: int = 224  # short side in pixels; 0 keeps the source size (rounded down to even)
-    fps: int = 25
+    # Frames per second of the shards' video, exact (25/4: every 4th frame of a 25 fps source). An int,
+    # float or str given here is read by parse_fps.
+    fps: Fraction = Fraction(25)
     codec: str = "h264"
     crf: int = 23  # encoder quality (lower is better)
     preset: str = "veryfast"  # x264 preset
@@ -142,6 +176,14 @@ class ShardOptions:
     face_stride: int = 5  # detect on every n-th output frame; interpolated and smoothed between
     face_detector: str = "opencv-haar"  # a name in faces.DETECTORS
     boxes: str = ""  # user boxes (faces.load_boxes) instead of the detector
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.fps, Fraction) or self.fps.denominator > 1001 or not 0 < self.fps <= MAX_FPS:
+            object.__setattr__(self, "fps", parse_fps(self.fps))
+
+    def to_json(self) -> dict[str, Any]:
+        """The options as manifest.json records them (`fps` as fps_json says)."""
+        return {**asdict(self), "fps": fps_json(self.fps)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,7 +290,7 @@ def encode_video(path: str, opts: ShardOptions, fps: float = 0.0, *, key: str = 
     encoder, fmt, _ = CODECS[opts.codec]
     buf = io.BytesIO()
     written, start = 0, None
-    with open_frames(path, fps, fallback=opts.fps) as src, \
+    with open_frames(path, fps, fallback=float(opts.fps)) as src, \
             av.open(buf, "w", format=fmt, options=BITEXACT) as dst:
         src_rate = src.rate
         width, height = _target_size(src.width, src.height, opts.size)
@@ -275,25 +317,26 @@ def encode_video(path: str, opts: ShardOptions, fps: float = 0.0, *, key: str = 
                 return
             # Into the tagged matrix, range and siting whatever the source's (a BT.709 or full-range source).
             out = to_yuv420(frame, width, height)
-            out.pts, out.time_base = written, Fraction(1, opts.fps)  # our own clock, not the source's
+            out.pts, out.time_base = written, 1 / opts.fps  # our own clock, not the source's
             dst.mux(outs.encode(out))
             written += 1
 
         # Output frame n shows the newest source frame that started at or before n / fps.
+        rate = float(opts.fps)  # the comparisons below in floats, as they always were
         held: av.VideoFrame | None = None
         last_t = 0.0
         for i, frame in enumerate(src.frames):
             t = frame.time if frame.time is not None else i / src_rate
             start = t if start is None else start
             t -= start
-            while held is not None and written / opts.fps < t - 1e-6:
+            while held is not None and written / rate < t - 1e-6:
                 emit(held)
             held, last_t = frame, t
         if held is not None:
             # The clip lasts until the last source frame's period ends; the nearest whole number of
             # output frames covers it (29.97 fps for 2.002 s -> 50 frames at 25 fps, not 51).
             end = last_t + 1.0 / src_rate
-            while written < round(end * opts.fps):
+            while written < round(end * rate):
                 emit(held)
         if opts.face_crop and shown:
             track = _face_track(shown, opts, key, path)
@@ -302,7 +345,7 @@ def encode_video(path: str, opts: ShardOptions, fps: float = 0.0, *, key: str = 
             for n, frame in enumerate(shown):
                 crop = faces.crop_square(frame.to_ndarray(format="rgb24"), track.boxes[n])
                 out = to_yuv420(av.VideoFrame.from_ndarray(crop, format="rgb24"), width, height)
-                out.pts, out.time_base = n, Fraction(1, opts.fps)
+                out.pts, out.time_base = n, 1 / opts.fps
                 dst.mux(outs.encode(out))
         dst.mux(outs.encode())
     return buf.getvalue(), written, start or 0.0, width, height
@@ -435,7 +478,7 @@ def convert_clip(source: MediaInput, opts: ShardOptions,
                                                                  key=source.key, info=extra)
         if frames == 0:
             raise Skip("video track has no decodable frames", "corrupt")
-        duration = frames / opts.fps
+        duration = frames / float(opts.fps)
         if duration < opts.min_duration:
             raise Skip(f"too short: {duration:.2f}s < {opts.min_duration}s", "too_short")
         audio, n_audio = _encode_audio(source.audio or source.path, 0.0 if source.audio else v_start, opts)
@@ -448,7 +491,7 @@ def convert_clip(source: MediaInput, opts: ShardOptions,
                    "truncated")
 
     meta: dict[str, Any] = {
-        "frames": frames, "fps": opts.fps, "duration": duration, "sample_rate": opts.sample_rate,
+        "frames": frames, "fps": fps_json(opts.fps), "duration": duration, "sample_rate": opts.sample_rate,
         "audio_samples": n_audio, "width": width, "height": height, "codec": opts.codec,
         "source": source.path, "stream_copied": copy,
         # Re-encoded: what to_yuv420 makes (and the stream's tag says); stream-copied: the source's own,
@@ -650,7 +693,7 @@ def write_shards(sources: list[MediaInput], out: str, opts: ShardOptions = Shard
         "audio_ext": "flac",
         "codec": opts.codec,
         "shuffle_seed": opts.shuffle_seed,  # None: shards in input order
-        "options": asdict(opts),
+        "options": opts.to_json(),
     }
     if class_names:
         manifest["class_names"] = class_names  # the accepted clips' names, label i = class_names[i]
@@ -669,6 +712,14 @@ def write_shards(sources: list[MediaInput], out: str, opts: ShardOptions = Shard
 
 # --------------------------------------------------------------------------------------------
 # Command line (registered as `vaemo-shard`)
+
+
+def fps_arg(text: str) -> Fraction:
+    """`--fps`: parse_fps, its refusal said through argparse (usage, the message, exit 2)."""
+    try:
+        return parse_fps(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
@@ -697,7 +748,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true",
                    help="if --out holds anything, move it aside to <out>.old-<timestamp> (never deleted)")
     p.add_argument("--size", type=int, default=d.size, help="short side in pixels, 0 keeps it")
-    p.add_argument("--fps", type=int, default=d.fps, help="frames per second of the shards' video")
+    p.add_argument("--fps", type=fps_arg, default=d.fps,
+                   help="frames per second of the shards' video: a whole number, a fraction (25/4: every 4th "
+                        "frame of a 25 fps source) or a decimal (6.25; 29.97 is read as 30000/1001)")
     p.add_argument("--codec", choices=sorted(CODECS), default=d.codec, help="video codec of the shards")
     p.add_argument("--crf", type=int, default=d.crf, help="encoder quality, lower is better")
     p.add_argument("--keyint", type=int, default=d.keyint,
@@ -729,8 +782,8 @@ def main(argv: list[str] | None = None) -> int:
                         "VoxCeleb txt tracks (a file or folder; see vaemo_dist/data/faces.py load_boxes); "
                         "needs --face-crop")
     args = p.parse_args(argv)
-    if args.clips_per_shard < 1 or args.fps < 1 or args.size < 0 or args.keyint < 0:
-        p.error("--clips-per-shard and --fps must be >= 1, --size and --keyint >= 0")
+    if args.clips_per_shard < 1 or args.size < 0 or args.keyint < 0:  # --fps: checked by fps_arg
+        p.error("--clips-per-shard must be >= 1, --size and --keyint >= 0")
     if args.face_crop and (args.size < 2 or args.face_stride < 1 or args.face_margin < 0):
         p.error("--face-crop needs --size >= 2, --face-stride >= 1 and --face-margin >= 0")
     if args.boxes and not args.face_crop:
