@@ -57,6 +57,7 @@ import logging
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -625,13 +626,13 @@ def record_sample(record: Any, inputs: Any) -> dict[str, Any]:
 def at_training_size(sample: dict[str, Any], size: int) -> dict[str, Any]:
     """`sample` with its video re-encoded once so that its short side is `size` (the export's
     inputs.video.size), when it is larger: by the shard writer's encoder (vaemo_dist/data/writer.py),
-    at the video's own frame rate rounded to whole frames per second, with the json's frames / fps /
-    duration / width / height updated. The training decoder then crops and never shrinks. A video at
-    or below `size` is returned as it is (no quality lost, no time spent)."""
+    at the video's own frame rate (exactly: 29.97 stays 29.97, a quarter-rate 6.25 stays 6.25), with the
+    json's frames / fps / duration / width / height updated. The training decoder then crops and never
+    shrinks. A video at or below `size` is returned as it is (no quality lost, no time spent)."""
     import av
 
     from vaemo_dist.data.media import VIDEO_FIELDS
-    from vaemo_dist.data.writer import ShardOptions, encode_video
+    from vaemo_dist.data.writer import ShardOptions, encode_video, fps_json
 
     field = next((f for f in VIDEO_FIELDS if sample.get(f)), None)
     if field is None:
@@ -645,7 +646,7 @@ def at_training_size(sample: dict[str, Any], size: int) -> dict[str, Any]:
         rate = stream.average_rate or stream.guessed_rate
     if min(width, height) <= size:
         return sample
-    fps = max(1, round(float(rate))) if rate else 25
+    fps = Fraction(rate) if rate else Fraction(25)  # exact: a 6.25 fps (quarter-rate) clip stays 6.25
     opts = ShardOptions(size=size, fps=fps)
     import tempfile
 
@@ -655,8 +656,8 @@ def at_training_size(sample: dict[str, Any], size: int) -> dict[str, Any]:
         tmp.flush()
         video, frames, _, new_width, new_height = encode_video(tmp.name, opts)
     meta = json.loads(bytes(sample.get("json") or b"{}").decode("utf-8"))
-    meta.update(frames=frames, fps=fps, duration=frames / fps, width=new_width, height=new_height,
-                resized_from=[width, height])
+    meta.update(frames=frames, fps=fps_json(fps), duration=float(frames / fps), width=new_width,
+                height=new_height, resized_from=[width, height])
     resized = {k: v for k, v in sample.items() if k not in VIDEO_FIELDS}
     resized.update(mp4=video, json=json.dumps(meta).encode())
     return resized
