@@ -235,6 +235,7 @@ def test_resolve_finish():
     assert resolve_finish("auto", "pyav", cuda=False) == "loader"
     assert resolve_finish("auto", "dali", cuda=True) == "loader"
     assert resolve_finish("device", "pyav", cuda=False) == "device"
+    assert resolve_finish("device", "dali", cuda=True) == "loader"  # DALI finishes in its own pipeline
     with pytest.raises(ValueError, match="data.finish"):
         resolve_finish("gpu", "pyav", cuda=True)
 

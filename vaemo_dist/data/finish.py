@@ -44,8 +44,10 @@ def resolve_finish(mode: str, decoder: str, cuda: bool) -> str:
     finishes on its own), else the loader."""
     if mode not in FINISH_MODES:
         raise ValueError(f"data.finish: unknown mode {mode!r}; choose one of {list(FINISH_MODES)}")
+    if decoder != "pyav":  # DALI decodes and finishes in its own pipeline (on the GPU when there is one)
+        return "loader"
     if mode == "auto":
-        return "device" if cuda and decoder == "pyav" else "loader"
+        return "device" if cuda else "loader"
     return mode
 
 

@@ -560,7 +560,9 @@ def describe_loader(data: DataConfig, n_urls: int) -> str:
     """One line on where batches come from and how they are made, for the run's log."""
     decoder = resolve_decoder(data.decoder)
     finish = resolve_finish(data.finish, decoder, torch.cuda.is_available())
-    where = "the trainer's device" if finish == "device" else "the loader workers"
+    where = {"device": "the trainer's device", "loader": "the loader workers"}[finish]
+    if decoder == "dali":
+        where, finish = "DALI's pipeline (GPU if present)", "n/a with DALI"
     jitter = f", crop jitter {data.crop_jitter:g}" if data.crop_jitter > 0 and data.repeats > 1 else ""
     return (f"{storage.redact(data.shards)} ({n_urls} shards), decoder {decoder}, preprocessing on {where} "
             f"(data.finish={finish}), {max(1, data.num_workers)} workers x batch {data.batch_size}, "
