@@ -357,3 +357,27 @@ def test_vaemo_shard_records_the_siting_of_stream_copied_clips(tmp_path):
         assert raw.raw is not None
         diff = pixel_diff(raw.finished(inputs).video, decode_sample(s, inputs).video, inputs)
         assert float(diff.max()) <= 1.0 + 1e-4, (meta["chroma_siting"], float(diff.max()))
+
+
+def test_vaemo_shard_workers_do_not_hang_after_the_parent_ran_torch(tmp_path):
+    # Stream-copied clips are probed with torch (probe_siting) inside vaemo-shard's forked workers. A
+    # child forked after its parent ran multi-threaded torch hangs in the OpenMP pool unless it runs torch
+    # on one thread (writer.one_torch_thread): a separate process, so a regression fails here by timeout.
+    import subprocess
+    import sys
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(2):
+        mp4_with_audio(src / f"spk{i}_left.mp4", "left")
+    script = (
+        "import sys, torch, torch.nn.functional as F\n"
+        "torch.set_num_threads(2)\n"
+        "F.interpolate(torch.rand(8, 32, 224, 224), scale_factor=2.0, mode='bilinear')\n"
+        "from vaemo_dist.data.writer import main\n"
+        f"sys.exit(main([{str(src)!r}, '--out', {str(tmp_path / 'out')!r}, '--size', '48', '--workers', '2',"
+        " '--no-progress']))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(list((tmp_path / "out").glob("shard-*.tar"))) >= 1

@@ -553,13 +553,23 @@ class Report:
         return dict(Counter(s["kind"] for s in self.skipped))
 
 
+def one_torch_thread() -> None:
+    """A forked worker's start: torch on one thread. The parallelism comes from the worker processes,
+    and a child forked after its parent ran multi-threaded torch hangs if it enters the OpenMP pool it
+    inherited (measured: vaemo-shard's probe of stream-copied clips, run from a process that had used
+    torch, e.g. a test or a notebook)."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def _results(jobs: list[tuple[MediaInput, ShardOptions, dict[str, int]]],
              workers: int) -> Iterator[dict[str, Any] | tuple[str, str]]:
     if workers <= 1:
         yield from map(_job, jobs)
         return
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=one_torch_thread) as pool:
         yield from pool.map(_job, jobs)  # in input order: shards do not depend on `workers`
 
 

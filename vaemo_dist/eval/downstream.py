@@ -686,8 +686,11 @@ def _ordered_map(fn: Any, items: Iterable[Any], workers: int) -> Iterator[Any]:
     from collections import deque
     from concurrent.futures import ProcessPoolExecutor
 
+    from vaemo_dist.data.writer import one_torch_thread
+
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+    # Forked from a process that has run torch: the workers must not enter its OpenMP pool.
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=one_torch_thread) as pool:
         pending: deque[Any] = deque()
         for item in items:
             pending.append(pool.submit(fn, item))
