@@ -30,7 +30,6 @@ import io
 import json
 import logging
 from collections.abc import Callable
-from functools import lru_cache
 from typing import Any, TypeVar
 
 import av
@@ -40,7 +39,7 @@ import torch.nn.functional as F
 
 from vaemo_dist.config import AudioInput, InputConfig, VideoInput
 from vaemo_dist.data.audio import fit_length, log_mels, mel_spec_params, normalise_log_mel
-from vaemo_dist.data.finish import MATRICES, RAW_PIXEL_FORMATS, SITINGS, RawClip, yuv_to_rgb
+from vaemo_dist.data.finish import MATRICES, RAW_PIXEL_FORMATS, SITINGS, RawClip, normalisation, yuv_to_rgb
 from vaemo_dist.data.media import AUDIO_FIELDS, VIDEO_FIELDS
 from vaemo_dist.data.seek import frames_from
 from vaemo_dist.data.timeout import DeadlineExceeded, deadline
@@ -66,7 +65,6 @@ RGB_CONVERSION = _SWS.BILINEAR | _SWS.FULL_CHR_H_INT | _SWS.ACCURATE_RND
 DEFAULT_CHROMA_SITING = {"chroma_sample_location": "left"}
 _EBML_MAGIC, _MKV_CLUSTER = b"\x1a\x45\xdf\xa3", b"\x1f\x43\xb6\x75"
 _MKV_CHROMA_SITING = (b"\x55\xb7", b"\x55\xb8")  # ChromaSitingHorz, ChromaSitingVert element ids
-NO_LIMITS = DecodeLimits()
 # Windows starting less than this many seconds into a clip are decoded from its start: seeking could save
 # at most a second of frames (~3 ms at 224 px and 25 fps), and proving a seek first reads every packet of
 # the stream (~0.3 ms for 80 frames), so it pays only further in (long clips, vaemo-shard --keyint).
@@ -513,14 +511,6 @@ def _decode_av_frames(key: str, data: bytes, cfg: VideoInput, promised: int | No
     return kept, windows, fps, total
 
 
-@lru_cache(maxsize=16)
-def _normalisation(mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, shift) [3, 1, 1, 1] with (x / 255 - mean) / std == x * scale + shift."""
-    m = torch.tensor(mean, dtype=torch.float64).view(3, 1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float64).view(3, 1, 1, 1)
-    return (1.0 / (255.0 * s)).float(), (-m / s).float()
-
-
 def video_tensor(frames: list[np.ndarray] | np.ndarray, cfg: VideoInput,
                  crop: tuple[int, int, int] | None = None) -> torch.Tensor:
     """uint8 RGB frames ([H, W, 3] each) -> float32 [3, T, size, size], centre square crop (or `crop`:
@@ -545,7 +535,7 @@ def video_tensor(frames: list[np.ndarray] | np.ndarray, cfg: VideoInput,
         # Antialiasing only changes the result when shrinking, and costs ~3x when enlarging.
         x = F.interpolate(x, size=(cfg.size, cfg.size), mode="bilinear", align_corners=False,
                           antialias=side > cfg.size)
-    scale, shift = _normalisation(tuple(cfg.mean), tuple(cfg.std))
+    scale, shift = normalisation(cfg, x.device)
     return x.mul_(scale).add_(shift)
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -151,6 +152,20 @@ def yuv_to_rgb(y: torch.Tensor, u: torch.Tensor, v: torch.Tensor, colour: torch.
     return torch.stack([r, g, b], dim=1).round_().clamp_(0.0, 255.0)
 
 
+@lru_cache(maxsize=16)
+def _normalisation(mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    m = torch.tensor(mean, dtype=torch.float64).view(3, 1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float64).view(3, 1, 1, 1)
+    return (1.0 / (255.0 * s)).float(), (-m / s).float()
+
+
+def normalisation(cfg: VideoInput, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) [3, 1, 1, 1] on `device` with (x / 255 - mean) / std == x * scale + shift: the one
+    normalisation of both finish paths (`decode_pyav.video_tensor` and `crop_resize_normalise`)."""
+    scale, shift = _normalisation(tuple(cfg.mean), tuple(cfg.std))
+    return scale.to(device), shift.to(device)
+
+
 def crop_resize_normalise(rgb: torch.Tensor, crops: torch.Tensor, cfg: VideoInput) -> torch.Tensor:
     """float RGB [N, 3, T, H, W] (0..255) -> the square `crops` [N, 3] (top, left, side) of each sample,
     resized to cfg.size (bilinear, antialiased when shrinking) and normalised: [N, 3, T, size, size].
@@ -158,10 +173,7 @@ def crop_resize_normalise(rgb: torch.Tensor, crops: torch.Tensor, cfg: VideoInpu
     (every plane is resized on its own, so batching changes no value)."""
     n, _, t = rgb.shape[:3]
     boxes = crops.tolist()
-    m = torch.tensor(cfg.mean, dtype=torch.float64)
-    s = torch.tensor(cfg.std, dtype=torch.float64)
-    scale = (1.0 / (255.0 * s)).float().to(rgb.device).view(1, 3, 1, 1, 1)
-    shift = (-m / s).float().to(rgb.device).view(1, 3, 1, 1, 1)
+    scale, shift = (t[None] for t in normalisation(cfg, rgb.device))
     out = torch.empty(n, 3, t, cfg.size, cfg.size, dtype=torch.float32, device=rgb.device)
     for side in sorted({b[2] for b in boxes}):  # one resize per crop size (one without crop jitter)
         idx = [i for i, b in enumerate(boxes) if b[2] == side]
