@@ -252,8 +252,8 @@ def test_the_loader_decode_seeks_into_long_clips_and_gives_what_a_full_decode_gi
     starts = []
     real = decode_pyav.frames_from
 
-    def spy(container, stream, first, fps):
-        for index, frame in real(container, stream, first, fps):
+    def spy(container, stream, first, fps, wanted=None):
+        for index, frame in real(container, stream, first, fps, wanted):
             starts.append(index)
             yield index, frame
 
@@ -269,3 +269,141 @@ def test_the_loader_decode_seeks_into_long_clips_and_gives_what_a_full_decode_gi
             assert torch.equal(a.raw.wave, b.raw.wave)
         else:
             assert torch.equal(a.video, b.video) and torch.equal(a.audio, b.audio)
+
+
+# --------------------------------------------------------------------------------------------
+# Leaving out the pictures no wanted frame needs (frames_from's `wanted`)
+
+
+def decoded_with(data: bytes, first: int, wanted: set[int]) -> list[tuple[int, np.ndarray]]:
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.video[0]
+        fps = float(stream.average_rate or 25)
+        return [(i, f.to_ndarray()) for i, f in frames_from(container, stream, first, fps, wanted)]
+
+
+def non_reference(data: bytes) -> set[int]:
+    """Display indices of the H.264 pictures whose slices all have nal_ref_idc 0, parsed here from the
+    packets' NAL headers (4-byte lengths, as x264 writes in mp4 and Matroska)."""
+    out = set()
+    with av.open(io.BytesIO(data)) as container:
+        packets = [p for p in container.demux(container.streams.video[0]) if p.size]
+    order = sorted(p.pts for p in packets)
+    for p in packets:
+        b, pos, refs = bytes(p), 0, []
+        while pos < len(b):
+            size = int.from_bytes(b[pos : pos + 4], "big")
+            if b[pos + 4] & 0x1F in (1, 5):
+                refs.append(b[pos + 4] >> 5 & 3)
+            pos += 4 + size
+        if refs and not any(refs):
+            out.add(order.index(p.pts))
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["mp4", "matroska"])
+@pytest.mark.parametrize("keyint", [0, 12])
+def test_wanted_frames_come_out_as_a_full_decode_gives_them_and_unwanted_b_frames_are_not_decoded(
+        clips, fmt, keyint):
+    data = clips[("h264", fmt, keyint)]
+    reference = sequential(data)
+    disposable = non_reference(data)
+    assert len(disposable) > N_FRAMES // 4  # x264's default B-frames: many pictures nobody references
+    for first, stride in ((0, 4), (13, 4), (30, 3), (2, 2)):
+        wanted = set(range(first, N_FRAMES, stride))
+        start = max(k for k in keyframes(data) if k <= first)
+        out = decoded_with(data, first, wanted)
+        indices = [i for i, _ in out]
+        assert indices == sorted(set(indices)) and indices[0] == start  # ascending, once each
+        assert wanted <= set(indices)  # every wanted frame, and the last one
+        assert indices[-1] == N_FRAMES - 1
+        left_out = set(range(start, N_FRAMES)) - set(indices)
+        assert left_out and left_out <= disposable - wanted  # only unwanted non-reference pictures
+        if stride == 4:  # on x264's mini-GOPs of 4, every unwanted non-reference picture is left out
+            assert left_out == {k for k in disposable - wanted if k >= start and k != N_FRAMES - 1}
+        for i, frame in out:
+            assert np.array_equal(frame, reference[i]), (first, i)
+
+
+def test_other_codecs_and_annex_b_streams_decode_every_frame(clips):
+    annex_b = encode(moving_frames(30), "h264", "h264", keyint=5)  # no avcC: lengths are start codes
+    for data, n in ((clips[("vp9", "webm", 12)], N_FRAMES), (annex_b, 30)):
+        reference = sequential(data)
+        out = decoded_with(data, 2, set(range(2, n, 4)))
+        assert [i for i, _ in out] == list(range(len(reference)))
+        assert all(np.array_equal(f, reference[i]) for i, f in out)
+
+
+def test_a_frame_off_its_promised_index_while_skipping_restarts_and_still_gives_every_wanted_frame(
+        clips, monkeypatch):
+    data = clips[("h264", "mp4", 0)]
+    reference = sequential(data)
+    calls = {"n": 0}
+    true_index = seek.grid_index
+
+    def flaky(pts, grid):
+        calls["n"] += 1
+        return -1 if calls["n"] == N_FRAMES + 4 else true_index(pts, grid)  # the 4th decoded frame
+
+    monkeypatch.setattr(seek, "grid_index", flaky)
+    wanted = set(range(0, N_FRAMES, 4))
+    out = decoded_with(data, 0, wanted)
+    indices = [i for i, _ in out]
+    assert indices == sorted(set(indices)) and wanted <= set(indices)
+    assert all(np.array_equal(f, reference[i]) for i, f in out)
+
+
+@pytest.mark.parametrize("payload,expected", [
+    (b"\x00\x00\x00\x02\x01\x9a", True),  # one non-IDR slice, nal_ref_idc 0
+    (b"\x00\x00\x00\x02\x41\x9a", False),  # nal_ref_idc 2: referenced
+    (b"\x00\x00\x00\x02\x65\x88", False),  # an IDR slice
+    (b"\x00\x00\x00\x02\x06\x05\x00\x00\x00\x02\x01\x9a", True),  # SEI then a non-reference slice
+    (b"\x00\x00\x00\x02\x06\x05", False),  # no slice at all
+    (b"\x00\x00\x00\x09\x01\x9a", False),  # a length past the end: not parsed, so not left out
+    (b"\x00\x00\x00\x00", False),  # a zero length
+])
+def test_disposable_reads_the_nal_headers(payload, expected):
+    assert seek.disposable(av.Packet(payload), 4) is expected
+
+
+def test_the_loader_leaves_out_unwanted_b_frames_and_gives_what_a_full_decode_gives(monkeypatch):
+    # decode_pyav asks frames_from to leave out what its windows do not need; the clip it makes equals
+    # the one a decode of every frame makes (frames_from without `wanted`).
+    from vaemo_dist.config import InputConfig
+    from vaemo_dist.data import decode_pyav
+    from vaemo_dist.data.synth import encode_audio, synth_audio
+
+    rng = np.random.default_rng(3)
+    wave, _ = synth_audio(1, 4, int(64 / 25 * 16000), rng)
+    meta = {"frames": N_FRAMES, "fps": 25, "duration": N_FRAMES / 25, "label": 0, "chroma_siting": "center"}
+    sample = {"__key__": "b", "mp4": encode(moving_frames(), "h264", "mp4"),
+              "flac": encode_audio(wave, 16000), "json": json.dumps(meta).encode()}
+    inputs = InputConfig()
+    inputs.video.frames, inputs.video.stride, inputs.video.size = 8, 4, 32
+    inputs.audio.frames = 32
+    seen = []
+    real = decode_pyav.frames_from
+
+    def spy(container, stream, first, fps, wanted=None):
+        for index, frame in real(container, stream, first, fps, wanted):
+            seen.append(index)
+            yield index, frame
+
+    def every_frame(container, stream, first, fps, wanted=None):
+        yield from real(container, stream, first, fps)
+
+    for raw in (False, True):
+        seen.clear()
+        monkeypatch.setattr(decode_pyav, "frames_from", spy)
+        skipped = decode_pyav.decode_repeats(sample, inputs, None, 2, raw=raw)
+        last = max(max(c.meta["frame_indices"]) for c in skipped)
+        assert len(seen) < last + 1  # some frames before the windows' end were never decoded
+        monkeypatch.setattr(decode_pyav, "frames_from", every_frame)
+        full = decode_pyav.decode_repeats(sample, inputs, None, 2, raw=raw)
+        for a, b in zip(skipped, full, strict=True):
+            assert a.meta == b.meta
+            if raw:
+                assert all(torch.equal(x, y) for x, y in zip(a.raw.y + a.raw.u + a.raw.v,
+                                                              b.raw.y + b.raw.u + b.raw.v, strict=True))
+            else:
+                assert torch.equal(a.video, b.video) and torch.equal(a.audio, b.audio)

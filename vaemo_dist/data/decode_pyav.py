@@ -41,7 +41,7 @@ from vaemo_dist.config import AudioInput, InputConfig, VideoInput
 from vaemo_dist.data.audio import fit_length, log_mels, mel_spec_params, normalise_log_mel
 from vaemo_dist.data.finish import MATRICES, RAW_PIXEL_FORMATS, SITINGS, RawClip, normalisation, yuv_to_rgb
 from vaemo_dist.data.media import AUDIO_FIELDS, VIDEO_FIELDS
-from vaemo_dist.data.seek import frames_from
+from vaemo_dist.data.seek import frames_from, h264_nal_length
 from vaemo_dist.data.timeout import DeadlineExceeded, deadline
 from vaemo_dist.data.types import Clip, DecodeError, DecodeLimits
 
@@ -466,9 +466,13 @@ def _decode_av_frames(key: str, data: bytes, cfg: VideoInput, promised: int | No
             # From the keyframe at or before the first wanted frame where the stream's GOPs and
             # timestamps allow it (seek.frames_from; shards written with vaemo-shard --keyint), else from
             # the start; `index` is always the frame's place in a decode from the start.
+            # Where every packet can be read first anyway, H.264 pictures that no wanted frame needs are
+            # not decoded at all (seek.frames_from's `wanted`).
             first = min(wanted) if wanted else 0
-            frames = frames_from(container, stream, first, fps) if first >= SEEK_FROM_S * fps else \
-                enumerate(container.decode(stream))
+            if wanted is not None and (first >= SEEK_FROM_S * fps or h264_nal_length(stream) is not None):
+                frames = frames_from(container, stream, first, fps, wanted)
+            else:
+                frames = enumerate(container.decode(stream))
             for index, frame in frames:
                 if wanted is None or index in wanted:
                     kept[index] = convert(frame)

@@ -19,14 +19,23 @@ the first mismatch the decoder is flushed and the clip is decoded again from its
 yielding only frames not yet yielded. Streams without pts, off the grid (variable frame rate) or with
 odd reordering are decoded from the start, as `container.decode(stream)` would.
 
+Skipping what no wanted frame needs (`wanted`). Given the frame indices the caller wants, a packet
+whose frame is not wanted and that no other frame references is not decoded at all: in H.264 a
+picture whose slices all have nal_ref_idc 0 (x264's non-reference B-frames: about half of all frames
+with its default 3 B-frames, and every one of them off a stride-4 window's lattice). Dropping a
+non-reference picture changes no other picture's bits, so every frame still decoded is the one a full
+decode gives (tests/data/test_seek.py compares them). It needs the same timestamp proof as a seek (an
+index for every packet before decoding) and H.264 in its length-prefixed form (mp4, Matroska); other
+codecs, and streams the proof fails on, decode every frame. The stream's last frame is always decoded
+(a clip shorter than promised lends it to the frames it lacks).
+
 The container must be freshly opened (nothing demuxed or decoded from it yet). A demuxing error part
 way is raised after the frames of the packets read before it, as a sequential decode would.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from fractions import Fraction
 
 import av
@@ -38,46 +47,118 @@ MAX_GRID_ERROR_FRAMES = Fraction(1, 4)
 
 
 def frames_from(container: av.container.InputContainer, stream: av.video.stream.VideoStream, first: int,
-                fps: float) -> Iterator[tuple[int, av.VideoFrame]]:
-    """Yield `(index, frame)` from the keyframe at or before frame `first` to the end of the stream.
+                fps: float, wanted: Collection[int] | None = None) -> Iterator[tuple[int, av.VideoFrame]]:
+    """Yield `(index, frame)` in index order from the keyframe at or before frame `first` to the end of
+    the stream.
 
     `index` is the frame's position in a sequential decode from the start; the first index yielded is
     <= `first` (0 when no keyframe after frame 0 qualifies, or when the stream's timestamps cannot prove
     the indices: then everything is decoded from the start). Stop iterating once the frames you need
-    are out. `fps` is the stream's frame rate (what the caller takes as its rate).
+    are out. `fps` is the stream's frame rate (what the caller takes as its rate). With `wanted`, frames
+    outside it that no other frame needs may be left undecoded (never yielded); every wanted frame from
+    the start index on is yielded, and so is the stream's last frame.
     """
     if first < 0:
         raise ValueError(f"first must be >= 0, got {first}")
     packets, error = _read_packets(container, stream)
-    plan = start_packet(packets, stream, first, fps) if error is None else None
+    plan = _plan(packets, stream, first, fps, wanted) if error is None else None
     if plan is None:
         yield from _sequential(packets, 0)
     else:
-        position, index, grid = plan
-        expected = index
-        for packet in packets[position:]:
+        chosen, order, grid = plan
+        promised = iter(order)
+        expected = next(promised, None)
+        index = order[0] if order else 0
+        for packet in chosen:
             for frame in packet.decode():
-                if frame.pts is None or grid_index(frame.pts, grid) != expected:
+                if expected is None or frame.pts is None or grid_index(frame.pts, grid) != expected:
                     # Not what the packets promised: decode again from the start, skipping what is out.
                     stream.codec_context.flush_buffers()
-                    yield from _sequential(packets, expected)
+                    yield from _sequential(packets, index)
                     return
                 yield expected, frame
-                expected += 1
+                index = expected + 1
+                expected = next(promised, None)
     if error is not None:
         raise error
+
+
+def _plan(packets: Sequence[av.Packet], stream: av.video.stream.VideoStream, first: int, fps: float,
+          wanted: Collection[int] | None) -> tuple[list[av.Packet], list[int], tuple[int, int, int]] | None:
+    """(the packets to decode, in decode order and ending with the flush packet if there is one; the
+    frame indices they show, ascending; grid), or None to decode every packet from the start."""
+    nal_length = h264_nal_length(stream) if wanted is not None else None
+    tail = [p for p in packets[-1:] if not p.size]  # the demuxer's empty flush packet drains the decoder
+    if nal_length is None:  # nothing to leave out: only a seek can save work
+        found = start_packet(packets, stream, first, fps)
+        if found is None:
+            return None
+        position, index, grid = found
+        chosen = [p for p in packets[position:] if p.size]
+        return chosen + tail, list(range(index, index + len(chosen))), grid
+    proof = prove_indices(packets, stream, fps)
+    if proof is None:
+        return None
+    positions, indices, grid = proof
+    position, _ = _keyframe_at_or_before(packets, positions, indices, first)
+    keep = set(wanted or ()) | {len(indices) - 1}  # the last frame: a short clip lends it to the rest
+    chosen, order = [], []
+    for p, k in zip(positions, indices, strict=True):
+        if p >= position and (k in keep or not disposable(packets[p], nal_length)):
+            chosen.append(packets[p])
+            order.append(k)
+    return chosen + tail, sorted(order), grid
+
+
+def _keyframe_at_or_before(packets: Sequence[av.Packet], positions: list[int], indices: list[int],
+                           first: int) -> tuple[int, int]:
+    """(packet position, frame index) of the latest closed-GOP keyframe at or before frame `first`,
+    (positions[0], 0) if none after frame 0 qualifies. A keyframe qualifies when no packet after it (in
+    decode order) shows an earlier frame and none before it a later one."""
+    n = len(indices)
+    later_min = [0] * n  # smallest index shown by packets from position i on
+    low = n
+    for i in range(n - 1, -1, -1):
+        low = min(low, indices[i])
+        later_min[i] = low
+    best = (positions[0], 0)
+    earlier_max = -1  # largest index shown by packets before position i
+    for i, k in enumerate(indices):
+        if 0 < k <= first and packets[positions[i]].is_keyframe and later_min[i] == k and earlier_max < k:
+            best = (positions[i], k)
+        earlier_max = max(earlier_max, k)
+    return best
 
 
 def start_packet(packets: Sequence[av.Packet], stream: av.video.stream.VideoStream, first: int,
                  fps: float) -> tuple[int, int, tuple[int, int, int]] | None:
     """Where to start decoding for frame `first`: (packet position, frame index of that keyframe,
     grid), or None to decode from the start (no qualifying keyframe after frame 0 at or before
-    `first`, or timestamps that do not prove the indices). `grid` is (start pts, ticks per frame as
-    numerator, denominator): integers, so the per-packet checks cost well under a microsecond."""
+    `first`, or timestamps that do not prove the indices)."""
+    frames = [p for p in packets if p.size]
+    if first <= 0 or not frames or fps <= 0 or stream.time_base is None:
+        return None
+    # Cheap first: without a keyframe after the first frame there is nothing to verify.
+    if not any(p.is_keyframe for p in frames[1:]):
+        return None
+    proof = prove_indices(packets, stream, fps)
+    if proof is None:
+        return None
+    positions, indices, grid = proof
+    position, index = _keyframe_at_or_before(packets, positions, indices, first)
+    return None if index == 0 else (position, index, grid)
+
+
+def prove_indices(packets: Sequence[av.Packet], stream: av.video.stream.VideoStream, fps: float
+                  ) -> tuple[list[int], list[int], tuple[int, int, int]] | None:
+    """(positions of the packets that show a frame, the frame index each shows, grid) when the packets'
+    presentation times put every frame on the grid of `fps` from the stream's start, once each, with no
+    gap and no discarded packet; None otherwise. `grid` is (start pts, ticks per frame as numerator,
+    denominator): integers, so the per-frame checks cost well under a microsecond."""
     # The demuxer's last, empty packet (it flushes the decoder) shows no frame.
     positions = [i for i, p in enumerate(packets) if p.size]
     frames = [packets[i] for i in positions]
-    if first <= 0 or not frames or fps <= 0 or stream.time_base is None:
+    if not frames or fps <= 0 or stream.time_base is None:
         return None
     if any(p.pts is None or p.is_discard or p.is_corrupt for p in frames):
         return None
@@ -88,29 +169,44 @@ def start_packet(packets: Sequence[av.Packet], stream: av.video.stream.VideoStre
     if ticks * MAX_GRID_ERROR_FRAMES < GRID_TOLERANCE_TICKS:
         return None  # a time base too coarse to tell neighbouring frames apart
     grid = (start, ticks.numerator, ticks.denominator)
-    # Cheap first: without a keyframe after the first frame and up to `first` there is nothing to verify.
-    limit = math.floor(start + (first + Fraction(1, 2)) * ticks)  # past frame `first`, before `first + 1`
-    if not any(p.is_keyframe and start < p.pts <= limit for p in frames):
-        return None
     indices = [grid_index(p.pts, grid) for p in frames]
     if None in indices or sorted(indices) != list(range(len(frames))):  # type: ignore[type-var]
         return None  # off the grid, a gap, or a frame twice: only a sequential count is exact
-    n = len(frames)
-    later_min = [0] * n  # smallest index shown by packets from position i on
-    low = n
-    for i in range(n - 1, -1, -1):
-        low = min(low, indices[i])  # type: ignore[type-var]
-        later_min[i] = low
-    best: tuple[int, int] | None = None
-    earlier_max = -1  # largest index shown by packets before position i
-    for i, (p, k) in enumerate(zip(frames, indices)):
-        assert k is not None
-        if 0 < k <= first and p.is_keyframe and later_min[i] == k and earlier_max < k:
-            best = (i, k)
-        earlier_max = max(earlier_max, k)
-    if best is None:
+    return positions, indices, grid  # type: ignore[return-value]
+
+
+def h264_nal_length(stream: av.video.stream.VideoStream) -> int | None:
+    """The size in bytes of the NAL length prefixes of an H.264 stream stored length-prefixed (an avcC
+    record in its extradata: mp4, Matroska), None for other codecs and Annex B streams."""
+    if stream.codec_context.name != "h264":
         return None
-    return positions[best[0]], best[1], grid
+    extra = stream.codec_context.extradata
+    if not extra or len(extra) < 7 or extra[0] != 1:  # avcC starts with configurationVersion 1
+        return None
+    return (extra[4] & 3) + 1
+
+
+def disposable(packet: av.Packet, nal_length: int) -> bool:
+    """Whether an H.264 packet (length-prefixed NAL units) holds a picture no other picture references:
+    it has slices and every slice NAL unit's nal_ref_idc is 0. False when the packet does not parse
+    exactly into NAL units."""
+    data = bytes(packet)
+    pos, slices = 0, 0
+    while pos < len(data):
+        if pos + nal_length >= len(data):
+            return False
+        size = int.from_bytes(data[pos : pos + nal_length], "big")
+        pos += nal_length
+        if size == 0 or pos + size > len(data):
+            return False
+        header = data[pos]
+        kind = header & 0x1F
+        if kind in (1, 2, 3, 4, 5, 20):  # coded slices (and their extension): they decide
+            if header & 0x60:
+                return False
+            slices += 1
+        pos += size
+    return slices > 0
 
 
 def grid_index(pts: int, grid: tuple[int, int, int]) -> int | None:
