@@ -313,3 +313,35 @@ def test_random_corruption_never_escapes_as_another_exception(codec):
                 assert e.key == "fuzz"
                 outcomes.add("error")
     assert "error" in outcomes
+
+
+# --------------------------------------------------------------------------------------------
+# Audio decoded only as far as the windows need
+
+
+def test_audio_is_decoded_only_as_far_as_the_windows_need_and_cut_as_from_the_whole_stream():
+    from vaemo_dist.data import decode_pyav
+
+    rng = np.random.default_rng(2)
+    wave = 0.2 * rng.standard_normal(8 * SR)  # 8 s of audio: the windows need much less
+    data = encode_audio(wave, SR, "flac")
+    full = decode_pyav.decode_audio_wave("k", data, INPUTS.audio, 8.0)
+    assert full.size == wave.size
+    for centres in ([1.6], [1.0, 1.6, 2.2], [7.9]):  # the last one needs the end of the stream
+        enough = decode_pyav.window_ends(INPUTS.audio, centres)
+        part = decode_pyav.decode_audio_wave("k", data, INPUTS.audio, 8.0, enough=enough)
+        assert part.size >= min(enough, full.size)
+        assert np.array_equal(part, full[: part.size])
+        if enough < full.size - 8192:  # FLAC frames of 4096 samples: it stopped well before the end
+            assert part.size < full.size
+        assert torch.equal(decode_pyav.audio_windows(part, INPUTS.audio, centres),
+                           decode_pyav.audio_windows(full, INPUTS.audio, centres))
+
+
+def test_a_stream_cut_before_what_the_windows_need_is_still_truncation():
+    from vaemo_dist.data import decode_pyav
+
+    data = encode_audio(np.zeros(SR), SR, "flac")  # 1 s where 3.2 s were promised
+    with pytest.raises(DecodeError, match="audio truncated"):
+        decode_pyav.decode_audio_wave("k", data, INPUTS.audio, 3.2,
+                                      enough=decode_pyav.window_ends(INPUTS.audio, [1.6]))

@@ -208,7 +208,8 @@ def _decode(key: str, sample: dict[str, Any], inputs: InputConfig, limits: Decod
     duration = float(meta.get("duration") or total / fps)
     # Centre of each sampled video window, in seconds (frame i spans [i, i + 1) / fps).
     centres = [(w[0] + w[-1] + 1) / 2.0 / fps for w in windows]
-    wave = decode_audio_wave(key, audio_data, inputs.audio, meta.get("duration"), limits)
+    wave = decode_audio_wave(key, audio_data, inputs.audio, meta.get("duration"), limits,
+                             enough=window_ends(inputs.audio, centres))
     pieces = audio_windows(wave, inputs.audio, centres)
     audio = normalise_log_mel(log_mels(pieces, inputs.audio), inputs.audio) if colour is None else None
 
@@ -548,8 +549,11 @@ def video_tensor(frames: list[np.ndarray] | np.ndarray, cfg: VideoInput,
 
 
 def decode_audio_wave(key: str, data: bytes, cfg: AudioInput, duration: Any,
-                  limits: DecodeLimits = NO_LIMITS) -> np.ndarray:
-    """Whole audio stream as float32 mono at cfg.sample_rate."""
+                  limits: DecodeLimits = NO_LIMITS, enough: int | None = None) -> np.ndarray:
+    """The audio stream as float32 mono at cfg.sample_rate: all of it, or with `enough`, the frames up to
+    the first that reaches `enough` samples (`window_ends`: what the windows need; every window then
+    cuts the same samples as from the whole stream). Truncation is judged only on a stream decoded to
+    its end."""
     chunks: list[np.ndarray] = []
     with open_container(key, data, "audio") as container:
         if not container.streams.audio:
@@ -580,6 +584,8 @@ def decode_audio_wave(key: str, data: bytes, cfg: AudioInput, duration: Any,
                     runs.append((("fltp", True, len(frame.layout.channels)),
                                  [f.to_ndarray() for f in to_float.resample(frame)]))
                 n += frame.samples
+                if enough is not None and n >= enough:
+                    break  # the windows need nothing after this frame
                 if n > max_samples:
                     limits.check_length(key, n / rate, "audio", minimum=False)
             if to_float is not None:
@@ -598,7 +604,7 @@ def decode_audio_wave(key: str, data: bytes, cfg: AudioInput, duration: Any,
     wave = joined[0] if joined.shape[0] == 1 else joined.mean(axis=0, dtype=np.float32)
     if wave.size == 0:
         raise DecodeError(key, "audio: no decodable samples", kind="corrupt")
-    if isinstance(duration, (int, float)) and duration > 0:
+    if isinstance(duration, (int, float)) and duration > 0 and (enough is None or wave.size < enough):
         expected = duration * cfg.sample_rate
         if wave.size < MIN_DECODED_FRACTION * expected:
             raise DecodeError(
@@ -636,6 +642,17 @@ def audio_tensors(wave: np.ndarray, cfg: AudioInput, centres_s: list[float]) -> 
     return normalise_log_mel(log_mels(audio_windows(wave, cfg, centres_s), cfg), cfg)
 
 
+def _window_offset(centre_s: float, cfg: AudioInput, n: int) -> int:
+    return max(int(round(centre_s * cfg.sample_rate - n / 2)), 0)
+
+
+def window_ends(cfg: AudioInput, centres_s: list[float]) -> int:
+    """How many samples from the start the windows around `centres_s` need: a waveform at least this
+    long gives every window (`audio_windows`) the samples the whole stream would."""
+    n = mel_spec_params(cfg).num_samples
+    return max(_window_offset(c, cfg, n) for c in centres_s) + n
+
+
 def audio_windows(wave: np.ndarray, cfg: AudioInput, centres_s: list[float]) -> torch.Tensor:
     """The waveform window the log-mel needs around each centre, [len(centres_s), n] float32: clamped
     into the clip, zero-padded at the end where the clip is shorter."""
@@ -643,7 +660,6 @@ def audio_windows(wave: np.ndarray, cfg: AudioInput, centres_s: list[float]) -> 
     full = torch.from_numpy(wave)
     pieces = []
     for centre_s in centres_s:
-        offset = int(round(centre_s * cfg.sample_rate - n / 2))
-        offset = min(max(offset, 0), max(wave.size - n, 0))
+        offset = min(_window_offset(centre_s, cfg, n), max(wave.size - n, 0))
         pieces.append(fit_length(full, n, offset))
     return torch.stack(pieces)
