@@ -11,6 +11,11 @@ short side production shards are written at), H.264 and VP9 + FLAC. The process 
 * floor: PyAV decode of the frames the sampled window needs (from the keyframe at or before its first
   frame where `data/seek.py` exists, up to its last frame; no colour conversion, resize or log-mel) and
   of the audio track: what no CPU preprocessing can beat.
+* lean floor: the floor decoding only what the loader decodes, where this version leaves work out: H.264
+  pictures no window frame needs (non-reference B-frames off the window, `seek.frames_from`'s `wanted`)
+  and audio past the windows' end (`decode_pyav.window_ends`). The loader over the floor says how much
+  the whole loader costs beside bare decoding; the loader over the lean floor says what its
+  preprocessing and batching cost beside the decoding it does.
 * loader: `build_loader` (shards -> decode -> preprocess -> collate, `--workers` DataLoader workers
   (default 0: in this process; 1: a worker on the same core, adding the transfer to the trainer), the config's
   batch size and shapes) with `data.repeats=R`, samples counted as handed out.
@@ -33,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import inspect
 import io
 import json
 import math
@@ -68,6 +74,9 @@ try:  # keyframe seeking (issue 19), where this version has it
     from vaemo_dist.data.seek import frames_from
 except ImportError:
     frames_from = None
+# Leaving out undecoded pictures and audio past the windows (the lean floor), where this version does.
+LEAN = frames_from is not None and "wanted" in inspect.signature(frames_from).parameters and \
+    hasattr(decode_pyav, "window_ends")
 
 SECTION = "## Data rate (issue 19)"
 FINISH_MODES = ("loader", "device")
@@ -91,10 +100,13 @@ def pin_one_core() -> int:
     return pin_cores(1)[0]
 
 
-def bare_decode(sample: dict[str, Any], frames: int, stride: int) -> None:
+def bare_decode(sample: dict[str, Any], frames: int, stride: int, audio: Any = None,
+                lean: bool = False) -> None:
     """The floor: decode (no conversion) video frames up to the window's last one, and the audio.
     Where this version has `data/seek.py`, decoding starts at the keyframe at or before the window's
-    first frame (with the encoders' default GOP of 250 frames, a 3.2 s clip's only keyframe is frame 0)."""
+    first frame (with the encoders' default GOP of 250 frames, a 3.2 s clip's only keyframe is frame 0).
+    `lean` (the lean floor; needs `audio`, the AudioInput): leave out the H.264 pictures the window does
+    not need and the audio after the window's end, as the loader does."""
     video = sample.get("webm") or sample["mp4"]
     with av.open(io.BytesIO(video)) as c:
         stream = c.streams.video[0]
@@ -104,13 +116,21 @@ def bare_decode(sample: dict[str, Any], frames: int, stride: int) -> None:
             decoded: Iterator[tuple[int, Any]] = enumerate(c.decode(stream))
         else:
             fps = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
-            decoded = frames_from(c, stream, min(window), fps)
+            decoded = frames_from(c, stream, min(window), fps, set(window)) if lean else \
+                frames_from(c, stream, min(window), fps)
         for n, _ in decoded:
             if n >= last:
                 break
+    enough = math.inf
+    if lean:
+        enough = decode_pyav.window_ends(audio, [(window[0] + window[-1] + 1) / 2.0 / fps])
     with av.open(io.BytesIO(sample["flac"])) as c:
+        n = 0
         for frame in c.decode(audio=0):
             frame.to_ndarray()
+            n += frame.samples
+            if n >= enough:
+                break
 
 
 def legacy_video_tensor(frames: Any, cfg: VideoInput) -> torch.Tensor:
@@ -247,10 +267,12 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
-def floor_rate(samples: list[dict[str, Any]], v: VideoInput, passes: int, procs: int) -> float:
+def floor_rate(samples: list[dict[str, Any]], v: VideoInput, passes: int, procs: int,
+               audio: Any = None) -> float:
     """Clips/s of `bare_decode` over `samples` in `procs` processes (1: this one), median of passes,
-    after a warm-up pass (lazy imports, caches, the pool's start)."""
-    fn = functools.partial(bare_decode, frames=v.frames, stride=v.stride)
+    after a warm-up pass (lazy imports, caches, the pool's start). With `audio` (an AudioInput): the
+    lean floor."""
+    fn = functools.partial(bare_decode, frames=v.frames, stride=v.stride, audio=audio, lean=audio is not None)
     if procs == 1:
         def run() -> None:
             for s in samples:
@@ -369,6 +391,9 @@ def main(argv: list[str] | None = None) -> int:
             pin_cores(1)
             floor = floor_rate(samples, v, args.passes, 1)
             res: dict[str, Any] = {"floor_clips_per_s_per_core": floor, "finish": {}}
+            lean = floor_rate(samples, v, args.passes, 1, cfg.inputs.audio) if LEAN else None
+            if lean is not None:
+                res["lean_floor_clips_per_s_per_core"] = lean
             before = None
             if args.before:  # one sample per decoded clip, as before issue 19
                 with before_issue_19():
@@ -380,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
                     run = loader_run(cfg, folder, args.clips, r, args.passes, args.workers, finish=mode)
                     row = _row(run.samples_per_s, r, floor, demand, run.device_s_per_sample,
                                run.raw_fraction)
+                    if lean is not None:
+                        row["ratio_to_lean_floor_per_clip"] = run.samples_per_s / r / lean
                     if before is not None and r == 1 and mode == "loader":
                         row["before_samples_per_s_per_core"] = before
                     rows[str(r)] = row
@@ -482,8 +509,9 @@ def report(results: dict[str, Any], args: argparse.Namespace, argv: list[str] | 
         "",
         "| codec@stored side | repeats | finish | floor clips/s/core | "
         + ("before samples/s/core | " if args.before else "")
-        + "samples/s/core | clips/s/core vs floor | cores per GPU | device share, this CPU |",
-        "| --- | ---: | --- | ---: | " + ("---: | " if args.before else "") + "---: | ---: | ---: | ---: |",
+        + "samples/s/core | clips/s/core vs floor | vs lean floor | cores per GPU | device share, this CPU |",
+        "| --- | ---: | --- | ---: | " + ("---: | " if args.before else "")
+        + "---: | ---: | ---: | ---: | ---: |",
     ]
     for codec, res in results["codecs"].items():
         floor = res["floor_clips_per_s_per_core"]
@@ -499,9 +527,12 @@ def report(results: dict[str, Any], args: argparse.Namespace, argv: list[str] | 
                 share = f"{dev:.1f} ms/sample ({1e3 / dev:.0f} samples/s)" if dev else "-"
                 if row.get("raw_fraction", 1.0) < 1.0:
                     share += f", {row['raw_fraction']:.0%} of samples raw"
+                lean_ratio = row.get("ratio_to_lean_floor_per_clip")
+                vs_lean = f"{lean_ratio:.2f} ({res['lean_floor_clips_per_s_per_core']:.1f})" if lean_ratio \
+                    else "-"
                 lines.append(f"| {codec} | {r} | {mode} | {floor:.1f} | {before}"
                              f"{row['samples_per_s_per_core']:.1f} | {row['ratio_to_floor_per_clip']:.2f} | "
-                             f"{row['cores_per_gpu']:.1f} | {share} |")
+                             f"{vs_lean} | {row['cores_per_gpu']:.1f} | {share} |")
 
     # The rows of BENCHMARKS.md "## Decode": floor, PyAV and DALI decode + preprocess, per core count.
     lines += ["", "Decode + preprocess per path and core count (repeats 1; 1 core: the rows above; P cores: "

@@ -47,6 +47,8 @@ def test_bench_data_writes_supply_demand_and_cores_per_gpu(tmp_path):
     demand = demand_tiny()
     assert abs(res["gpu_demand_samples_per_s"] - demand) < 1e-6 * demand
     assert set(res["repeats"]) == {"1", "2"} and res["floor_clips_per_s_per_core"] > 0
+    lean = res["codecs"]["h264@32"]["lean_floor_clips_per_s_per_core"]  # the floor as lean as the loader
+    assert lean > 0
     # Both finish modes measured; every synthetic clip went out raw, so the headline is the device mode.
     assert res["finish_modes"] == ["loader", "device"] and res["headline_finish"] == "device"
     assert set(res["finish"]) == {"loader", "device"}
@@ -60,6 +62,7 @@ def test_bench_data_writes_supply_demand_and_cores_per_gpu(tmp_path):
         per_s, ms = row["device_samples_per_s_on_this_cpu"], row["device_ms_per_sample_on_this_cpu"]
         assert abs(per_s * ms - 1e3) < 1e-6
         assert "device_ms_per_sample_on_this_cpu" not in res["finish"]["loader"]["repeats"][r]
+        assert abs(row["ratio_to_lean_floor_per_clip"] * lean * int(r) - row["samples_per_s_per_core"]) < 1e-6
     text = md.read_text()
     assert "## Other\n\nkept" in text and "## Data rate (issue 19)" in text
     assert "| h264@32 | 2 | loader |" in text and "| h264@32 | 2 | device |" in text
