@@ -143,6 +143,29 @@ def test_cli_plan_report_and_errors(write_sweep, tmp_path, capsys):
     assert "extra overrides are key=value" in capsys.readouterr().err
 
 
+def test_a_stop_reaches_the_sweep_even_when_it_was_started_with_sigint_ignored(write_sweep, monkeypatch,
+                                                                              capsys):
+    """A sweep started in the background of a script (`cmd &`) inherits SIGINT ignored, and Python then
+    leaves it ignored: the sweep sets its own handler, and gives the caller's back when it returns."""
+    import vaemo_dist.sweep.run as sweep_run
+
+    def stopped_run(spec, **kwargs) -> int:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.5)  # the handler runs here
+        return 0
+
+    monkeypatch.setattr(sweep_run, "run_sweep", stopped_run)
+    path = write_sweep(grid={"steps": [3]})
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    term = signal.getsignal(signal.SIGTERM)
+    try:
+        assert main(["run", str(path)]) == 130
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN and signal.getsignal(signal.SIGTERM) is term
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert "run the same command again to resume" in capsys.readouterr().err
+
+
 FAKE_STAGE = """import os, sys, time
 open(os.environ["FAKE_PIDFILE"], "w").write(str(os.getpid()))
 time.sleep(120)

@@ -80,12 +80,18 @@ def main(argv: list[str] | None = None) -> int:
                 if "=" not in item or item.startswith("-"):
                     raise SweepError(f"{item!r}: extra overrides are key=value (e.g. train.stop_at=500)")
             only = args.only.split(",") if args.only else None
-            signal.signal(signal.SIGTERM, _interrupt)  # a killed sweep (e.g. by SLURM) stops its run too
+            # Ctrl-C and a kill (e.g. by SLURM) stop the running point too. SIGINT is set here as well:
+            # Python only turns it into KeyboardInterrupt when it was not ignored at start-up, and a
+            # process started in the background of a script (`cmd &`) inherits it ignored.
+            previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
             try:
                 return run_sweep(spec, only=only, extra=args.extra, verbose=args.verbose)
             except KeyboardInterrupt:
                 print("\ninterrupted: run the same command again to resume", file=sys.stderr)
                 return 130
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
         points = build_points(spec)
         write_manifest(spec, points)
         if args.emit != "table":  # the emitted commands name the synthetic corpus's shards: build it now
