@@ -12,8 +12,9 @@ short side production shards are written at), H.264 and VP9 + FLAC. The process 
   frame where `data/seek.py` exists, up to its last frame; no colour conversion, resize or log-mel) and
   of the audio track: what no CPU preprocessing can beat.
 * lean floor: the floor decoding only what the loader decodes, where this version leaves work out: H.264
-  pictures no window frame needs (non-reference B-frames off the window, `seek.frames_from`'s `wanted`)
-  and audio past the windows' end (`decode_pyav.window_ends`). The loader over the floor says how much
+  pictures no window frame needs (non-reference B-frames off the window, `seek.frames_from`'s `wanted`),
+  audio past the windows' end (`decode_pyav.window_ends`) and the pictures FFmpeg decodes to probe a
+  video it opens (`decode_pyav.VIDEO_PROBE`). The loader over the floor says how much
   the whole loader costs beside bare decoding; the loader over the lean floor says what its
   preprocessing and batching cost beside the decoding it does.
 * loader: `build_loader` (shards -> decode -> preprocess -> collate, `--workers` DataLoader workers
@@ -108,7 +109,7 @@ def bare_decode(sample: dict[str, Any], frames: int, stride: int, audio: Any = N
     `lean` (the lean floor; needs `audio`, the AudioInput): leave out the H.264 pictures the window does
     not need and the audio after the window's end, as the loader does."""
     video = sample.get("webm") or sample["mp4"]
-    with av.open(io.BytesIO(video)) as c:
+    with av.open(io.BytesIO(video), options=getattr(decode_pyav, "VIDEO_PROBE", None) if lean else None) as c:
         stream = c.streams.video[0]
         window = decode_pyav.sample_indices(stream.frames or 80, frames, stride)
         last = max(window)

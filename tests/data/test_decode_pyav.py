@@ -345,3 +345,39 @@ def test_a_stream_cut_before_what_the_windows_need_is_still_truncation():
     with pytest.raises(DecodeError, match="audio truncated"):
         decode_pyav.decode_audio_wave("k", data, INPUTS.audio, 3.2,
                                       enough=decode_pyav.window_ends(INPUTS.audio, [1.6]))
+
+
+# --------------------------------------------------------------------------------------------
+# The light probe of video opens
+
+
+@pytest.mark.parametrize("codec,fmt", [("libx264", "mp4"), ("libx264", "matroska"), ("libvpx-vp9", "webm"),
+                                       ("libx264", "h264"), ("mpeg4", "avi")])
+def test_videos_opened_with_the_light_probe_decode_and_describe_exactly_as_a_plain_open(codec, fmt):
+    import io
+
+    import av
+
+    from vaemo_dist.data.decode_pyav import open_container
+
+    rng = np.random.default_rng(4)
+    buf = io.BytesIO()
+    with av.open(buf, "w", format=fmt) as out:
+        stream = out.add_stream(codec, rate=25)
+        stream.width, stream.height, stream.pix_fmt = 48, 32, "yuv420p"
+        stream.codec_context.thread_count = 1
+        for i in range(30):
+            img = rng.integers(0, 255, (32, 48, 3), dtype=np.uint8) // 4 + i * 6
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(img.astype(np.uint8), format="rgb24")))
+        out.mux(stream.encode())
+    data = buf.getvalue()
+
+    def describe(container):
+        s = container.streams.video[0]
+        frames = [(f.pts, f.format.name, f.to_ndarray(format="yuv420p").tobytes())
+                  for f in container.decode(s)]
+        return (s.codec_context.width, s.codec_context.height, s.average_rate, s.frames, s.time_base), frames
+
+    with av.open(io.BytesIO(data)) as plain, open_container("k", data, "video") as light:
+        a, b = describe(plain), describe(light)
+    assert len(a[1]) == 30 and a == b
