@@ -12,6 +12,8 @@ from pathlib import Path
 
 import yaml
 
+from vaemo_dist.sweep.cli import main
+
 REPO = Path(__file__).resolve().parents[2]
 
 # Small inputs and model (tests/integration/test_stage1_run.py): a step takes a fraction of a second.
@@ -30,11 +32,20 @@ def sweep(*args: str) -> subprocess.CompletedProcess:
     return proc
 
 
+def sweep_here(capsys, *args: str) -> str:
+    """The same command line in this process (no launch: plan, report, a run with every point done):
+    its stdout."""
+    capsys.readouterr()
+    assert main(list(args)) == 0
+    return capsys.readouterr().out
+
+
 def steps_logged(folder: Path) -> list[int]:
     return [json.loads(ln)["step"] for ln in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_micro_sweep_resumes_an_interrupted_point_and_never_reruns_a_finished_one(tiny_corpus, tmp_path):
+def test_micro_sweep_resumes_an_interrupted_point_and_never_reruns_a_finished_one(tiny_corpus, tmp_path,
+                                                                                  capsys):
     out = tmp_path / "micro"
     path = tmp_path / "micro.yaml"
     path.write_text(yaml.safe_dump({
@@ -48,7 +59,7 @@ def test_micro_sweep_resumes_an_interrupted_point_and_never_reruns_a_finished_on
     proc = sweep("run", str(path), "--only", "tiny-n6-s0", "train.stop_at=3")
     assert "[1/2] tiny-n6-s0: stopped at step 3/6" in proc.stdout
     assert (first / "checkpoints" / "latest").read_text() == "step_00000003" and not second.exists()
-    plan = sweep("plan", str(path)).stdout
+    plan = sweep_here(capsys, "plan", str(path))
     assert "interrupted (checkpoint at step 3/6)" in plan and plan.rstrip().endswith("new")
 
     # The whole sweep: the first point continues from step 3, the second starts.
@@ -63,12 +74,12 @@ def test_micro_sweep_resumes_an_interrupted_point_and_never_reruns_a_finished_on
     names = ("metrics.jsonl", "launch.log", "checkpoints/latest")
     files = [run / name for run in (first, second) for name in names]
     before = [(f.stat().st_mtime_ns, f.read_bytes()) for f in files]
-    proc = sweep("run", str(path))
-    assert "tiny-n6-s0: done (step 6/6), skipped" in proc.stdout
-    assert "tiny-n3-s0: done (step 3/3), skipped" in proc.stdout
+    again = sweep_here(capsys, "run", str(path))
+    assert "tiny-n6-s0: done (step 6/6), skipped" in again
+    assert "tiny-n3-s0: done (step 3/3), skipped" in again
     assert [(f.stat().st_mtime_ns, f.read_bytes()) for f in files] == before
 
-    sweep("report", str(out))
+    sweep_here(capsys, "report", str(out))
     rows = list(csv.DictReader((out / "scaling.csv").open()))
     assert [(r["name"], r["status"], r["steps_reached"]) for r in rows] == [
         ("tiny-n6-s0", "done", "6"), ("tiny-n3-s0", "done", "3")]

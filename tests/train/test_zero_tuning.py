@@ -48,9 +48,8 @@ import deepspeed, torch
 from vaemo_dist.config import load_config
 from vaemo_dist.train.schedule import build_optimizer
 from vaemo_dist.train.trainer import deepspeed_config
-stage = int(sys.argv[1])
 out = {}
-for name in ("ds_defaults", "tuned"):
+for stage, name in [(int(s), n) for s in sys.argv[1:] for n in ("ds_defaults", "tuned")]:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.LayerNorm(16),
                                 torch.nn.Linear(16, 3))
@@ -66,26 +65,33 @@ for name in ("ds_defaults", "tuned"):
         x, y = torch.randn(4, 8, generator=g), torch.randn(4, 3, generator=g)
         engine.backward(((engine(x) - y) ** 2).mean())
         engine.step()
-    out[name] = {"params": [p.detach().flatten().tolist() for p in model.parameters()],
-                 "bucket": int(opt.reduce_bucket_size), "reduce_scatter": bool(opt.reduce_scatter), "n": n}
+    out.setdefault(stage, {})[name] = {
+        "params": [p.detach().flatten().tolist() for p in model.parameters()],
+        "bucket": int(opt.reduce_bucket_size), "reduce_scatter": bool(opt.reduce_scatter), "n": n}
 print("RESULT " + json.dumps(out))
 """
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_one_process_engine_trains_bit_identically_with_the_tuned_keys(stage):
+@pytest.fixture(scope="module")
+def engine_runs() -> dict[str, dict]:
+    """One worker process trains both stages' engines (one process start and DeepSpeed import, not two):
+    {stage: {"ds_defaults": ..., "tuned": ...}}."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "CUDA_VISIBLE_DEVICES": "",
            "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-c", _WORKER, str(stage)], env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", _WORKER, "1", "2"], env=env, capture_output=True,
                           text=True, timeout=300, cwd=REPO)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     assert proc.returncode == 0 and line, proc.stderr[-3000:]
-    out = json.loads(line[len("RESULT "):])
-    base, tuned = out["ds_defaults"], out["tuned"]
+    return json.loads(line[len("RESULT "):])
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_one_process_engine_trains_bit_identically_with_the_tuned_keys(engine_runs, stage):
+    base, tuned = engine_runs[str(stage)]["ds_defaults"], engine_runs[str(stage)]["tuned"]
     assert base["bucket"] == DS_REDUCE_BUCKET_DEFAULT and base["reduce_scatter"] is True
     assert tuned["bucket"] == tuned["n"] and tuned["reduce_scatter"] is False  # the keys reached ZeRO
     assert tuned["params"] == base["params"]  # bit-identical after 3 clipped steps
