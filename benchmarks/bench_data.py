@@ -221,22 +221,25 @@ def loader_run(cfg: Config, folder: Path, clips: int, repeats: int, passes: int,
         for _ in range(skip):
             next(it)
         n = 0
-        kept = []
         start = time.perf_counter()
         for batch in it:
             n += len(batch.keys)
-            if finish == "device":
-                kept.append(batch)
+            if finish == "device":  # how many came out raw (the rest the loader finished itself)
+                total += len(batch.keys)
+                raw += len(batch.keys) if getattr(batch, "raw", None) is not None else 0
+            # As the trainer does once the batch is on its device (Batch.to): its shared-memory blocks go
+            # back to the worker that made them (data/buffers.py; where this version has it).
+            getattr(batch, "release", lambda: None)()
             if n >= want:
                 break
         times.append(time.perf_counter() - start)
+        # The device's share is timed on two more batches, after the loader's clock stopped.
+        kept = [next(it), next(it)] if finish == "device" else []
         del it
         if finish == "device":
             # The device's share, timed after the loader's clock stopped (no worker competes for the
             # core), over the batches that came out raw.
             raws = [b for b in kept if getattr(b, "raw", None) is not None]
-            raw += sum(len(b.keys) for b in raws)
-            total += sum(len(b.keys) for b in kept)
             if raws:
                 start = time.perf_counter()
                 for b in raws:

@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vaemo_dist.config import DataConfig, InputConfig
 from vaemo_dist.data import storage
+from vaemo_dist.data.buffers import BufferReturns
 from vaemo_dist.data.finish import resolve_finish
 from vaemo_dist.data.shards import (
     PlanEntry,
@@ -66,6 +67,7 @@ Decoder = Callable[[dict[str, Any], InputConfig], Any]  # sample -> Clip (pyav) 
 DECODERS = ("auto", "dali", "pyav")
 # The version of the loader's state_dict. 1: written before the state recorded one (the same fields).
 DATA_STATE_VERSION = 2
+PREFETCH = 2  # the DataLoader's prefetch_factor: batches each worker makes ahead
 
 
 def resolve_decoder(name: str) -> str:
@@ -316,6 +318,9 @@ class ClipStream(IterableDataset):
         self.decoder, self.gpu = decoder, gpu
         self.exclude_keys = exclude_keys
         self.finish = finish  # resolved (loader | device) in the main process
+        # Where workers' raw batches give their shared-memory blocks back (made before the workers fork).
+        self.returns = BufferReturns(data.num_workers) if data.num_workers > 0 and finish == "device" \
+            and decoder == "pyav" else None
 
     def __iter__(self) -> Iterator[Batch | PendingBatch]:
         info = get_worker_info()
@@ -352,6 +357,10 @@ class ClipStream(IterableDataset):
             bad.append(f"{storage.redact(t.url)}: {t.error} (after {t.after_samples} samples)")
 
         clips: list[Any] = []  # per decoded clip, its `repeats` samples
+        # A worker's raw batches stack into blocks the trainer gives back: those of the batches in flight
+        # (the DataLoader's prefetch and the pinned one) and of the group of repeats being handed out.
+        pool = self.returns.pool(physical, keep=3 * (PREFETCH + 2 + repeats)) \
+            if self.returns is not None and info is not None else None
         stream = iter_slot(self.urls, self.data.shuffle_seed, slot, n_slots, start, on_trouble,
                            resampled=self.data.resampled, remainder=self.resume.remainder_of(logical))
         exclude, kept_epoch = self.exclude_keys, start.epoch
@@ -387,7 +396,7 @@ class ClipStream(IterableDataset):
                         state["group"] = {"start": group_start.to_dict(), "counts": group_counts,
                                           "done": r + 1, "of": repeats}
                     items = [c[r] for c in clips] if repeats > 1 else clips
-                    yield PendingBatch(items, state) if pending else collate(items, state, self.inputs)
+                    yield PendingBatch(items, state) if pending else collate(items, state, self.inputs, pool)
                 clips, bad, skip = [], [], 0
                 group_start, group_counts = position, dict(counts)
 
@@ -474,6 +483,11 @@ class BatchLoader:
         try:
             for item in self.loader:
                 batch = self._decode(item) if isinstance(item, PendingBatch) else item
+                if batch.lease is not None and self.stream is not None and self.stream.returns is not None:
+                    if batch.raw is not None and batch.raw.y.is_pinned():  # a copy: the blocks are free
+                        self.stream.returns.give_back(batch.lease)
+                    else:  # Batch.to gives them back once it has finished the batch
+                        batch.give_back = functools.partial(self.stream.returns.give_back, batch.lease)
                 self.state.update(batch)
                 if keys_file is not None:
                     keys_file.write((" ".join(batch.keys) + "\n").encode())
@@ -597,7 +611,7 @@ def build_loader(
         # DALI batches are bytes; its outputs land on the GPU directly.
         pin_memory=torch.cuda.is_available() and decoder == "pyav",
         persistent_workers=False,
-        prefetch_factor=2 if data.num_workers > 0 else None,
+        prefetch_factor=PREFETCH if data.num_workers > 0 else None,
         # Its own generator: starting workers must not draw from the global RNG, which the trainer
         # restores on resume (masking depends on it).
         generator=torch.Generator().manual_seed(data.shuffle_seed),

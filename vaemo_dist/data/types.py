@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import default_collate
 
+from vaemo_dist.data.buffers import BufferPool, Lease
 from vaemo_dist.data.finish import RawBatch, RawClip, finish, stackable
 
 if TYPE_CHECKING:
@@ -105,7 +107,10 @@ class Batch:
     """A collated micro-batch. `state` is the data position after this batch (for exact resume).
 
     With `data.finish: device`, video and audio are None and `raw` holds the decoded planes and
-    waveforms: `to(device, dtype)` finishes them there (`finish.finish`), so read video/audio after it."""
+    waveforms: `to(device, dtype)` finishes them there (`finish.finish`), so read video/audio after it.
+    A raw batch stacked into a worker's reusable shared-memory blocks (`lease`, data/buffers.py) is
+    consumed by `to()`: the blocks go back to the worker (`give_back`, set by the BatchLoader) and `raw`
+    is dropped, so nothing can read them after the worker has reused them."""
 
     video: torch.Tensor | None  # [B, 3, T, H, W]
     audio: torch.Tensor | None  # [B, 1, F, M]
@@ -113,39 +118,55 @@ class Batch:
     label: torch.Tensor  # [B] long, -1 where unknown
     state: dict[str, Any] = field(default_factory=dict)
     raw: RawBatch | None = None
+    lease: Lease | None = None
+    give_back: Callable[[], None] | None = field(default=None, repr=False, compare=False)
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Batch:
         if self.raw is not None:
             video, audio = finish(self.raw, device, dtype)
+            self.release()  # finished into new tensors: the blocks can be reused
         else:
-            assert self.video is not None and self.audio is not None
+            if self.video is None or self.audio is None:
+                raise RuntimeError("this batch was already finished (Batch.to) and its raw planes went "
+                                   "back to the loader worker: use the batch that to() returned")
             video = self.video.to(device, dtype=dtype, non_blocking=True)
             audio = self.audio.to(device, dtype=dtype, non_blocking=True)
         return Batch(video=video, audio=audio, keys=self.keys, label=self.label.to(device, non_blocking=True),
                      state=self.state)
 
+    def release(self) -> None:
+        """Give a leased raw batch's blocks back to its worker and drop `raw` (nothing here may read
+        them after this); nothing for other batches. `to()` calls it once it has finished the batch."""
+        if self.give_back is not None:
+            self.give_back()
+            self.raw, self.give_back = None, None
+
     def pin_memory(self) -> Batch:
-        """Page-locked copies for fast host -> GPU transfer (the DataLoader's pin_memory calls this)."""
+        """Page-locked copies for fast host -> GPU transfer (the DataLoader's pin_memory calls this).
+        The copy keeps the lease: its shared-memory blocks can go back as soon as it exists."""
         return Batch(video=None if self.video is None else self.video.pin_memory(),
                      audio=None if self.audio is None else self.audio.pin_memory(), keys=self.keys,
                      label=self.label.pin_memory(), state=self.state,
-                     raw=None if self.raw is None else self.raw.pin_memory())
+                     raw=None if self.raw is None else self.raw.pin_memory(), lease=self.lease)
 
     def __len__(self) -> int:
         return len(self.keys)
 
 
-def collate(clips: list[Clip], state: dict[str, Any] | None = None, inputs: Any = None) -> Batch:
+def collate(clips: list[Clip], state: dict[str, Any] | None = None, inputs: Any = None,
+            pool: BufferPool | None = None) -> Batch:
     """Stack clips into a Batch. Raw clips (`data.finish: device`) stack into `Batch.raw` when they all
     are raw with equal shapes; otherwise (mixed frame sizes, or some clips finished by the loader because
     their pixels cannot be converted on the device) every raw clip is finished here on the CPU, so the
-    batch is always one or the other. `inputs` (the InputConfig) is needed only for raw clips."""
+    batch is always one or the other. `inputs` (the InputConfig) is needed only for raw clips. `pool`
+    (a DataLoader worker's, data/buffers.py): raw planes stack into its reusable blocks."""
     keys = [c.key for c in clips]
     label = torch.tensor([c.label for c in clips], dtype=torch.long)
     raws = [c.raw for c in clips if c.raw is not None]
     if raws and len(raws) == len(clips) and stackable(raws):
-        return Batch(video=None, audio=None, keys=keys, label=label, state=state or {},
-                     raw=RawBatch.stack(raws, inputs, stack))
+        raw = RawBatch.stack(raws, inputs, stack if pool is None else pool.stack)
+        return Batch(video=None, audio=None, keys=keys, label=label, state=state or {}, raw=raw,
+                     lease=None if pool is None else pool.lease())
     if raws:
         clips = [c.finished(inputs) for c in clips]
     return Batch(video=stack([c.video for c in clips]), audio=stack([c.audio for c in clips]),
