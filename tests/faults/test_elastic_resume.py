@@ -57,6 +57,18 @@ def zero1_stopped(corpus, tmp_path_factory) -> Path:
     return root
 
 
+TP2 = ["parallel.tensor=2", "model.heads=4"]
+
+
+@pytest.fixture(scope="module")
+def tp2_stopped(corpus, tmp_path_factory) -> Path:
+    """4 processes, tensor parallel 2 x data parallel 2, ZeRO-2, stopped after step 3 of the 6-step epoch
+    (checkpoints at steps 2 and 3): the first run of both tensor-parallel resume tests."""
+    root = tmp_path_factory.mktemp("tp2")
+    launch(root, corpus, 4, *common(root, 2), *TP2, "train.stop_at=3")
+    return root
+
+
 def stopped_copy(zero1_stopped: Path, tmp_path: Path) -> Path:
     root = tmp_path / "copy"
     shutil.copytree(zero1_stopped, root)
@@ -162,17 +174,16 @@ def test_one_process_resumes_on_two(corpus, tmp_path):
     assert_epoch_once_and_schedule_continued(tmp_path)
 
 
-def test_tensor_parallel_2_x_data_parallel_2_resumes_on_tensor_parallel_2_x_1(corpus, tmp_path):
+def test_tensor_parallel_2_x_data_parallel_2_resumes_on_tensor_parallel_2_x_1(corpus, tp2_stopped, tmp_path):
     """4 processes (TP 2 x DP 2, ZeRO-2) onto 2 (TP 2 x DP 1): the universal conversion joins the
     tensor-parallel shards and the load cuts them again the same way."""
-    tp = ["parallel.tensor=2", "model.heads=4"]
-    launch(tmp_path, corpus, 4, *common(tmp_path, 2), *tp, "train.stop_at=3")
-    text = output(launch(tmp_path, corpus, 2, *common(tmp_path, 2), *tp, "train.grad_accum=2", "--resume",
+    root = stopped_copy(tp2_stopped, tmp_path)
+    text = output(launch(root, corpus, 2, *common(root, 2), *TP2, "train.grad_accum=2", "--resume",
                          "latest"))
     assert "resumed from 2 ranks x 1 workers onto 1 x 1: step 3" in text, text[-3000:]
     assert "tensor parallel 2 kept" in text
-    assert_carried(tmp_path, 3)
-    assert_epoch_once_and_schedule_continued(tmp_path, ranks=(0, 2))  # one rank of each old TP group
+    assert_carried(root, 3)
+    assert_epoch_once_and_schedule_continued(root, ranks=(0, 2))  # one rank of each old TP group
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
@@ -196,32 +207,32 @@ def keys_of(folder: Path, ranks: tuple[int, ...]) -> Counter:
     return keys
 
 
-def test_tensor_parallel_degree_changes(corpus, tmp_path):
-    """TP 2 x DP 2 (4 processes, ZeRO-2) -> TP 1 x DP 2 -> TP 2 x DP 1 (2 micro-steps): the
-    weights and Adam moments after each load are those saved (full tensors, bit for bit); the fixed
-    probe batch's loss under the new layout equals the saving layout's within 1e-5; over the epoch every
-    key is trained once (each launch logs its keys to a folder of its own; one rank per TP group counted)
-    and the schedule and Adam's step go on."""
-    heads, tp2, logs = "model.heads=4", "parallel.tensor=2", tmp_path / "keys"
+def test_tensor_parallel_degree_changes(corpus, tp2_stopped, tmp_path):
+    """TP 2 x DP 2 (4 processes, ZeRO-2, to step 3: tp2_stopped) -> TP 1 x DP 2 (step 4) -> TP 2 x DP 1
+    (2 micro-steps): the weights and Adam moments after each load are those saved (full tensors, bit for
+    bit); the fixed probe batch's loss under the new layout equals the saving layout's within 1e-5; over
+    the epoch every key is trained once (each launch logs its keys to a folder of its own; one rank per
+    TP group counted) and the schedule and Adam's step go on."""
+    root = stopped_copy(tp2_stopped, tmp_path)
+    heads, tp2, logs = "model.heads=4", "parallel.tensor=2", root / "keys"
     base = [f"train.steps={STEPS}", "train.ckpt_every=2", "train.keep_last=0", "train.zero_stage=2", heads]
-    launch(tmp_path, corpus, 4, *base, tp2, "train.stop_at=2", f"data.log_keys={logs / 'a'}")
-    first = output(launch(tmp_path, corpus, 2, *base, "train.stop_at=4", f"data.log_keys={logs / 'b'}",
+    first = output(launch(root, corpus, 2, *base, "train.stop_at=4", f"data.log_keys={logs / 'b'}",
                           "--resume", "latest"))
     assert ("resume plan: DP 2 x TP 2 x ZeRO-2 x 1 workers -> DP 2 x TP 1 x ZeRO-2 x 1 workers: optimizer "
             "state re-partitioned from the universal checkpoint; tensor-parallel shards and their Adam "
             "moments re-cut from TP 2 to TP 1; data slots unchanged") in first, first[-3000:]
     assert "re-cut the universal checkpoint from tensor parallel 2 to 1" in first
     assert "tensor parallel 2 -> 1" in first and "tensor parallel 1 kept" not in first
-    second = output(launch(tmp_path, corpus, 2, *base, tp2, "train.grad_accum=2",
+    second = output(launch(root, corpus, 2, *base, tp2, "train.grad_accum=2",
                            f"data.log_keys={logs / 'c'}", "--resume", "latest"))
     assert ("DP 2 x TP 1 x ZeRO-2 x 1 workers -> DP 1 x TP 2 x ZeRO-2 x 1 workers" in second
             and "batch composition differs from an un-resized run" in second), second[-3000:]
-    figures = {step: assert_carried(tmp_path, step) for step in (2, 4)}
+    figures = {step: assert_carried(root, step) for step in (3, 4)}
     print("probe loss |diff|, Adam max abs diff:", figures)
     assert all(loss <= 1e-5 and adam == 0.0 for loss, adam in figures.values()), figures
-    keys = keys_of(logs / "a", (0, 2)) + keys_of(logs / "b", (0, 1)) + keys_of(logs / "c", (0,))
+    keys = keys_of(root / "run" / "keys", (0, 2)) + keys_of(logs / "b", (0, 1)) + keys_of(logs / "c", (0,))
     assert len(keys) == 48 and set(keys.values()) == {1}, keys
-    recs = records(tmp_path)
+    recs = records(root)
     assert [r["step"] for r in recs] == list(range(1, STEPS + 1)) and recs[-1]["optimizer_steps"] == STEPS
 
 

@@ -1,5 +1,6 @@
 """A real micro sweep through `python -m vaemo_dist.sweep` and the deepspeed launcher (1 CPU process per
-point): the first point is interrupted, the sweep resumes it, and a finished point is never run again."""
+point): the first point is interrupted, the sweep resumes it, and a finished point is never run again.
+The commands that launch nothing (plan, report, a run with every point done) run in this process."""
 
 from __future__ import annotations
 
