@@ -166,3 +166,19 @@ def test_full_and_cross_weights_do_not_load_into_each_other():
     full, cross = state(), state("model.decoder=cross", "model.decode_fraction=0.25")
     assert set(full) != set(cross)
     assert cross == state("model.decoder=cross", "model.decode_fraction=1.0")
+
+
+def test_an_export_without_the_decoder_starts_any_decoder_fresh(tmp_path, caplog):
+    # The export carries no decoder weights: a run with another decoder kind or size may start from
+    # it (the decoder starts fresh, said in the log); the encoder's shape keys still must match.
+    folder, _ = _export(tmp_path)
+    base = ["inputs.video.frames=4", "inputs.video.size=32", "inputs.audio.frames=32", "model.depth=1"]
+    other = load_config(None, [*base, "model.decoder=cross", "model.decoder_depth=2"])
+    with caplog.at_level("WARNING"):
+        checkpoints.check_compatible(other, folder)
+    assert "model.decoder: 'full' in the export, 'cross' here (the export has no decoder" in caplog.text
+    with pytest.raises(ValueError, match=r"model\.depth: 1 in the export, 2 here"):
+        checkpoints.check_compatible(load_config(None, [*base[:3], "model.depth=2"]), folder)
+    with_decoder, _ = _export(tmp_path / "d", with_decoder=True)  # its decoder is loaded: kinds must match
+    with pytest.raises(ValueError, match=r"model\.decoder: 'full' in the export, 'cross' here"):
+        checkpoints.check_compatible(other, with_decoder)

@@ -648,6 +648,7 @@ _SHAPE_KEYS = {"model": ("dim", "depth", "heads", "mlp_ratio", "decoder", "decod
                          "decoder_heads", "embed_dim"),
                "inputs.video": ("frames", "size", "tubelet", "patch"),
                "inputs.audio": ("n_mels", "frames", "patch")}
+_DECODER_KEYS = ("decoder", "decoder_dim", "decoder_depth", "decoder_heads")
 
 
 def check_compatible(cfg: Config, folder: Path) -> None:
@@ -667,6 +668,9 @@ def check_compatible(cfg: Config, folder: Path) -> None:
     # A key the checkpoint's config lacks (written before the key existed) had its default then.
     sections = {"model": cfg.model, "inputs.video": cfg.inputs.video, "inputs.audio": cfg.inputs.audio}
     defaults = {section: dataclasses.asdict(type(dc)()) for section, dc in sections.items()}
+    # An export made without the decoder brings no decoder weights: this run's decoder (whatever its
+    # kind and size) starts from its initial weights, so its keys need not match.
+    no_decoder = what == "export" and raw.get("includes_decoder") is False
     errors, notes = [], []
     for section, values in ours.items():
         for key, value in values.items():
@@ -674,7 +678,10 @@ def check_compatible(cfg: Config, folder: Path) -> None:
             if key == "preset" or before == value:
                 continue
             line = f"{section}.{key}: {before!r} in the {what}, {value!r} here"
-            (errors if key in _SHAPE_KEYS.get(section, ()) else notes).append(line)
+            shape = key in _SHAPE_KEYS.get(section, ())
+            if shape and no_decoder and section == "model" and key in _DECODER_KEYS:
+                shape, line = False, line + " (the export has no decoder: this run's starts fresh)"
+            (errors if shape else notes).append(line)
     if errors:
         raise ValueError(f"stage2.init_from={folder}: the architecture differs: " + "; ".join(errors))
     for line in notes:
