@@ -232,43 +232,61 @@ def test_synthetic_corpus_keyint(tmp_path):
         validate(bad)
 
 
+def loader_sample(key: str, frames: np.ndarray, keyint: int, window: tuple[int, int], seed: int):
+    """(a shard sample of `frames` as H.264 in mp4 with FLAC audio, inputs of `window` = (frames, stride)
+    at 32 px)."""
+    from vaemo_dist.config import InputConfig
+    from vaemo_dist.data.synth import encode_audio, synth_audio
+
+    n = len(frames)
+    wave, _ = synth_audio(1, 4, int(n / 25 * 16000), np.random.default_rng(seed))
+    meta = {"frames": n, "fps": 25, "duration": n / 25, "label": 1, "chroma_siting": "center"}
+    sample = {"__key__": key, "mp4": encode(frames, "h264", "mp4", keyint=keyint),
+              "flac": encode_audio(wave, 16000), "json": json.dumps(meta).encode()}
+    inputs = InputConfig()
+    inputs.video.frames, inputs.video.stride, inputs.video.size = *window, 32
+    inputs.audio.frames = 32
+    return sample, inputs
+
+
+def recording(seen: list[int]):
+    """seek.frames_from, noting every index it yields in `seen`."""
+    def spy(container, stream, first, fps, wanted=None):
+        for index, frame in frames_from(container, stream, first, fps, wanted):
+            seen.append(index)
+            yield index, frame
+    return spy
+
+
+def from_frame_0(container, stream, first, fps, wanted=None):
+    """The reference: every frame decoded from the first, whatever the caller wants."""
+    yield from enumerate(container.decode(stream))
+
+
+def assert_same_clips(got, reference, raw: bool) -> None:
+    for a, b in zip(got, reference, strict=True):
+        assert a.meta == b.meta
+        if raw:
+            assert all(torch.equal(x, y) for x, y in zip(a.raw.y + a.raw.u + a.raw.v,
+                                                          b.raw.y + b.raw.u + b.raw.v, strict=True))
+            assert torch.equal(a.raw.wave, b.raw.wave)
+        else:
+            assert torch.equal(a.video, b.video) and torch.equal(a.audio, b.audio)
+
+
 @pytest.mark.parametrize("raw", [False, True])
 def test_the_loader_decode_seeks_into_long_clips_and_gives_what_a_full_decode_gives(monkeypatch, raw):
     # A 4.8 s clip with a keyframe every 12 frames: the centred window starts past 1 s, so decode_pyav
     # starts at the keyframe before it; the clip it makes must equal one decoded from frame 0.
-    from vaemo_dist.config import InputConfig
     from vaemo_dist.data import decode_pyav
-    from vaemo_dist.data.synth import encode_audio, synth_audio
 
-    rng = np.random.default_rng(5)
-    frames = moving_frames(120, 48)
-    wave, _ = synth_audio(1, 4, int(120 / 25 * 16000), rng)
-    meta = {"frames": 120, "fps": 25, "duration": 4.8, "label": 1, "chroma_siting": "center"}
-    sample = {"__key__": "long", "mp4": encode(frames, "h264", "mp4", keyint=12),
-              "flac": encode_audio(wave, 16000), "json": json.dumps(meta).encode()}
-    inputs = InputConfig()
-    inputs.video.frames, inputs.video.stride, inputs.video.size = 4, 3, 32
-    inputs.audio.frames = 32
-    starts = []
-    real = decode_pyav.frames_from
-
-    def spy(container, stream, first, fps, wanted=None):
-        for index, frame in real(container, stream, first, fps, wanted):
-            starts.append(index)
-            yield index, frame
-
-    monkeypatch.setattr(decode_pyav, "frames_from", spy)
+    sample, inputs = loader_sample("long", moving_frames(120, 48), 12, (4, 3), 5)
+    starts: list[int] = []
+    monkeypatch.setattr(decode_pyav, "frames_from", recording(starts))
     seeked = decode_pyav.decode_repeats(sample, inputs, None, 2, raw=raw)
     assert starts and 25 <= starts[0] <= seeked[0].meta["frame_indices"][0]  # began at a later keyframe
-    monkeypatch.setattr(decode_pyav, "SEEK_FROM_S", 1e9)  # never seek: decode from frame 0
-    full = decode_pyav.decode_repeats(sample, inputs, None, 2, raw=raw)
-    for a, b in zip(seeked, full, strict=True):
-        assert a.meta == b.meta
-        if raw:
-            assert all(torch.equal(x, y) for x, y in zip(a.raw.y + a.raw.u, b.raw.y + b.raw.u, strict=True))
-            assert torch.equal(a.raw.wave, b.raw.wave)
-        else:
-            assert torch.equal(a.video, b.video) and torch.equal(a.audio, b.audio)
+    monkeypatch.setattr(decode_pyav, "frames_from", from_frame_0)
+    assert_same_clips(seeked, decode_pyav.decode_repeats(sample, inputs, None, 2, raw=raw), raw)
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,42 +386,15 @@ def test_disposable_reads_the_nal_headers(payload, expected):
 
 def test_the_loader_leaves_out_unwanted_b_frames_and_gives_what_a_full_decode_gives(monkeypatch):
     # decode_pyav asks frames_from to leave out what its windows do not need; the clip it makes equals
-    # the one a decode of every frame makes (frames_from without `wanted`).
-    from vaemo_dist.config import InputConfig
+    # the one a decode of every frame from the first makes.
     from vaemo_dist.data import decode_pyav
-    from vaemo_dist.data.synth import encode_audio, synth_audio
 
-    rng = np.random.default_rng(3)
-    wave, _ = synth_audio(1, 4, int(64 / 25 * 16000), rng)
-    meta = {"frames": N_FRAMES, "fps": 25, "duration": N_FRAMES / 25, "label": 0, "chroma_siting": "center"}
-    sample = {"__key__": "b", "mp4": encode(moving_frames(), "h264", "mp4"),
-              "flac": encode_audio(wave, 16000), "json": json.dumps(meta).encode()}
-    inputs = InputConfig()
-    inputs.video.frames, inputs.video.stride, inputs.video.size = 8, 4, 32
-    inputs.audio.frames = 32
-    seen = []
-    real = decode_pyav.frames_from
-
-    def spy(container, stream, first, fps, wanted=None):
-        for index, frame in real(container, stream, first, fps, wanted):
-            seen.append(index)
-            yield index, frame
-
-    def every_frame(container, stream, first, fps, wanted=None):
-        yield from real(container, stream, first, fps)
-
+    sample, inputs = loader_sample("b", moving_frames(), 0, (8, 4), 3)
     for raw in (False, True):
-        seen.clear()
-        monkeypatch.setattr(decode_pyav, "frames_from", spy)
+        seen: list[int] = []
+        monkeypatch.setattr(decode_pyav, "frames_from", recording(seen))
         skipped = decode_pyav.decode_repeats(sample, inputs, None, 2, raw=raw)
         last = max(max(c.meta["frame_indices"]) for c in skipped)
         assert len(seen) < last + 1  # some frames before the windows' end were never decoded
-        monkeypatch.setattr(decode_pyav, "frames_from", every_frame)
-        full = decode_pyav.decode_repeats(sample, inputs, None, 2, raw=raw)
-        for a, b in zip(skipped, full, strict=True):
-            assert a.meta == b.meta
-            if raw:
-                assert all(torch.equal(x, y) for x, y in zip(a.raw.y + a.raw.u + a.raw.v,
-                                                              b.raw.y + b.raw.u + b.raw.v, strict=True))
-            else:
-                assert torch.equal(a.video, b.video) and torch.equal(a.audio, b.audio)
+        monkeypatch.setattr(decode_pyav, "frames_from", from_frame_0)
+        assert_same_clips(skipped, decode_pyav.decode_repeats(sample, inputs, None, 2, raw=raw), raw)
