@@ -156,20 +156,24 @@ def test_stream_without_pts_is_decoded_from_the_start():
     assert all(np.array_equal(f, reference[i]) for i, f in out)
 
 
-def test_a_frame_off_its_promised_index_restarts_from_the_start(clips, monkeypatch):
-    # After the seek, a decoded frame whose pts is not the index expected makes the rest come from a
-    # sequential decode: nothing yielded twice, nothing skipped, every frame still right.
-    data = clips[("vp9", "webm", 12)]
-    reference = sequential(data)
+def misplace_decoded_frame(monkeypatch, n: int) -> None:
+    """Make the n-th decoded frame's pts read as off the grid (the packet scan's N_FRAMES reads first)."""
     calls = {"n": 0}
     true_index = seek.grid_index
 
     def flaky(pts, grid):
         calls["n"] += 1
-        if calls["n"] == N_FRAMES + 3:  # the packet scan makes N_FRAMES calls; then the 3rd decoded frame
-            return -1
-        return true_index(pts, grid)
+        return -1 if calls["n"] == N_FRAMES + n else true_index(pts, grid)
 
+    monkeypatch.setattr(seek, "grid_index", flaky)
+
+
+def test_a_frame_off_its_promised_index_restarts_from_the_start(clips, monkeypatch):
+    # After the seek, a decoded frame whose pts is not the index expected makes the rest come from a
+    # sequential decode: nothing yielded twice, nothing skipped, every frame still right.
+    data = clips[("vp9", "webm", 12)]
+    reference = sequential(data)
+    misplace_decoded_frame(monkeypatch, 3)
     restarts = []
     true_sequential = seek._sequential
 
@@ -177,7 +181,6 @@ def test_a_frame_off_its_promised_index_restarts_from_the_start(clips, monkeypat
         restarts.append(skip_below)
         return true_sequential(packets, skip_below)
 
-    monkeypatch.setattr(seek, "grid_index", flaky)
     monkeypatch.setattr(seek, "_sequential", spy)
     out = from_first(data, 30)
     assert restarts == [26]  # 24 and 25 came from the seek, the rest from the restart
@@ -356,14 +359,7 @@ def test_a_frame_off_its_promised_index_while_skipping_restarts_and_still_gives_
         clips, monkeypatch):
     data = clips[("h264", "mp4", 0)]
     reference = sequential(data)
-    calls = {"n": 0}
-    true_index = seek.grid_index
-
-    def flaky(pts, grid):
-        calls["n"] += 1
-        return -1 if calls["n"] == N_FRAMES + 4 else true_index(pts, grid)  # the 4th decoded frame
-
-    monkeypatch.setattr(seek, "grid_index", flaky)
+    misplace_decoded_frame(monkeypatch, 4)
     wanted = set(range(0, N_FRAMES, 4))
     out = decoded_with(data, 0, wanted)
     indices = [i for i, _ in out]
