@@ -9,15 +9,17 @@ variant that stores every k-th frame (frames[::k]) at 25/k fps (k = 4: 6.25 fps,
 fraction 25/4), keyints counted in stored frames. For each, the centred window of the base preset
 (16 frames, stride 4: 61 frames span) is decoded, on a k-variant as 16 frames at stride 4/k: the same
 instants up to the storage grid (the centred window of the stored frames may start up to k-1 source
-frames earlier; the table's "first" column gives the window's first frame in source frames). Two ways,
+frames earlier; the table's "first" column gives the window's first frame in source frames). Three ways,
 side by side in one run on one pinned core (one torch thread):
 
-* today: from the clip's first frame up to the window's last (decode_pyav.decode_video_windows'
-  loop), converting only the window's frames to RGB;
+* today: from the clip's first frame up to the window's last (a plain sequential decode), converting
+  only the window's frames to RGB;
 * seek: from the keyframe at or before the window's first frame (data/seek.py `frames_from`), the
-  same conversion.
+  same conversion;
+* loader: what the loader does since session 7: the seek, leaving out the H.264 pictures no window frame
+  needs (`frames_from`'s `wanted`), and the container opened with `decode_pyav.VIDEO_PROBE`.
 
-Both give the same frames (checked on every clip). Timings are the fastest of `--rounds` passes over
+All give the same frames (checked on every clip). Timings are the fastest of `--rounds` passes over
 all clips (the machine may be shared); per-clip rate = 1 / time per clip, on one core. "vs today" is a
 row's seek rate over the rate of its clip length's 25 fps default-GOP row decoded from the start (how
 shards are written and read today), measured in the same run: compare these ratios across machines,
@@ -42,7 +44,7 @@ import torch
 
 from vaemo_dist.config import SynthConfig
 from vaemo_dist.data import synth
-from vaemo_dist.data.decode_pyav import RGB_CONVERSION, window_indices
+from vaemo_dist.data.decode_pyav import RGB_CONVERSION, VIDEO_PROBE, window_indices
 from vaemo_dist.data.seek import frames_from
 
 
@@ -57,14 +59,18 @@ def pin(cpu: int | None) -> int:
     return cpu
 
 
-def decode_window(data: bytes, wanted: list[int], seek: bool) -> tuple[dict[int, np.ndarray], int]:
-    """The window's frames as RGB ({index: array}) and how many frames were decoded."""
+WAYS = ("today", "seek", "loader")
+
+
+def decode_window(data: bytes, wanted: list[int], way: str) -> tuple[dict[int, np.ndarray], int]:
+    """The window's frames as RGB ({index: array}) and how many frames were decoded, one of WAYS."""
     last, kept, decoded = max(wanted), {}, 0
-    with av.open(io.BytesIO(data)) as container:
+    with av.open(io.BytesIO(data), options=VIDEO_PROBE if way == "loader" else None) as container:
         stream = container.streams.video[0]
-        if seek:
+        if way != "today":
             fps = float(stream.average_rate or stream.guessed_rate or 25)
-            frames = frames_from(container, stream, min(wanted), fps)
+            leave_out = set(wanted) if way == "loader" else None
+            frames = frames_from(container, stream, min(wanted), fps, leave_out)
         else:
             frames = enumerate(container.decode(stream))
         for index, frame in frames:
@@ -111,51 +117,55 @@ def measure(clips: list[bytes], frames: int, stride: int, rounds: int) -> dict[s
         with av.open(io.BytesIO(data)) as container:
             totals.append(container.streams.video[0].frames)
         windows.append(window_indices(totals[-1], frames, stride))
-    decoded = {"today": 0, "seek": 0}
-    for data, wanted in zip(clips, windows):  # same frames both ways (and a warm-up)
-        a, decoded_today = decode_window(data, wanted, seek=False)
-        b, decoded_seek = decode_window(data, wanted, seek=True)
-        if a.keys() != b.keys() or any(not np.array_equal(a[i], b[i]) for i in a):
-            raise AssertionError("seeking gave other frames than decoding from the start")
-        decoded["today"] += decoded_today
-        decoded["seek"] += decoded_seek
-    best = {"today": float("inf"), "seek": float("inf")}
+    decoded = dict.fromkeys(WAYS, 0)
+    for data, wanted in zip(clips, windows):  # same frames every way (and a warm-up)
+        reference, n = decode_window(data, wanted, "today")
+        decoded["today"] += n
+        for way in WAYS[1:]:
+            got, n = decode_window(data, wanted, way)
+            if got.keys() != reference.keys() or any(not np.array_equal(got[i], reference[i]) for i in got):
+                raise AssertionError(f"{way} gave other frames than decoding from the start")
+            decoded[way] += n
+    best = dict.fromkeys(WAYS, float("inf"))
     for _ in range(rounds):
-        for way in ("today", "seek"):  # alternated, so drifts of a shared machine hit both alike
+        for way in WAYS:  # alternated, so drifts of a shared machine hit every way alike
             start = time.perf_counter()
             for data, wanted in zip(clips, windows):
-                decode_window(data, wanted, seek=way == "seek")
+                decode_window(data, wanted, way)
             best[way] = min(best[way], (time.perf_counter() - start) / len(clips))
     n = len(clips)
     return {
         "bytes_per_clip": sum(map(len, clips)) / n,
         "frames_per_clip": totals[0],
         "window_first": windows[0][0], "window_last": windows[0][-1],
-        "decoded_per_clip_today": decoded["today"] / n, "decoded_per_clip_seek": decoded["seek"] / n,
-        "ms_per_clip_today": 1e3 * best["today"], "ms_per_clip_seek": 1e3 * best["seek"],
-        "clips_per_s_per_core_today": 1.0 / best["today"], "clips_per_s_per_core_seek": 1.0 / best["seek"],
-        "speedup": best["today"] / best["seek"],
+        **{f"decoded_per_clip_{w}": decoded[w] / n for w in WAYS},
+        **{f"ms_per_clip_{w}": 1e3 * best[w] for w in WAYS},
+        **{f"clips_per_s_per_core_{w}": 1.0 / best[w] for w in WAYS},
+        "speedup": best["today"] / best["seek"], "loader_speedup": best["today"] / best["loader"],
     }
 
 
-def vs_today(row: dict[str, Any], rows: list[dict[str, Any]]) -> float | None:
-    """The row's seek rate over the rate of its clip length's 25 fps default-GOP row decoded from the
-    start (shards as written and read today), or None when `rows` has no such row."""
+def vs_today(row: dict[str, Any], rows: list[dict[str, Any]], way: str = "seek") -> float | None:
+    """The row's rate decoded `way` over the rate of its clip length's 25 fps default-GOP row decoded
+    from the start (shards as written and read before issue 19), or None when `rows` has no such row."""
     for r in rows:
         if r["duration"] == row["duration"] and r.get("fps_div", 1) == 1 and r["keyint"] == 0:
-            return row["clips_per_s_per_core_seek"] / r["clips_per_s_per_core_today"]
+            return row[f"clips_per_s_per_core_{way}"] / r["clips_per_s_per_core_today"]
     return None
 
 
 def table(rows: list[dict[str, Any]], all_rows: list[dict[str, Any]] | None = None) -> str:
     """Markdown table of `rows`; "vs today" looks for its baseline among `all_rows` (default: `rows`)."""
     lines = ["| clip | fps | keyint | first | KiB/clip | frames decoded today / seek | ms/clip today | "
-             "ms/clip seek | clips/s/core today | clips/s/core seek | seek speed-up | vs today |",
-             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "ms/clip seek | clips/s/core today | clips/s/core seek | seek speed-up | vs today | "
+             "frames decoded loader | ms/clip loader | loader vs today |",
+             "| --- | ---: | --- |" + " ---: |" * 12]
     for r in rows:
         keyint = {0: "default (250)", 1: "1 (all intra)"}.get(r["keyint"], str(r["keyint"]))
         clip = f"{r['duration']:g} s ({r['frames_per_clip']} fr)"
         ratio = vs_today(r, rows if all_rows is None else all_rows)
+        has_loader = "ms_per_clip_loader" in r  # rows of JSON written before the loader way existed
+        loader = vs_today(r, rows if all_rows is None else all_rows, "loader") if has_loader else None
         lines.append(
             f"| {clip} | {r.get('fps', 25):g} | {keyint} | {r.get('window_first_source', r['window_first'])} "
             "| "
@@ -163,7 +173,9 @@ def table(rows: list[dict[str, Any]], all_rows: list[dict[str, Any]] | None = No
             f"{r['decoded_per_clip_today']:.0f} / {r['decoded_per_clip_seek']:.0f} | "
             f"{r['ms_per_clip_today']:.2f} | {r['ms_per_clip_seek']:.2f} | "
             f"{r['clips_per_s_per_core_today']:.0f} | {r['clips_per_s_per_core_seek']:.0f} | "
-            f"{r['speedup']:.2f}x | {'-' if ratio is None else f'{ratio:.2f}x'} |")
+            f"{r['speedup']:.2f}x | {'-' if ratio is None else f'{ratio:.2f}x'} | "
+            + (f"{r['decoded_per_clip_loader']:.0f} | {r['ms_per_clip_loader']:.2f} | "
+               f"{'-' if loader is None else f'{loader:.2f}x'} |" if has_loader else "- | - | - |"))
     return "\n".join(lines)
 
 

@@ -58,23 +58,36 @@ def test_a_quarter_rate_clip_is_stored_at_exactly_six_and_a_quarter_fps_and_seek
     assert row["decoded_per_clip_today"] == 33 and row["decoded_per_clip_seek"] == 21
     row0 = bench_layout.measure(encoded[(8.0, 4, 0)], 16, 1, rounds=1)
     assert row0["decoded_per_clip_seek"] == 33  # one keyframe: nothing to skip
+    # The loader way also leaves out unneeded non-reference pictures: before the window (all of the
+    # window is needed at stride 1) and, at full rate and stride 4, inside it as well.
+    assert row["decoded_per_clip_loader"] <= 21 and row0["decoded_per_clip_loader"] < 33
+    full_rate = bench_layout.measure(encoded[(8.0, 1, 0)], 16, 4, rounds=1)
+    assert full_rate["decoded_per_clip_loader"] < 0.75 * full_rate["decoded_per_clip_seek"] == 0.75 * 130
 
 
-def _row(duration, fps_div, keyint, today, seek):
-    return {"duration": duration, "fps_div": fps_div, "fps": 25 / fps_div, "keyint": keyint,
-            "window_first_source": 9, "window_first": 9, "frames_per_clip": 80, "bytes_per_clip": 1024.0,
-            "decoded_per_clip_today": 70, "decoded_per_clip_seek": 70, "ms_per_clip_today": 1e3 / today,
-            "ms_per_clip_seek": 1e3 / seek, "clips_per_s_per_core_today": today,
-            "clips_per_s_per_core_seek": seek, "speedup": seek / today}
+def _row(duration, fps_div, keyint, today, seek, loader=None):
+    row = {"duration": duration, "fps_div": fps_div, "fps": 25 / fps_div, "keyint": keyint,
+           "window_first_source": 9, "window_first": 9, "frames_per_clip": 80, "bytes_per_clip": 1024.0,
+           "decoded_per_clip_today": 70, "decoded_per_clip_seek": 70, "ms_per_clip_today": 1e3 / today,
+           "ms_per_clip_seek": 1e3 / seek, "clips_per_s_per_core_today": today,
+           "clips_per_s_per_core_seek": seek, "speedup": seek / today}
+    if loader is not None:  # rows written before the loader way existed have none
+        row.update({"decoded_per_clip_loader": 40, "ms_per_clip_loader": 1e3 / loader,
+                    "clips_per_s_per_core_loader": loader, "loader_speedup": loader / today})
+    return row
 
 
-def test_vs_today_is_a_rows_seek_rate_over_its_lengths_default_full_rate_rate():
-    rows = [_row(3.2, 1, 0, 100.0, 110.0), _row(3.2, 4, 12, 300.0, 250.0), _row(8.0, 4, 0, 50.0, 60.0)]
+def test_vs_today_is_a_rows_rate_over_its_lengths_default_full_rate_rate():
+    rows = [_row(3.2, 1, 0, 100.0, 110.0, 125.0), _row(3.2, 4, 12, 300.0, 250.0, 260.0),
+            _row(8.0, 4, 0, 50.0, 60.0)]
     lines = bench_layout.table(rows).splitlines()
     assert len({ln.count("|") for ln in lines}) == 1
+    header = [c.strip() for c in lines[0].split("|")]
     cells = [[c.strip() for c in ln.split("|")] for ln in lines[2:]]
-    assert [c[2] for c in cells] == ["25", "6.25", "6.25"]
-    assert [c[-2] for c in cells] == ["1.10x", "2.50x", "-"]  # no 8 s baseline row: no ratio
+    column = {name: [c[header.index(name)] for c in cells] for name in ("fps", "vs today", "loader vs today")}
+    assert column["fps"] == ["25", "6.25", "6.25"]
+    assert column["vs today"] == ["1.10x", "2.50x", "-"]  # no 8 s baseline row: no ratio
+    assert column["loader vs today"] == ["1.25x", "2.60x", "-"]
 
 
 @pytest.mark.parametrize("value", ["3", "0", "1,x", "8"])
