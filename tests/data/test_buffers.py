@@ -10,7 +10,7 @@ import torch
 
 from vaemo_dist.config import InputConfig, load_config
 from vaemo_dist.data.buffers import BufferReturns, Lease
-from vaemo_dist.data.loader import build_loader
+from vaemo_dist.data.loader import PREFETCH, build_loader
 from vaemo_dist.data.shards import expand_shards
 
 
@@ -91,7 +91,9 @@ def test_worker_batches_in_reused_blocks_finish_as_the_in_process_loader_s(loade
         assert torch.equal(a.video, b.video) and torch.equal(a.audio, b.audio)
         with pytest.raises(RuntimeError, match="already finished"):
             got.to("cpu")
-    assert len(set(inodes)) < len(inodes)  # some batches came in given-back blocks
+    # Batches came in given-back blocks: no more distinct ones than batches can be out at once (the
+    # prefetch, the one being stacked, the trainer's, the pinned one).
+    assert len(set(inodes)) <= PREFETCH + 2 < len(inodes)
 
 
 def test_a_batch_held_by_the_trainer_keeps_its_data_while_the_loader_goes_on(loader_parts):
