@@ -51,14 +51,16 @@ class BufferReturns:
             self.queues[lease.worker].put((lease.pid, lease.tokens))
 
     def pool(self, worker: int, keep: int) -> BufferPool:
-        """The pool of worker `worker` (called inside that worker)."""
+        """The pool of worker `worker` (called inside that worker), holding the blocks of up to `keep`
+        batches."""
         return BufferPool(self.queues[worker], worker, keep)
 
 
 class BufferPool:
     """A worker's blocks: `stack` into a given-back block of the right shape, else a new one; `lease()`
-    names the blocks taken since the last lease (one batch's). At most `keep` blocks are held; beyond
-    that the longest-leased ones are forgotten (left to the batches that hold them)."""
+    names the blocks taken since the last lease (one batch's). The blocks of at most `keep` batches are
+    held (a batch's count: the most any lease named); beyond that the longest-leased ones are forgotten
+    (left to the batches that hold them)."""
 
     def __init__(self, queue: multiprocessing.queues.SimpleQueue, worker: int, keep: int) -> None:
         self.queue, self.worker, self.keep = queue, worker, max(1, keep)
@@ -68,7 +70,8 @@ class BufferPool:
         self.out: OrderedDict[int, None] = OrderedDict()  # leased, oldest first
         self.taken: list[int] = []
         self.next_token = 0
-        self.reused = 0  # blocks stacked into again (for tests and the benchmark)
+        self.per_batch = 1  # blocks per lease, the most seen
+        self.reused = 0  # blocks stacked into again (for tests)
 
     def _collect(self) -> None:
         while not self.queue.empty():
@@ -90,8 +93,7 @@ class BufferPool:
             self.reused += 1
         else:
             token, self.next_token = self.next_token, self.next_token + 1
-            n = int(torch.Size(shape).numel()) * torch.empty(0, dtype=dtype).element_size()
-            storage = torch.UntypedStorage._new_shared(n)
+            storage = torch.UntypedStorage._new_shared(int(torch.Size(shape).numel()) * dtype.itemsize)
             self.blocks[token] = torch.empty(0, dtype=dtype).set_(storage).view(*shape)
         self.out[token] = None
         self.taken.append(token)
@@ -99,7 +101,7 @@ class BufferPool:
         return self.blocks[token]
 
     def _bound(self) -> None:
-        while len(self.blocks) > self.keep:
+        while len(self.blocks) > self.keep * self.per_batch:
             spare = next((ts for ts in self.free.values() if ts), None)
             if spare:  # a free block of another shape goes first
                 del self.blocks[spare.pop()]
@@ -117,4 +119,5 @@ class BufferPool:
         if not self.taken:
             return None
         tokens, self.taken = tuple(self.taken), []
+        self.per_batch = max(self.per_batch, len(tokens))
         return Lease(self.worker, self.pid, tokens)

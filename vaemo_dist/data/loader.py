@@ -359,8 +359,8 @@ class ClipStream(IterableDataset):
         clips: list[Any] = []  # per decoded clip, its `repeats` samples
         # A worker's raw batches stack into blocks the trainer gives back: those of the batches in flight
         # (the DataLoader's prefetch, the one being stacked, the trainer's and the pinned one) and of the
-        # group of repeats being handed out; RawBatch.stack takes 4 per batch (Y, U, V, waveform).
-        pool = self.returns.pool(physical, keep=4 * (PREFETCH + 2 + repeats)) \
+        # group of repeats being handed out.
+        pool = self.returns.pool(physical, keep=PREFETCH + 2 + repeats) \
             if self.returns is not None and info is not None else None
         stream = iter_slot(self.urls, self.data.shuffle_seed, slot, n_slots, start, on_trouble,
                            resampled=self.data.resampled, remainder=self.resume.remainder_of(logical))

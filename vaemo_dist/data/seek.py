@@ -86,27 +86,27 @@ def frames_from(container: av.container.InputContainer, stream: av.video.stream.
 def _plan(packets: Sequence[av.Packet], stream: av.video.stream.VideoStream, first: int, fps: float,
           wanted: Collection[int] | None) -> tuple[list[av.Packet], list[int], tuple[int, int, int]] | None:
     """(the packets to decode, in decode order and ending with the flush packet if there is one; the
-    frame indices they show, ascending; grid), or None to decode every packet from the start."""
+    frame indices they show, ascending; grid), or None to decode every packet from the start (nothing
+    to seek past and nothing to leave out, or timestamps that do not prove the indices)."""
     nal_length = h264_nal_length(stream) if wanted is not None else None
-    tail = [p for p in packets[-1:] if not p.size]  # the demuxer's empty flush packet drains the decoder
-    if nal_length is None:  # nothing to leave out: only a seek can save work
-        found = start_packet(packets, stream, first, fps)
-        if found is None:
-            return None
-        position, index, grid = found
-        chosen = [p for p in packets[position:] if p.size]
-        return chosen + tail, list(range(index, index + len(chosen))), grid
+    frames = [p for p in packets if p.size]
+    # Cheap first: nothing to leave out and no keyframe after the first frame: nothing to verify.
+    if nal_length is None and (first <= 0 or not any(p.is_keyframe for p in frames[1:])):
+        return None
     proof = prove_indices(packets, stream, fps)
     if proof is None:
         return None
     positions, indices, grid = proof
-    position, _ = _keyframe_at_or_before(packets, positions, indices, first)
+    position, start = _keyframe_at_or_before(packets, positions, indices, first)
+    if nal_length is None and start == 0:
+        return None  # no seek and nothing to leave out: a plain sequential decode
     keep = set(wanted or ()) | {len(indices) - 1}  # the last frame: a short clip lends it to the rest
     chosen, order = [], []
     for p, k in zip(positions, indices, strict=True):
-        if p >= position and (k in keep or not disposable(packets[p], nal_length)):
+        if p >= position and (nal_length is None or k in keep or not disposable(packets[p], nal_length)):
             chosen.append(packets[p])
             order.append(k)
+    tail = [p for p in packets[-1:] if not p.size]  # the demuxer's empty flush packet drains the decoder
     return chosen + tail, sorted(order), grid
 
 
