@@ -134,19 +134,12 @@ def start_packet(packets: Sequence[av.Packet], stream: av.video.stream.VideoStre
                  fps: float) -> tuple[int, int, tuple[int, int, int]] | None:
     """Where to start decoding for frame `first`: (packet position, frame index of that keyframe,
     grid), or None to decode from the start (no qualifying keyframe after frame 0 at or before
-    `first`, or timestamps that do not prove the indices)."""
-    frames = [p for p in packets if p.size]
-    if first <= 0 or not frames or fps <= 0 or stream.time_base is None:
+    `first`, or timestamps that do not prove the indices): `frames_from`'s plan without `wanted`."""
+    plan = _plan(packets, stream, first, fps, None)
+    if plan is None:
         return None
-    # Cheap first: without a keyframe after the first frame there is nothing to verify.
-    if not any(p.is_keyframe for p in frames[1:]):
-        return None
-    proof = prove_indices(packets, stream, fps)
-    if proof is None:
-        return None
-    positions, indices, grid = proof
-    position, index = _keyframe_at_or_before(packets, positions, indices, first)
-    return None if index == 0 else (position, index, grid)
+    chosen, order, grid = plan
+    return next(i for i, p in enumerate(packets) if p is chosen[0]), order[0], grid
 
 
 def prove_indices(packets: Sequence[av.Packet], stream: av.video.stream.VideoStream, fps: float
